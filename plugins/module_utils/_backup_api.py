@@ -1,0 +1,131 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The low-level backup API per PostgreSQL major, and WAL arithmetic.
+
+Pure functions: no connection, no module object, so unit tests reach them.
+"""
+
+from __future__ import annotations
+
+import re
+
+MIN_MAJOR = 12
+MAX_LABEL_BYTES = 1024  # server refuses longer: "backup label too long (max 1024 bytes)"
+
+_LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_START_RE = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+) \(file ([0-9A-F]{24})\)$", re.M)
+
+
+def major_of(version_num: int) -> int:
+    return version_num // 10000
+
+
+def start_sql(major: int) -> str:
+    # Before 15 the default is exclusive mode: always pass false explicitly.
+    if major >= 15:
+        return "SELECT pg_backup_start(%s, %s)::text"
+    return "SELECT pg_start_backup(%s, %s, false)::text"
+
+
+def stop_sql(major: int) -> str:
+    # wait_for_archive=false: the server's own wait cannot be bounded without
+    # cancelling the call and losing the label; we wait ourselves afterwards.
+    if major >= 15:
+        return "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+    return "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
+
+
+def backup_function_signatures(major: int) -> list:
+    if major >= 15:
+        return ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
+    return ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def grant_statements(major: int, role: str, switch_wal: bool = False) -> list:
+    """The exact GRANTs a non-superuser needs on this major."""
+    funcs = backup_function_signatures(major)
+    if switch_wal:
+        funcs.append("pg_switch_wal()")
+    return [f"GRANT EXECUTE ON FUNCTION {f} TO {quote_ident(role)};" for f in funcs]
+
+
+def validate_label(label: str) -> str | None:
+    """Return an error message for a label the server would refuse, else None."""
+    if not label:
+        return "label must not be empty"
+    if "\x00" in label:
+        return "label must not contain a NUL character"
+    if "\n" in label or "\r" in label:
+        # The label is written as one line of backup_label.
+        return "label must not contain a line break"
+    size = len(label.encode("utf-8"))
+    if size > MAX_LABEL_BYTES:
+        return f"label is {size} bytes long; PostgreSQL accepts at most {MAX_LABEL_BYTES} bytes"
+    return None
+
+
+def parse_lsn(text: str) -> int:
+    m = _LSN_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def wal_file_name(timeline: int, lsn: int, seg_size: int, previous: bool = False) -> str:
+    """Name of the WAL segment holding lsn (or the byte before it, as the
+    server's XLByteToPrevSeg does for a stop location)."""
+    if previous:
+        lsn -= 1
+    segno = lsn // seg_size
+    per_id = 0x100000000 // seg_size
+    return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
+
+
+def backup_history_file_name(start_wal: str, start_lsn: int, seg_size: int) -> str:
+    """<start segment>.<offset>.backup, written by the stop call on a primary."""
+    return f"{start_wal}.{start_lsn % seg_size:08X}.backup"
+
+
+def parse_labelfile(labelfile: str) -> dict:
+    """Fields of a backup_label, keys lower-cased with underscores."""
+    out = {}
+    for line in labelfile.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key.strip().lower().replace(" ", "_")] = value.strip()
+    m = _START_RE.search(labelfile)
+    if m:
+        out["start_lsn"] = m.group(1)
+        out["start_wal"] = m.group(2)
+    return out
+
+
+def wal_name_le(a: str, b: str) -> bool:
+    """a is at or before b in archive order (same timeline, names sort by position)."""
+    return a[8:24] <= b[8:24] if a[:8] == b[:8] else a[:8] < b[:8]
+
+
+def explain_start_error(sqlstate: str | None, message: str, major: int, role: str) -> str:
+    """A message that says what is wrong and how to fix it."""
+    if sqlstate == "42501":
+        grants = " ".join(grant_statements(major, role))
+        return (
+            f"role {quote_ident(role)} may not run the backup functions ({message}). "
+            f"As a superuser, run: {grants}"
+        )
+    if "WAL level not sufficient" in message:
+        return (
+            f"{message}: set wal_level = replica (or logical) in postgresql.conf and "
+            "restart the server; wal_level=minimal cannot make online backups"
+        )
+    if "recovery is in progress" in message:
+        return f"{message}: the standby cannot run this; check the standby's settings"
+    return message

@@ -1,0 +1,63 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Private files and directories: everything we write is readable only by its owner."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+
+class UnsafePathError(Exception):
+    pass
+
+
+def ensure_private_dir(path: str) -> str:
+    """Create path (0700) if missing and refuse one another user could tamper with."""
+    if not os.path.isabs(path):
+        raise UnsafePathError(f"{path} must be an absolute path")
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"{path} is not a directory (a symlink is not accepted)")
+    if st.st_uid != os.geteuid():
+        raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} that runs this")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_private_file(path: str, data: bytes) -> None:
+    """Write bytes exactly, mode 0600, atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, data: dict) -> None:
+    write_private_file(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None

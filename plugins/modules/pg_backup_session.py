@@ -1,0 +1,556 @@
+#!/usr/bin/python
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_backup_session
+short_description: Start and stop a PostgreSQL online backup across separate tasks
+version_added: 0.1.0
+description:
+  - Runs PostgreSQL's low-level backup API (C(pg_backup_start)/C(pg_backup_stop) on 15 and newer,
+    C(pg_start_backup)/C(pg_stop_backup) in non-exclusive mode on 12 to 14).
+  - A non-exclusive backup belongs to the database session that started it. O(state=started)
+    launches a small detached I(session keeper) process on the managed node that opens that
+    session, starts the backup, and holds the session until a later task asks for O(state=stopped)
+    or O(state=aborted). The task that starts the backup returns as soon as the server has
+    started it, so the copy can run in the tasks in between.
+  - The keeper listens on a Unix socket (mode 0600) in a private directory (mode 0700) owned by
+    the user the module runs as; only that user (or root) can talk to it. Credentials reach it in
+    memory, never through its command line or environment.
+  - The keeper keeps its session alive (no statement or idle timeouts, TCP keepalives, a cheap
+    query every O(keepalive_interval) seconds) and ends the backup by itself after O(max_duration).
+  - O(state=stopped) asks for the stop with C(wait_for_archive=false), keeps the label, then waits
+    for the required WAL to be archived for at most O(archive_timeout) seconds. A wait that runs
+    out fails with the missing WAL file and the archiver's state, and keeps the label; running
+    O(state=stopped) again for the same session resumes the wait.
+extends_documentation_fragment:
+  - pgops.online_backup.connection
+author:
+  - pgops.online_backup contributors
+attributes:
+  check_mode:
+    support: full
+    details: Nothing is started or stopped on the server; the result says what would happen.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+    details: Every O(state=started) starts a new backup.
+options:
+  state:
+    description:
+      - V(started) starts a backup and its keeper; returns RV(session_id).
+      - V(stopped) stops the backup of a running session and returns the label contents.
+      - V(aborted) ends the backup without a usable result.
+      - V(status) lists the sessions of O(runtime_dir) (running, stale, ended) without changing anything.
+    type: str
+    choices: [started, stopped, aborted, status]
+    default: status
+  label:
+    description:
+      - Backup label for O(state=started) (at most 1024 bytes, no NUL or line break).
+      - With O(state=stopped) or O(state=aborted) and no O(session_id), selects the one running
+        session of this cluster with this label.
+    type: str
+  session_id:
+    description:
+      - Session to stop or abort, as returned by O(state=started).
+    type: str
+  fast:
+    description:
+      - Request an immediate checkpoint at start instead of a spread one.
+    type: bool
+    default: false
+  wait_for_archive:
+    description:
+      - Wait until the WAL needed by the backup is archived before reporting success.
+      - Skipped, with a warning, when WAL archiving is not enabled on the server.
+    type: bool
+    default: true
+  archive_timeout:
+    description:
+      - Seconds to wait for the archive when O(wait_for_archive=true).
+    type: float
+    default: 300
+  start_timeout:
+    description:
+      - Seconds to wait for the start function (a spread checkpoint can take minutes).
+      - On expiry the keeper is killed, which makes the server abort the backup.
+    type: float
+    default: 1800
+  max_duration:
+    description:
+      - Seconds after which the keeper ends the backup by itself and records why.
+    type: int
+    default: 86400
+  keepalive_interval:
+    description:
+      - Seconds between the keeper's keepalive queries.
+    type: int
+    default: 30
+  dest:
+    description:
+      - With O(state=stopped), a directory into which C(backup_label) and, when the cluster has
+        tablespaces, C(tablespace_map) are written byte for byte (mode 0600).
+      - Never point this at the live data directory.
+    type: path
+  runtime_dir:
+    description:
+      - Private directory of the keepers' sockets and state files.
+      - Defaults to C(~/.pgops_online_backup/sessions) of the user the module runs as.
+    type: path
+notes:
+  - Start and stop must run as the same OS user on the same host (use the same C(become_user)).
+  - Tested against PostgreSQL 12 to 18.
+seealso:
+  - name: Making a non-exclusive low-level backup
+    description: PostgreSQL documentation.
+    link: https://www.postgresql.org/docs/current/continuous-archiving.html#BACKUP-LOWLEVEL-BASE-BACKUP
+"""
+
+EXAMPLES = r"""
+- name: Start the backup (the keeper holds the session)
+  pgops.online_backup.pg_backup_session:
+    state: started
+    label: nightly
+    login_unix_socket: /var/run/postgresql
+  register: backup
+
+- name: Copy the data directory while the backup runs
+  ansible.builtin.command:
+    cmd: >-
+      tar -C /var/lib/postgresql/17/main -cf /backup/{{ backup.session_id }}/base.tar
+      --exclude=./pg_wal/* --exclude=./postmaster.pid --exclude=./postmaster.opts
+      --warning=no-file-changed --warning=no-file-removed .
+  register: copy
+  failed_when: copy.rc not in [0, 1]
+
+- name: Stop the backup and write backup_label beside the copy
+  pgops.online_backup.pg_backup_session:
+    state: stopped
+    session_id: "{{ backup.session_id }}"
+    login_unix_socket: /var/run/postgresql
+    dest: /backup/{{ backup.session_id }}
+    archive_timeout: 120
+
+- name: Abort instead when the copy failed
+  pgops.online_backup.pg_backup_session:
+    state: aborted
+    session_id: "{{ backup.session_id }}"
+
+- name: List the sessions of this user
+  pgops.online_backup.pg_backup_session:
+    state: status
+  register: sessions
+"""
+
+RETURN = r"""
+session_id:
+  description: Identifier of the session; pass it to the stop task.
+  returned: state is started, stopped or aborted
+  type: str
+  sample: 20261129T101500Z-0a1b2c3d
+label:
+  description: The backup label.
+  returned: state is started or stopped
+  type: str
+start_lsn:
+  description: Redo location of the backup's starting checkpoint.
+  returned: state is started or stopped
+  type: str
+  sample: 0/2000028
+start_wal:
+  description: WAL file holding RV(start_lsn).
+  returned: state is started or stopped
+  type: str
+  sample: "000000010000000000000002"
+timeline:
+  description: Timeline at the start.
+  returned: state is started or stopped
+  type: int
+server_version:
+  description: Server version as text.
+  returned: state is started or stopped
+  type: str
+  sample: "17.10"
+server_version_num:
+  description: Server version as a number.
+  returned: state is started or stopped
+  type: int
+  sample: 170010
+system_identifier:
+  description: The cluster's system identifier.
+  returned: state is started or stopped
+  type: str
+backup_from:
+  description: V(primary) or V(standby).
+  returned: state is started or stopped
+  type: str
+started_at:
+  description: UTC time the start function returned.
+  returned: state is started or stopped
+  type: str
+start_seconds:
+  description: Seconds the start function took (its checkpoint).
+  returned: state is started
+  type: float
+stop_lsn:
+  description: Location where the backup ended.
+  returned: state is stopped
+  type: str
+stop_wal:
+  description: Last WAL file the backup needs.
+  returned: state is stopped
+  type: str
+labelfile:
+  description: Contents for C(backup_label), as returned by the server.
+  returned: state is stopped
+  type: str
+spcmapfile:
+  description: Contents for C(tablespace_map); empty without tablespaces.
+  returned: state is stopped
+  type: str
+stopped_at:
+  description: UTC time the stop function returned.
+  returned: state is stopped
+  type: str
+duration:
+  description: Seconds between start and stop of the backup.
+  returned: state is stopped
+  type: float
+stop_seconds:
+  description: Seconds the stop function took.
+  returned: state is stopped
+  type: float
+archive_wait_seconds:
+  description: Seconds spent waiting for the WAL archive.
+  returned: state is stopped
+  type: float
+wal_archived:
+  description: Whether the WAL the backup needs was confirmed archived.
+  returned: state is stopped
+  type: bool
+files:
+  description: Files written into O(dest).
+  returned: state is stopped and dest is set
+  type: list
+  elements: str
+sessions:
+  description: Sessions known to O(runtime_dir), each with status, alive and stale flags.
+  returned: state is status
+  type: list
+  elements: dict
+"""
+
+import datetime
+import os
+import shutil
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pgops.online_backup.plugins.module_utils import _keeper
+from ansible_collections.pgops.online_backup.plugins.module_utils._archive import (
+    archiving_enabled,
+    archiving_settings,
+    describe_wait_failure,
+    wait_for_wal,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import (
+    backup_history_file_name,
+    explain_start_error,
+    major_of,
+    parse_labelfile,
+    parse_lsn,
+    validate_label,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import (
+    UnsafePathError,
+    write_json,
+    write_private_file,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
+    cluster_key,
+    connect,
+    connect_or_fail,
+    connection_kwargs,
+    ensure_driver,
+    postgres_common_argument_spec,
+    query_one,
+)
+
+START_KEYS = (
+    "session_id", "label", "start_lsn", "start_wal", "timeline", "server_version", "server_version_num",
+    "system_identifier", "backup_from", "started_at",
+)  # fmt: skip
+
+
+def _public(state: dict) -> dict:
+    return {k: state.get(k) for k in START_KEYS}
+
+
+def started(module, runtime_dir):
+    p = module.params
+    problem = validate_label(p["label"] or "")
+    if problem:
+        module.fail_json(msg=f"invalid label: {problem}")
+    if p["max_duration"] < 1:
+        module.fail_json(msg="max_duration must be at least 1 second")
+    if module.check_mode:
+        module.exit_json(changed=True, msg=f"would start backup {p['label']!r} on {cluster_key(p)}", session_id=None)
+    ensure_driver(module)
+    try:
+        _keeper.sweep(runtime_dir)
+    except OSError:
+        pass
+    spec = {
+        "session_id": _keeper.new_session_id(),
+        "label": p["label"],
+        "fast": p["fast"],
+        "max_duration": p["max_duration"],
+        "keepalive_interval": max(1, p["keepalive_interval"]),
+        "cluster": cluster_key(p),
+    }
+    kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {spec['session_id']}")
+    try:
+        report = _keeper.launch(kw, spec, runtime_dir, p["start_timeout"])
+    except (_keeper.KeeperError, UnsafePathError, OSError) as e:
+        module.fail_json(msg=f"cannot start the session keeper: {e}")
+    if not report.get("ok"):
+        stage = report.get("stage")
+        err = report.get("error", "unknown error")
+        if stage == "connect":
+            module.fail_json(msg=f"unable to connect to database: {err}")
+        major = major_of(report.get("version_num") or 150000)
+        module.fail_json(
+            msg=f"could not start the backup: {explain_start_error(report.get('sqlstate'), err, major, p['login_user'])}",
+            sqlstate=report.get("sqlstate"),
+        )
+    state = report["state"]
+    out = _public(state)
+    out.update(start_seconds=state.get("start_seconds"), expires_at=state.get("expires_at"), keeper_pid=state.get("pid"))
+    module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {state['start_lsn']}", **out)
+
+
+def find_session(module, runtime_dir):
+    """The session directory and state chosen by session_id or unique label."""
+    p = module.params
+    if p["session_id"]:
+        try:
+            sdir = _keeper.session_dir(runtime_dir, p["session_id"])
+        except _keeper.KeeperError as e:
+            module.fail_json(msg=str(e))
+        state = _keeper.read_state(sdir)
+        if state is None:
+            module.fail_json(
+                msg=f"unknown session id {p['session_id']}: no such session in {runtime_dir} "
+                "(start and stop must run on the same host as the same OS user)"
+            )
+        return sdir, state
+    if not p["label"]:
+        module.fail_json(msg="session_id or label is required to select a session")
+    key = cluster_key(p)
+    matches = [
+        s for s in _keeper.list_sessions(runtime_dir)
+        if s.get("label") == p["label"] and s.get("cluster") == key and s.get("status") in ("running", "stopped")
+    ]  # fmt: skip
+    if len(matches) != 1:
+        what = "no" if not matches else f"{len(matches)}"
+        module.fail_json(msg=f"{what} running sessions with label {p['label']!r} on {key}; pass session_id")
+    sid = matches[0]["session_id"]
+    sdir = _keeper.session_dir(runtime_dir, sid)
+    return sdir, _keeper.read_state(sdir)
+
+
+def fail_ended(module, sdir, state):
+    """A session that can no longer give a usable backup: say why, forget it."""
+    status = state.get("status")
+    reason = state.get("reason") or ""
+    what = {
+        "lost": "session lost, backup unusable",
+        "expired": "session expired (max_duration), backup unusable",
+        "aborted": "session was aborted, backup unusable",
+        "failed": "the stop failed, backup unusable",
+    }.get(status, f"session is {status}")
+    _forget(sdir)
+    module.fail_json(msg=f"{what}: {reason}", session_id=state.get("session_id"), status=status)
+
+
+def _forget(sdir):
+    shutil.rmtree(sdir, ignore_errors=True)
+
+
+def stopped(module, runtime_dir):
+    p = module.params
+    if module.check_mode and not (p["session_id"] or p["label"]):
+        module.exit_json(changed=True, msg="would stop the backup session")
+    sdir, state = find_session(module, runtime_dir)
+    state = _keeper.mark_lost_if_dead(sdir, state)
+    if state["status"] not in ("running", "stopped"):
+        fail_ended(module, sdir, state)
+    if module.check_mode:
+        module.exit_json(changed=True, msg=f"would stop backup session {state['session_id']}", **_public(state))
+    ensure_driver(module)
+    if state["status"] == "running":
+        reply = _keeper.request(sdir, {"op": "stop"}, timeout=120)
+        if not reply.get("ok"):
+            if reply.get("unreachable"):
+                state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
+                if state["status"] != "running":
+                    fail_ended(module, sdir, state)
+            fresh = _keeper.read_state(sdir) or state
+            if fresh.get("status") in ("lost", "expired", "aborted", "failed"):
+                fail_ended(module, sdir, fresh)
+            module.fail_json(msg=f"could not stop the backup: {reply.get('error')}", session_id=state["session_id"])
+        state = reply["state"]
+    result = state["result"]
+    out = _public(state)
+    out.update(result)
+    out["duration"] = _seconds_between(state["started_at"], result["stopped_at"])
+    files = []
+    if p["dest"]:
+        files = write_label_files(module, p["dest"], result)
+        out["files"] = files
+    out["wal_archived"] = False
+    out["archive_wait_seconds"] = 0.0
+    if p["wait_for_archive"]:
+        wait = wait_archive(module, state, result)
+        out.update(wait)
+        if wait.get("failed"):
+            # The backup has ended on the server; label and files are kept and a
+            # second stopped call resumes this wait.
+            state["reason"] = wait["msg"]
+            write_json(os.path.join(sdir, _keeper.STATE_FILE), state)
+            module.fail_json(changed=True, session_id=state["session_id"], **{k: v for k, v in out.items() if k != "failed"})
+    _forget(sdir)
+    module.exit_json(changed=True, msg=f"backup {state['label']!r} stopped at {result['stop_lsn']}", **out)
+
+
+def wait_archive(module, state, result) -> dict:
+    p = module.params
+    conn = connect_or_fail(module, application_name="pgops.online_backup archive wait")
+    try:
+        major = major_of(state["server_version_num"])
+        settings = archiving_settings(conn, major)
+        if not archiving_enabled(settings):
+            module.warn(
+                "WAL archiving is not enabled on this server: the backup's WAL "
+                f"({state['start_wal']} to {result['stop_wal']}) must be kept by other means"
+            )
+            return {"wal_archived": False, "archive_wait_seconds": 0.0}
+        names = [result["stop_wal"]]
+        label = parse_labelfile(result["labelfile"])
+        if state.get("backup_from") == "primary" and label.get("start_wal"):
+            names.insert(0, backup_history_file_name(label["start_wal"], parse_lsn(label["start_lsn"]), state["wal_segment_size"]))
+        res = wait_for_wal(conn, names, p["archive_timeout"])
+    finally:
+        conn.close()
+    out = {"wal_archived": res["archived"], "archive_wait_seconds": res["waited"], "archiver": res["archiver"]}
+    if not res["archived"]:
+        out["failed"] = True
+        out["missing_wal"] = res["missing"]
+        out["msg"] = (
+            describe_wait_failure(res, p["archive_timeout"])
+            + f". The backup ended on the server and its label is kept (labelfile in this result"
+            + (f", backup_label in {p['dest']}" if p["dest"] else "")
+            + f"); fix archiving, then run state=stopped with session_id={state['session_id']} again to resume the wait"
+        )
+    return out
+
+
+def write_label_files(module, dest, result) -> list:
+    if not os.path.isdir(dest):
+        module.fail_json(msg=f"dest {dest} is not a directory")
+    if os.path.exists(os.path.join(dest, "PG_VERSION")) and os.path.exists(os.path.join(dest, "global", "pg_control")):
+        module.fail_json(msg=f"dest {dest} looks like a data directory: backup_label must never be written into a live cluster")
+    written = [os.path.join(dest, "backup_label")]
+    write_private_file(written[0], result["labelfile"].encode("utf-8"))
+    if result.get("spcmapfile"):
+        written.append(os.path.join(dest, "tablespace_map"))
+        write_private_file(written[1], result["spcmapfile"].encode("utf-8"))
+    return written
+
+
+def _seconds_between(a: str, b: str) -> float:
+    return round((datetime.datetime.fromisoformat(b) - datetime.datetime.fromisoformat(a)).total_seconds(), 3)
+
+
+def aborted(module, runtime_dir):
+    p = module.params
+    if module.check_mode and not (p["session_id"] or p["label"]):
+        module.exit_json(changed=True, msg="would abort the backup session")
+    sdir, state = find_session(module, runtime_dir)
+    state = _keeper.mark_lost_if_dead(sdir, state)
+    if module.check_mode:
+        module.exit_json(changed=state["status"] == "running", msg=f"would abort session {state['session_id']}")
+    changed = False
+    if state["status"] == "running":
+        reply = _keeper.request(sdir, {"op": "abort"}, timeout=30)
+        changed = bool(reply.get("ok"))
+        if not changed:
+            state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
+            if state["status"] == "running":
+                module.fail_json(msg=f"could not abort session {state['session_id']}: {reply.get('error')}")
+        else:
+            _wait_backend_gone(module, state)
+    _forget(sdir)
+    module.exit_json(
+        changed=changed,
+        session_id=state["session_id"],
+        status="aborted" if changed else state["status"],
+        msg=f"session {state['session_id']} " + ("aborted" if changed else f"was already {state['status']}"),
+    )
+
+
+def _wait_backend_gone(module, state, timeout=10.0):
+    """The server drops the backup when the backend exits; wait for that, briefly."""
+    kw = connection_kwargs(module.params, application_name="pgops.online_backup abort check")
+    try:
+        conn = connect(kw)
+    except Exception:  # noqa: BLE001 - best effort; the keeper already closed the session
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not query_one(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (state["backend_pid"],))[0]:
+                return
+            time.sleep(0.05)
+    finally:
+        conn.close()
+
+
+def status(module, runtime_dir):
+    module.exit_json(changed=False, sessions=_keeper.list_sessions(runtime_dir), runtime_dir=runtime_dir)
+
+
+def main():
+    argument_spec = postgres_common_argument_spec()
+    argument_spec.update(
+        state=dict(type="str", default="status", choices=["started", "stopped", "aborted", "status"]),
+        label=dict(type="str"),
+        session_id=dict(type="str"),
+        fast=dict(type="bool", default=False),
+        wait_for_archive=dict(type="bool", default=True),
+        archive_timeout=dict(type="float", default=300),
+        start_timeout=dict(type="float", default=1800),
+        max_duration=dict(type="int", default=86400),
+        keepalive_interval=dict(type="int", default=30),
+        dest=dict(type="path"),
+        runtime_dir=dict(type="path"),
+    )
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        supports_check_mode=True,
+        required_if=[("state", "started", ["label"])],
+    )
+    runtime_dir = module.params["runtime_dir"] or _keeper.default_runtime_dir()
+    if not os.path.isabs(runtime_dir):
+        module.fail_json(msg=f"runtime_dir must be an absolute path, got {runtime_dir}")
+    handler = {"started": started, "stopped": stopped, "aborted": aborted, "status": status}[module.params["state"]]
+    handler(module, runtime_dir)
+
+
+if __name__ == "__main__":
+    main()

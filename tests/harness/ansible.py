@@ -1,0 +1,95 @@
+"""Run the real ansible-playbook with this collection on the collections path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV_BIN = os.path.dirname(sys.executable)
+CALLBACKS = os.path.join(REPO, "tests", "plugins", "callback")
+NODE_PYTHON = "/usr/bin/python3"  # managed nodes use Debian's python3-psycopg2
+
+
+def collections_workspace() -> str:
+    ws = os.environ.get("PGOPS_COLLECTIONS_WS")
+    if ws:
+        return ws
+    ws = tempfile.mkdtemp(prefix="pgops-ws-")
+    os.makedirs(os.path.join(ws, "ansible_collections", "pgops"))
+    os.symlink(REPO, os.path.join(ws, "ansible_collections", "pgops", "online_backup"))
+    os.environ["PGOPS_COLLECTIONS_WS"] = ws
+    return ws
+
+
+class PlaybookRun:
+    def __init__(self, proc: subprocess.CompletedProcess, results: list):
+        self.rc = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.results = results
+
+    def task(self, name: str, host: str | None = None) -> dict:
+        """The last result of the task with this name."""
+        found = [r for r in self.results if r["task"] == name and (host is None or r["host"] == host)]
+        assert found, f"no result for task {name!r}; tasks: {[r['task'] for r in self.results]}\n{self.stdout[-4000:]}"
+        return found[-1]["result"]
+
+    def __repr__(self) -> str:
+        return f"PlaybookRun(rc={self.rc})\nSTDOUT:\n{self.stdout[-6000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+
+
+def run_playbook(playbook, inventory: str, extra_vars: dict | None = None, check: bool = False,
+                 workdir: str | None = None, args: list | None = None, env: dict | None = None,
+                 timeout: int = 600) -> PlaybookRun:  # fmt: skip
+    """playbook: a path, a collection playbook name, or a list of plays (written to a file)."""
+    workdir = workdir or tempfile.mkdtemp(prefix="pgops-pb-")
+    if isinstance(playbook, list):
+        path = os.path.join(workdir, "playbook.yml")
+        with open(path, "w") as f:
+            yaml.safe_dump(playbook, f, sort_keys=False)
+        playbook = path
+    inv = os.path.join(workdir, "inventory.ini")
+    with open(inv, "w") as f:
+        f.write(inventory)
+    results_file = os.path.join(workdir, "results.jsonl")
+    cmd = [os.path.join(VENV_BIN, "ansible-playbook"), "-i", inv, playbook]
+    if extra_vars:
+        vars_file = os.path.join(workdir, "extra_vars.json")
+        with open(vars_file, "w") as f:
+            json.dump(extra_vars, f)
+        cmd += ["-e", f"@{vars_file}"]
+    if check:
+        cmd.append("--check")
+    cmd += args or []
+    full_env = dict(os.environ)
+    full_env.update(
+        ANSIBLE_COLLECTIONS_PATH=collections_workspace(),
+        ANSIBLE_CALLBACK_PLUGINS=CALLBACKS,
+        ANSIBLE_CALLBACKS_ENABLED="pgops_record",
+        PGOPS_RECORD_FILE=results_file,
+        ANSIBLE_HOST_KEY_CHECKING="False",
+        ANSIBLE_RETRY_FILES_ENABLED="False",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCAL_TEMP=os.path.join(workdir, "local-tmp"),
+        ANSIBLE_SSH_ARGS="-o ControlMaster=auto -o ControlPersist=5s -o UserKnownHostsFile=/dev/null",
+        PATH=VENV_BIN + os.pathsep + full_env.get("PATH", ""),
+    )
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=timeout)
+    results = []
+    if os.path.exists(results_file):
+        with open(results_file) as f:
+            results = [json.loads(line) for line in f if line.strip()]
+    return PlaybookRun(proc, results)
+
+
+def local_inventory(host: str = "localhost", **hostvars) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in hostvars.items())
+    return f"[postgresql]\n{host} ansible_connection=local ansible_python_interpreter={NODE_PYTHON} {extra}\n"

@@ -1,0 +1,186 @@
+"""Real PostgreSQL clusters for tests: one per call, owned by the postgres OS user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import psycopg2
+
+CACHE = os.environ.get("PGOPS_CACHE", "/var/cache/pgops-online-backup")
+MAJORS = [12, 13, 14, 15, 16, 17, 18]
+TOOLS17 = os.path.join(CACHE, "pg17-tools", "bin")
+PG_USER = "postgres"
+
+
+def pg_bin(major: int) -> str:
+    return os.path.join(CACHE, "pg", str(major), "bin")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(cmd: list, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run(["runuser", "-u", PG_USER, "--", *cmd], **kw)
+
+
+def chown_pg(path: str) -> None:
+    pw = pwd.getpwnam(PG_USER)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+def make_pg_dir(prefix: str, base: str | None = None) -> str:
+    path = tempfile.mkdtemp(prefix=prefix, dir=base or "/tmp")
+    os.chmod(path, 0o755)
+    chown_pg(path)
+    return path
+
+
+class Cluster:
+    """A throwaway cluster with WAL archiving to its own directory."""
+
+    def __init__(self, major: int, root: str | None = None, host: str = "127.0.0.1", port: int | None = None, name: str = "pg"):
+        self.major = major
+        self.bin = pg_bin(major)
+        self.root = root or make_pg_dir(f"pgops-{name}{major}-")
+        self.data = os.path.join(self.root, "data")
+        self.archive = os.path.join(self.root, "archive")
+        self.sock = os.path.join(self.root, "sock")
+        self.log = os.path.join(self.root, "server.log")
+        self.host = host
+        self.port = port or free_port(host)
+        for d in (self.archive, self.sock):
+            os.makedirs(d, exist_ok=True)
+            chown_pg(d)
+
+    # -- lifecycle
+
+    def init(self, **settings) -> Cluster:
+        as_postgres([f"{self.bin}/initdb", "-D", self.data, "--no-sync", "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C"])
+        conf = {
+            "listen_addresses": f"'{self.host}'",
+            "port": self.port,
+            "unix_socket_directories": f"'{self.sock}'",
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": f"'test ! -f {self.archive}/%f && cp %p {self.archive}/%f'",
+            "fsync": "off",
+            "max_wal_senders": 5,
+            "logging_collector": "off",
+            "checkpoint_timeout": "30min",
+        }
+        conf.update(settings)
+        self.set_conf(**conf)
+        with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
+            f.write(
+                "local all all trust\n"
+                "host all postgres 127.0.0.0/8 trust\n"
+                "host replication all 127.0.0.0/8 trust\n"
+                "host all all 127.0.0.0/8 scram-sha-256\n"
+            )
+        return self
+
+    def set_conf(self, **settings) -> None:
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            for k, v in settings.items():
+                f.write(f"{k} = {v}\n")
+
+    def start(self, timeout: int = 60) -> Cluster:
+        as_postgres([f"{self.bin}/pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", str(timeout), "start"])
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            as_postgres([f"{self.bin}/pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"], check=False)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as f:
+                return int(f.readline())
+        except (OSError, ValueError):
+            return None
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- SQL
+
+    def connect(self, dbname: str = "postgres", user: str = PG_USER, autocommit: bool = True):
+        conn = psycopg2.connect(host=self.sock, port=self.port, dbname=dbname, user=user)
+        conn.autocommit = autocommit
+        return conn
+
+    def sql(self, query: str, args=None, dbname: str = "postgres"):
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query, args)
+                return cur.fetchall() if cur.description else None
+        finally:
+            conn.close()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sql("SELECT 1")
+                return
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def backups_in_progress(self) -> int:
+        """Backends whose backup is running (keeper sessions by application_name)."""
+        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgops.online_backup keeper%%'")[0][0]
+
+    def conn_vars(self) -> dict:
+        return {"login_unix_socket": self.sock, "port": self.port, "login_user": PG_USER}
+
+
+def restore_tar_backup(major: int, tar_path: str, label_dir: str, archive: str, root: str | None = None,
+                       target: str = "immediate") -> Cluster:  # fmt: skip
+    """PostgreSQL's documented manual restore: unpack, place backup_label,
+    restore_command from the archive, recovery.signal, start."""
+    c = Cluster(major, name="restore")
+    os.makedirs(c.data, mode=0o700)
+    subprocess.run(["tar", "-xf", tar_path, "-C", c.data], check=True)
+    for name in ("backup_label", "tablespace_map"):
+        src = os.path.join(label_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(c.data, name))
+    for d in ("pg_wal", "pg_wal/archive_status"):
+        os.makedirs(os.path.join(c.data, d), exist_ok=True)
+    subprocess.run(["chown", "-R", f"{PG_USER}:", c.data], check=True)
+    os.chmod(c.data, 0o700)
+    with open(os.path.join(c.data, "postgresql.auto.conf"), "a") as f:
+        f.write(f"restore_command = 'cp {archive}/%f %p'\n")
+        if target == "immediate":
+            f.write("recovery_target = 'immediate'\nrecovery_target_action = 'promote'\n")
+    c.set_conf(
+        port=c.port,
+        unix_socket_directories=f"'{c.sock}'",
+        listen_addresses="''",
+        archive_mode="off",
+    )
+    open(os.path.join(c.data, "recovery.signal"), "w").close()
+    chown_pg(os.path.join(c.data, "recovery.signal"))
+    c.start()
+    deadline = time.monotonic() + 60
+    while c.sql("SELECT pg_is_in_recovery()")[0][0]:
+        if time.monotonic() > deadline:
+            raise AssertionError("restored cluster did not finish recovery:\n" + open(c.log).read()[-3000:])
+        time.sleep(0.1)
+    return c

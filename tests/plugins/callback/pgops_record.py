@@ -1,0 +1,47 @@
+# Test-only callback: appends every task result as one JSON line to
+# $PGOPS_RECORD_FILE so tests assert on real module results.
+from __future__ import annotations
+
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+name: pgops_record
+type: aggregate
+short_description: record task results for tests
+description: Writes task results as JSON lines to PGOPS_RECORD_FILE.
+"""
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "pgops_record"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, status):
+        path = os.environ.get("PGOPS_RECORD_FILE")
+        if not path:
+            return
+        entry = {
+            "task": result.task_name if hasattr(result, "task_name") else result._task.get_name(),
+            "host": result._host.get_name(),
+            "status": status,
+            "result": result._result,
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+
+    def v2_runner_on_ok(self, result):
+        self._record(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, "failed")
+
+    def v2_runner_on_skipped(self, result):
+        self._record(result, "skipped")
+
+    def v2_runner_on_unreachable(self, result):
+        self._record(result, "unreachable")

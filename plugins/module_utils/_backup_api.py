@@ -117,10 +117,7 @@ def explain_start_error(sqlstate: str | None, message: str, major: int, role: st
     """A message that says what is wrong and how to fix it."""
     if sqlstate == "42501":
         grants = " ".join(grant_statements(major, role))
-        return (
-            f"role {quote_ident(role)} may not run the backup functions ({message}). "
-            f"As a superuser, run: {grants}"
-        )
+        return f"role {quote_ident(role)} may not run the backup functions ({message}). As a superuser, run: {grants}"
     if "WAL level not sufficient" in message:
         return (
             f"{message}: set wal_level = replica (or logical) in postgresql.conf and "

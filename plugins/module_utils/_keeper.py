@@ -123,8 +123,7 @@ def mark_lost_if_dead(sdir: str, state: dict) -> dict:
     if state.get("status") == RUNNING and not keeper_alive(state):
         state["status"] = "lost"
         state["reason"] = (
-            f"keeper process {state.get('pid')} is gone (killed or crashed); the server ended "
-            "the backup with its session"
+            f"keeper process {state.get('pid')} is gone (killed or crashed); the server ended the backup with its session"
         )
         state["ended_at"] = utcnow()
         write_json(os.path.join(sdir, STATE_FILE), state)

@@ -282,9 +282,17 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
 )
 
 START_KEYS = (
-    "session_id", "label", "start_lsn", "start_wal", "timeline", "server_version", "server_version_num",
-    "system_identifier", "backup_from", "started_at",
-)  # fmt: skip
+    "session_id",
+    "label",
+    "start_lsn",
+    "start_wal",
+    "timeline",
+    "server_version",
+    "server_version_num",
+    "system_identifier",
+    "backup_from",
+    "started_at",
+)
 
 
 def _public(state: dict) -> dict:
@@ -353,9 +361,10 @@ def find_session(module, runtime_dir):
         module.fail_json(msg="session_id or label is required to select a session")
     key = cluster_key(p)
     matches = [
-        s for s in _keeper.list_sessions(runtime_dir)
+        s
+        for s in _keeper.list_sessions(runtime_dir)
         if s.get("label") == p["label"] and s.get("cluster") == key and s.get("status") in ("running", "stopped")
-    ]  # fmt: skip
+    ]
     if len(matches) != 1:
         what = "no" if not matches else f"{len(matches)}"
         module.fail_json(msg=f"{what} running sessions with label {p['label']!r} on {key}; pass session_id")
@@ -423,7 +432,7 @@ def stopped(module, runtime_dir):
             # second stopped call resumes this wait.
             state["reason"] = wait["msg"]
             write_json(os.path.join(sdir, _keeper.STATE_FILE), state)
-            module.fail_json(changed=True, session_id=state["session_id"], **{k: v for k, v in out.items() if k != "failed"})
+            module.fail_json(changed=True, **{k: v for k, v in out.items() if k != "failed"})
     _forget(sdir)
     module.exit_json(changed=True, msg=f"backup {state['label']!r} stopped at {result['stop_lsn']}", **out)
 
@@ -443,7 +452,9 @@ def wait_archive(module, state, result) -> dict:
         names = [result["stop_wal"]]
         label = parse_labelfile(result["labelfile"])
         if state.get("backup_from") == "primary" and label.get("start_wal"):
-            names.insert(0, backup_history_file_name(label["start_wal"], parse_lsn(label["start_lsn"]), state["wal_segment_size"]))
+            names.insert(
+                0, backup_history_file_name(label["start_wal"], parse_lsn(label["start_lsn"]), state["wal_segment_size"])
+            )
         res = wait_for_wal(conn, names, p["archive_timeout"])
     finally:
         conn.close()
@@ -453,7 +464,7 @@ def wait_archive(module, state, result) -> dict:
         out["missing_wal"] = res["missing"]
         out["msg"] = (
             describe_wait_failure(res, p["archive_timeout"])
-            + f". The backup ended on the server and its label is kept (labelfile in this result"
+            + ". The backup ended on the server and its label is kept (labelfile in this result"
             + (f", backup_label in {p['dest']}" if p["dest"] else "")
             + f"); fix archiving, then run state=stopped with session_id={state['session_id']} again to resume the wait"
         )

@@ -44,9 +44,16 @@ class PlaybookRun:
         return f"PlaybookRun(rc={self.rc})\nSTDOUT:\n{self.stdout[-6000:]}\nSTDERR:\n{self.stderr[-3000:]}"
 
 
-def run_playbook(playbook, inventory: str, extra_vars: dict | None = None, check: bool = False,
-                 workdir: str | None = None, args: list | None = None, env: dict | None = None,
-                 timeout: int = 600) -> PlaybookRun:  # fmt: skip
+def run_playbook(
+    playbook,
+    inventory: str,
+    extra_vars: dict | None = None,
+    check: bool = False,
+    workdir: str | None = None,
+    args: list | None = None,
+    env: dict | None = None,
+    timeout: int = 600,
+) -> PlaybookRun:
     """playbook: a path, a collection playbook name, or a list of plays (written to a file)."""
     workdir = workdir or tempfile.mkdtemp(prefix="pgops-pb-")
     if isinstance(playbook, list):
@@ -73,6 +80,7 @@ def run_playbook(playbook, inventory: str, extra_vars: dict | None = None, check
         ANSIBLE_CALLBACK_PLUGINS=CALLBACKS,
         ANSIBLE_CALLBACKS_ENABLED="pgops_record",
         PGOPS_RECORD_FILE=results_file,
+        PGOPS_TEST_OWNER=str(os.getpid()),
         ANSIBLE_HOST_KEY_CHECKING="False",
         ANSIBLE_RETRY_FILES_ENABLED="False",
         ANSIBLE_NOCOLOR="1",

@@ -67,7 +67,9 @@ class Cluster:
     # -- lifecycle
 
     def init(self, **settings) -> Cluster:
-        as_postgres([f"{self.bin}/initdb", "-D", self.data, "--no-sync", "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C"])
+        as_postgres(
+            [f"{self.bin}/initdb", "-D", self.data, "--no-sync", "-A", "trust", "-U", PG_USER, "-E", "UTF8", "--locale=C"]
+        )
         conf = {
             "listen_addresses": f"'{self.host}'",
             "port": self.port,
@@ -150,8 +152,9 @@ class Cluster:
         return {"login_unix_socket": self.sock, "port": self.port, "login_user": PG_USER}
 
 
-def restore_tar_backup(major: int, tar_path: str, label_dir: str, archive: str, root: str | None = None,
-                       target: str = "immediate") -> Cluster:  # fmt: skip
+def restore_tar_backup(
+    major: int, tar_path: str, label_dir: str, archive: str, root: str | None = None, target: str = "immediate"
+) -> Cluster:
     """PostgreSQL's documented manual restore: unpack, place backup_label,
     restore_command from the archive, recovery.signal, start."""
     c = Cluster(major, name="restore")

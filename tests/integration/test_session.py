@@ -1,0 +1,366 @@
+"""pg_backup_session against real PostgreSQL 12-18 through real ansible-playbook."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+from harness.pg import MAJORS, restore_tar_backup
+
+MODULE = "pgops.online_backup.pg_backup_session"
+
+
+def session_task(name: str, register: str | None = None, **args) -> dict:
+    """A task of the module; state defaults from the task name's first word."""
+    args.setdefault("state", {"start": "started", "stop": "stopped", "abort": "aborted"}.get(name.split()[0], "status"))
+    task = {"name": name, MODULE: args}
+    if register:
+        task["register"] = register
+    return task
+
+
+def play(*tasks, **kw) -> list:
+    return [{"hosts": "postgresql", "gather_facts": False, "tasks": list(tasks), **kw}]
+
+
+def tar_data_dir(cluster, dest_tar: str) -> None:
+    # What a user's copy step does; tar exits 1 when files change under it.
+    proc = subprocess.run(
+        [
+            "tar",
+            "-C",
+            cluster.data,
+            "-cf",
+            dest_tar,
+            "--exclude=./pg_wal/*",
+            "--exclude=./postmaster.pid",
+            "--exclude=./postmaster.opts",
+            "--warning=no-file-changed",
+            "--warning=no-file-removed",
+            ".",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("major", MAJORS)
+def test_start_and_stop_in_separate_playbook_runs_restores_rows_written_during_backup(major, make_cluster, playbook, tmp_path):
+    c = make_cluster(major)
+    c.sql("CREATE TABLE t (id int PRIMARY KEY, phase text)")
+    c.sql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 1000) g")
+    cv = c.conn_vars()
+
+    first = playbook(play(session_task("start", label=f"it-{major}", fast=True, **cv)))
+    assert first.rc == 0, first
+    started = first.task("start")
+    assert started["start_wal"] == c.sql("SELECT pg_walfile_name(%s::pg_lsn)", (started["start_lsn"],))[0][0]
+    assert started["server_version_num"] // 10000 == major
+    assert started["backup_from"] == "primary"
+    assert started["system_identifier"] == str(c.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
+    assert c.backups_in_progress() == 1, "the keeper must hold the session after the task ended"
+
+    # Written while the backup runs: must be in the restored copy through WAL.
+    c.sql("INSERT INTO t SELECT g, 'during' FROM generate_series(1001, 1500) g")
+    tar = str(tmp_path / "base.tar")
+    tar_data_dir(c, tar)
+    c.sql("INSERT INTO t SELECT g, 'during' FROM generate_series(1501, 2000) g")
+
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    second = playbook(play(session_task("stop", session_id=started["session_id"], dest=str(dest), archive_timeout=30, **cv)))
+    assert second.rc == 0, second
+    stopped = second.task("stop")
+    assert f"LABEL: it-{major}\n" in stopped["labelfile"]
+    assert stopped["wal_archived"] is True
+    assert os.path.exists(os.path.join(c.archive, stopped["stop_wal"]))
+    label = dest / "backup_label"
+    assert label.read_bytes() == stopped["labelfile"].encode()
+    assert stat.S_IMODE(label.stat().st_mode) == 0o600
+    assert not (dest / "tablespace_map").exists()
+    assert not os.path.exists(os.path.join(c.data, "backup_label")), "the live cluster must never get a backup_label"
+    assert c.backups_in_progress() == 0
+
+    c.sql("INSERT INTO t VALUES (99999, 'after')")
+    restored = restore_tar_backup(major, tar, str(dest), c.archive)
+    try:
+        rows = dict(restored.sql("SELECT phase, count(*) FROM t GROUP BY phase"))
+        assert rows == {"before": 1000, "during": 1000}, rows
+    finally:
+        restored.destroy()
+
+
+def test_copy_task_between_start_and_stop_in_one_play(make_cluster, playbook, tmp_path):
+    c = make_cluster(16)
+    cv = c.conn_vars()
+    dest = tmp_path / "b"
+    dest.mkdir()
+    run = playbook(
+        play(
+            session_task("start", "b", label="one-play", **cv),
+            {
+                "name": "copy",
+                "ansible.builtin.command": f"tar -C {c.data} -cf {dest}/base.tar --exclude=./pg_wal/* "
+                "--exclude=./postmaster.pid --warning=no-file-changed .",
+                "register": "copy",
+                "changed_when": True,
+                "failed_when": "copy.rc not in [0, 1]",
+            },
+            session_task("stop", session_id="{{ b.session_id }}", dest=str(dest), **cv),
+        )
+    )
+    assert run.rc == 0, run
+    assert (dest / "backup_label").read_text() == run.task("stop")["labelfile"]
+    restored = restore_tar_backup(16, str(dest / "base.tar"), str(dest), c.archive)
+    restored.destroy()
+
+
+def test_abort_ends_the_backup_and_a_later_start_works(make_cluster, playbook):
+    c = make_cluster(15)
+    cv = c.conn_vars()
+    run = playbook(
+        play(
+            session_task("start", "b", label="to-abort", fast=True, **cv),
+            session_task("abort", state="aborted", session_id="{{ b.session_id }}", **cv),
+        )
+    )
+    assert run.rc == 0, run
+    assert run.task("abort")["changed"] is True
+    backend = c.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgops%%'")[0][0]
+    assert backend == 0
+    again = playbook(
+        play(
+            session_task("start", "b", label="after-abort", fast=True, **cv),
+            session_task("stop", session_id="{{ b.session_id }}", **cv),
+        )
+    )
+    assert again.rc == 0, again
+    assert "LABEL: after-abort" in again.task("stop")["labelfile"]
+
+
+def test_killed_keeper_makes_server_abort_and_stop_fail_clearly(make_cluster, playbook):
+    c = make_cluster(17)
+    cv = c.conn_vars()
+    run = playbook(play(session_task("start", label="killed", fast=True, **cv)))
+    started = run.task("start")
+    os.kill(started["keeper_pid"], signal.SIGKILL)
+    wait_until(lambda: c.backups_in_progress() == 0, what="the server to end the keeper's backend")
+    wait_until(lambda: "aborting backup due to backend exiting" in open(c.log).read(), what="the abort in the server log")
+    stop = playbook(play(session_task("stop", session_id=started["session_id"], **cv)))
+    assert stop.rc != 0
+    msg = stop.task("stop")["msg"]
+    assert "session lost, backup unusable" in msg, msg
+    assert str(started["keeper_pid"]) in msg
+
+
+def test_max_duration_expiry_is_reported(make_cluster, playbook):
+    c = make_cluster(14)
+    cv = c.conn_vars()
+    run = playbook(play(session_task("start", label="short", fast=True, max_duration=2, keepalive_interval=1, **cv)))
+    sid = run.task("start")["session_id"]
+    wait_until(lambda: c.backups_in_progress() == 0, what="the keeper to give up after max_duration")
+    wait_until(lambda: not os.path.exists(f"/proc/{run.task('start')['keeper_pid']}/stat"), what="the keeper to exit")
+    status = playbook(play(session_task("status", state="status")))
+    mine = [s for s in status.task("status")["sessions"] if s["session_id"] == sid]
+    assert mine and mine[0]["status"] == "expired", mine
+    assert "max_duration of 2s" in mine[0]["reason"]
+    assert status.task("status")["changed"] is False
+    stop = playbook(play(session_task("stop", session_id=sid, **cv)))
+    assert stop.rc != 0
+    assert "expired" in stop.task("stop")["msg"]
+
+
+def test_two_sessions_on_one_cluster_both_complete(make_cluster, playbook):
+    c = make_cluster(18)
+    cv = c.conn_vars()
+    run = playbook(
+        play(
+            session_task("start a", "a", label="alpha", fast=True, **cv),
+            session_task("start b", "b", label="beta", fast=True, **cv),
+            session_task("stop a by label", state="stopped", label="alpha", **cv),
+            session_task("stop b", session_id="{{ b.session_id }}", **cv),
+        )
+    )
+    assert run.rc == 0, run
+    assert "LABEL: alpha" in run.task("stop a by label")["labelfile"]
+    assert "LABEL: beta" in run.task("stop b")["labelfile"]
+    assert c.backups_in_progress() == 0
+
+
+def test_archive_wait_timeout_names_the_segment_and_keeps_the_label(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    cv = c.conn_vars()
+    run = playbook(play(session_task("start", label="slow-archive", fast=True, **cv)))
+    sid = run.task("start")["session_id"]
+    c.set_conf(archive_command="'/bin/false'")
+    c.sql("SELECT pg_reload_conf()")
+    dest = tmp_path / "d"
+    dest.mkdir()
+    t0 = time.monotonic()
+    stop = playbook(play(session_task("stop", session_id=sid, dest=str(dest), archive_timeout=3, **cv)))
+    assert time.monotonic() - t0 < 30
+    assert stop.rc != 0
+    res = stop.task("stop")
+    assert res["missing_wal"] and res["missing_wal"][-1] == res["stop_wal"]
+    assert res["stop_wal"] in res["msg"] and "pg_stat_archiver" in res["msg"], res["msg"]
+    assert "LABEL: slow-archive" in res["labelfile"]
+    assert (dest / "backup_label").read_text() == res["labelfile"]
+    # Fix archiving and resume the wait with the same session id.
+    c.set_conf(archive_command=f"'test ! -f {c.archive}/%f && cp %p {c.archive}/%f'")
+    c.sql("SELECT pg_reload_conf()")
+    again = playbook(play(session_task("stop", session_id=sid, archive_timeout=60, **cv)))
+    assert again.rc == 0, again
+    assert again.task("stop")["wal_archived"] is True
+    assert again.task("stop")["labelfile"] == res["labelfile"]
+
+
+def test_check_mode_starts_nothing(make_cluster, playbook):
+    c = make_cluster(15)
+    run = playbook(play(session_task("start", label="dry", **c.conn_vars())), check=True)
+    assert run.rc == 0, run
+    assert run.task("start")["changed"] is True
+    assert "would start" in run.task("start")["msg"]
+    assert c.backups_in_progress() == 0
+
+
+def test_keeper_files_are_private_and_password_not_exposed(make_cluster, playbook, request):
+    c = make_cluster(16)
+    secret = "s3cr3t-Pa55-zz"
+    c.sql(f"CREATE ROLE backup_admin LOGIN SUPERUSER PASSWORD '{secret}'")
+    # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
+    short = tempfile.mkdtemp(prefix="pgops-rt-")
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    runtime = pathlib.Path(short) / "rt" / "sessions"
+    conn = {"login_host": "127.0.0.1", "port": c.port, "login_user": "backup_admin", "login_password": secret}
+    run = playbook(play(session_task("start", label="secure", fast=True, runtime_dir=str(runtime), **conn)), args=["-vvv"])
+    assert run.rc == 0, run
+    started = run.task("start")
+    pid = started["keeper_pid"]
+    sdir = runtime / started["session_id"]
+    assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert stat.S_IMODE(sdir.stat().st_mode) == 0o700
+    sock = sdir / "keeper.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE((sdir / "state.json").stat().st_mode) == 0o600
+    assert secret.encode() not in open(f"/proc/{pid}/cmdline", "rb").read()
+    assert secret.encode() not in open(f"/proc/{pid}/environ", "rb").read()
+    assert secret not in run.stdout + run.stderr
+    assert secret not in json.dumps(run.results).replace('"login_password": "********"', "")
+    stop = playbook(play(session_task("stop", session_id=started["session_id"], runtime_dir=str(runtime), **conn)))
+    assert stop.rc == 0, stop
+
+
+# -- bad input and faults: a clear message, nothing left running
+
+
+def _start_fails(playbook, cluster, major=None, **args) -> str:
+    run = playbook(play(session_task("start", **args)))
+    assert run.rc != 0, run
+    if cluster is not None:
+        assert cluster.backups_in_progress() == 0
+    return run.task("start")["msg"]
+
+
+@pytest.mark.parametrize(
+    "label,expected",
+    [("x" * 1025, "1025 bytes long; PostgreSQL accepts at most 1024"), ("bad\x00label", "NUL character")],
+)
+def test_bad_label_is_refused(label, expected, make_cluster, playbook):
+    c = make_cluster(15)
+    msg = _start_fails(playbook, c, label=label, **c.conn_vars())
+    assert expected in msg, msg
+
+
+def test_unreachable_server(playbook):
+    msg = _start_fails(playbook, None, label="x", login_host="127.0.0.1", port=1)
+    assert msg.startswith("unable to connect to database:"), msg
+    assert "127.0.0.1" in msg and "port 1" in msg
+
+
+def test_wrong_password_is_reported_and_never_shown(make_cluster, playbook):
+    c = make_cluster(15)
+    c.sql("CREATE ROLE someone LOGIN PASSWORD 'right-one'")
+    run = playbook(
+        play(
+            session_task(
+                "start", label="x", login_host="127.0.0.1", port=c.port, login_user="someone", login_password="Wr0ng-pa55word"
+            )
+        ),
+        args=["-vvv"],
+    )
+    assert run.rc != 0
+    msg = run.task("start")["msg"]
+    assert "password authentication failed" in msg, msg
+    assert "Wr0ng-pa55word" not in run.stdout + run.stderr + json.dumps(run.results)
+
+
+@pytest.mark.parametrize(
+    "major,grants",
+    [
+        (14, ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]),
+        (16, ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]),
+    ],
+)
+def test_missing_privilege_names_the_exact_grants(major, grants, make_cluster, playbook):
+    c = make_cluster(major)
+    c.sql("CREATE ROLE plain LOGIN PASSWORD 'pw-plain'")
+    msg = _start_fails(playbook, c, label="x", login_host="127.0.0.1", port=c.port, login_user="plain", login_password="pw-plain")
+    for g in grants:
+        assert f'GRANT EXECUTE ON FUNCTION {g} TO "plain";' in msg, msg
+    # The GRANTs from the message are enough.
+    for g in grants:
+        c.sql(f"GRANT EXECUTE ON FUNCTION {g} TO plain")
+    run = playbook(
+        play(
+            session_task(
+                "start",
+                "b",
+                label="granted",
+                fast=True,
+                login_host="127.0.0.1",
+                port=c.port,
+                login_user="plain",
+                login_password="pw-plain",
+            ),
+            session_task(
+                "stop",
+                session_id="{{ b.session_id }}",
+                login_host="127.0.0.1",
+                port=c.port,
+                login_user="plain",
+                login_password="pw-plain",
+            ),
+        )
+    )
+    assert run.rc == 0, run
+
+
+def test_wal_level_minimal(make_cluster, playbook):
+    c = make_cluster(15, wal_level="minimal", max_wal_senders=0, archive_mode="off")
+    msg = _start_fails(playbook, c, label="x", **c.conn_vars())
+    assert "WAL level not sufficient" in msg and "wal_level = replica" in msg, msg
+
+
+def test_unknown_session_id_on_stop(make_cluster, playbook):
+    c = make_cluster(15)
+    run = playbook(play(session_task("stop", state="stopped", session_id="20200101T000000Z-00000000", **c.conn_vars())))
+    assert run.rc != 0
+    assert "unknown session id 20200101T000000Z-00000000" in run.task("stop")["msg"]
+    bad = playbook(play(session_task("stop", state="stopped", session_id="../../etc", **c.conn_vars())))
+    assert "invalid session id" in bad.task("stop")["msg"]

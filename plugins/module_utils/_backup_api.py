@@ -89,6 +89,16 @@ def wal_file_name(timeline: int, lsn: int, seg_size: int, previous: bool = False
     return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
 
 
+def wal_segment_count(first: str, last: str, seg_size: int) -> int:
+    """Segments from first to last inclusive (same timeline)."""
+    per_id = 0x100000000 // seg_size
+
+    def segno(name: str) -> int:
+        return int(name[8:16], 16) * per_id + int(name[16:24], 16)
+
+    return segno(last) - segno(first) + 1
+
+
 def backup_history_file_name(start_wal: str, start_lsn: int, seg_size: int) -> str:
     """<start segment>.<offset>.backup, written by the stop call on a primary."""
     return f"{start_wal}.{start_lsn % seg_size:08X}.backup"

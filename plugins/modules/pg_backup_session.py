@@ -228,6 +228,10 @@ archive_wait_seconds:
   description: Seconds spent waiting for the WAL archive.
   returned: state is stopped
   type: float
+wal_files:
+  description: Number of WAL segments the backup needs to be restored (start to stop).
+  returned: state is stopped
+  type: int
 wal_archived:
   description: Whether the WAL the backup needs was confirmed archived.
   returned: state is stopped
@@ -265,6 +269,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api im
     parse_labelfile,
     parse_lsn,
     validate_label,
+    wal_segment_count,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import (
     UnsafePathError,
@@ -338,7 +343,13 @@ def started(module, runtime_dir):
         )
     state = report["state"]
     out = _public(state)
-    out.update(start_seconds=state.get("start_seconds"), expires_at=state.get("expires_at"), keeper_pid=state.get("pid"))
+    out.update(
+        start_seconds=state.get("start_seconds"),
+        expires_at=state.get("expires_at"),
+        keeper_pid=state.get("pid"),
+        keeper_pid_starttime=state.get("pid_starttime"),
+        wal_segment_size=state.get("wal_segment_size"),
+    )
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {state['start_lsn']}", **out)
 
 
@@ -418,6 +429,7 @@ def stopped(module, runtime_dir):
     out = _public(state)
     out.update(result)
     out["duration"] = _seconds_between(state["started_at"], result["stopped_at"])
+    out["wal_files"] = wal_segment_count(state["start_wal"], result["stop_wal"], state["wal_segment_size"])
     files = []
     if p["dest"]:
         files = write_label_files(module, p["dest"], result)
@@ -474,8 +486,9 @@ def wait_archive(module, state, result) -> dict:
 def write_label_files(module, dest, result) -> list:
     if not os.path.isdir(dest):
         module.fail_json(msg=f"dest {dest} is not a directory")
-    if os.path.exists(os.path.join(dest, "PG_VERSION")) and os.path.exists(os.path.join(dest, "global", "pg_control")):
-        module.fail_json(msg=f"dest {dest} looks like a data directory: backup_label must never be written into a live cluster")
+    # A copied data directory (method rsync) is fine; a live or crashed cluster never is.
+    if os.path.exists(os.path.join(dest, "postmaster.pid")):
+        module.fail_json(msg=f"dest {dest} holds a postmaster.pid: backup_label must never be written into a live cluster")
     written = [os.path.join(dest, "backup_label")]
     write_private_file(written[0], result["labelfile"].encode("utf-8"))
     if result.get("spcmapfile"):

@@ -1,0 +1,283 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The copy step: which files of a running cluster to take, and the tar /
+cpio / rsync pipelines that take them.
+
+One walker decides the file list for every tool, so the three methods copy
+exactly the same files, with pg_basebackup's exclusions and global/pg_control
+last.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+
+# Directories whose contents are never copied (the directory itself is).
+EXCLUDE_CONTENTS = (
+    "pg_wal",
+    "pg_stat_tmp",
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_subtrans",
+)
+# Kept as empty directories inside pg_wal.
+WAL_SUBDIRS = ("pg_wal/archive_status", "pg_wal/summaries")
+EXCLUDE_FILES = {
+    "postmaster.pid",
+    "postmaster.opts",
+    "postgresql.auto.conf.tmp",
+    "current_logfiles.tmp",
+    "backup_label",
+    "tablespace_map",
+    "backup_manifest",
+    "backup_label.old",
+    "recovery.signal",
+    "standby.signal",
+}
+_TEMP_REL = re.compile(r"^t\d+_\d+")
+_REL_FILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
+CONTROL = "global/pg_control"
+
+COMPRESSORS = {
+    # name: (file suffix, list of candidate commands (first found wins))
+    "gzip": (".gz", [["pigz", "-p", "{threads}", "-{level}"], ["gzip", "-{level}"]]),
+    "zstd": (".zst", [["zstd", "-q", "-T{threads}", "-{level}"]]),
+    "lz4": (".lz4", [["lz4", "-q", "-{level}"]]),
+}
+DEFAULT_LEVEL = {"gzip": 6, "zstd": 3, "lz4": 1}
+
+
+class CopyError(Exception):
+    pass
+
+
+def _skip_file(name: str) -> bool:
+    return (
+        name in EXCLUDE_FILES
+        or name.startswith("pg_internal.init")
+        or name.startswith("pgsql_tmp")
+        or bool(_TEMP_REL.match(name))
+    )
+
+
+def _unlogged(files: list) -> set:
+    """Relation files of unlogged relations (those with an _init fork), except _init."""
+    inits = {m.group(1) for f in files if (m := _REL_FILE.match(f)) and m.group(3) == "init"}
+    if not inits:
+        return set()
+    return {f for f in files if (m := _REL_FILE.match(f)) and m.group(1) in inits and m.group(3) != "init"}
+
+
+def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
+    """Relative paths to copy under root (directories included, each before its
+    contents), and the total bytes of regular files. pg_control comes last.
+    """
+    out = []
+    total = 0
+    empty = set(EXCLUDE_CONTENTS + extra_empty) if is_data_dir else set()
+    keep_dirs = set(WAL_SUBDIRS) if is_data_dir else set()
+    control = False
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        if rel_dir in empty:
+            dirnames[:] = [d for d in dirnames if os.path.join(rel_dir, d) in keep_dirs]
+            filenames = []
+        elif rel_dir in keep_dirs:
+            dirnames[:] = []
+            filenames = []
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("pgsql_tmp"))
+        if rel_dir == "pg_tblspc" and is_data_dir:
+            # Tablespaces are copied on their own; tablespace_map recreates the links.
+            dirnames[:] = []
+            filenames = []
+        skip = _unlogged(filenames)
+        for d in list(dirnames):
+            path = os.path.join(dirpath, d)
+            if os.path.islink(path):
+                # A symlinked directory (e.g. pg_wal elsewhere): keep it as a directory entry only.
+                dirnames.remove(d)
+            out.append(os.path.join(rel_dir, d))
+        for f in sorted(filenames):
+            rel = os.path.join(rel_dir, f)
+            if _skip_file(f) or f in skip:
+                continue
+            if rel == CONTROL:
+                control = True
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except FileNotFoundError:
+                continue  # dropped while we walked: normal on a running cluster
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+            out.append(rel)
+    if control:
+        out.append(CONTROL)
+        total += os.path.getsize(os.path.join(root, CONTROL))
+    return out, total
+
+
+def compressor_command(name: str, level: int | None, threads: int) -> list:
+    if name == "none":
+        return []
+    suffix, candidates = COMPRESSORS[name]
+    lvl = level if level is not None else DEFAULT_LEVEL[name]
+    for cand in candidates:
+        if shutil.which(cand[0]):
+            return [part.format(threads=threads, level=lvl) for part in cand]
+    raise CopyError(
+        f"compression {name} needs {' or '.join(c[0] for c in candidates)} on this host (install it, or choose another)"
+    )
+
+
+def suffix_of(compression: str) -> str:
+    return "" if compression == "none" else COMPRESSORS[compression][0]
+
+
+_BENIGN = (
+    "No such file or directory",
+    "file changed as we read it",
+    "File removed before we read it",
+    "file vanished",
+    "some files vanished",
+    "blocks",  # cpio prints "N blocks"
+)
+
+
+def _serious(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.strip() and not any(b in line for b in _BENIGN)]
+
+
+def _archive_command(method: str, root: str) -> list:
+    if method == "tar":
+        # --ignore-failed-read: a file dropped after the walk is not an error;
+        # stderr is still checked for anything else (e.g. permission denied).
+        return [
+            "tar",
+            "-C",
+            root,
+            "-cf",
+            "-",
+            "--no-recursion",
+            "--null",
+            "-T",
+            "-",
+            "--ignore-failed-read",
+            "--warning=no-file-changed",
+            "--warning=no-file-removed",
+            "--warning=no-file-shrank",
+        ]
+    if method == "cpio":
+        return ["cpio", "-o", "-0", "-H", "newc", "--quiet"]
+    raise CopyError(f"unknown archive method {method}")
+
+
+def archive(
+    method: str, root: str, files: list, out_path: str, compression: str, level, threads: int, remote: list | None = None
+) -> dict:
+    """Write root's files as one archive (optionally compressed) to out_path.
+
+    remote: an ssh command prefix; the archive is then written on that host.
+    Written as <out_path>.partial and renamed when every step succeeded.
+    """
+    t0 = time.monotonic()
+    comp = compressor_command(compression, level, threads)
+    tmp = out_path + ".partial"
+    stages = [("archive", _archive_command(method, root))]
+    if comp:
+        stages.append(("compress", comp))
+    out_f = None
+    if remote:
+        stages.append(("ssh", remote + [f"umask 077 && cat > {_sh_quote(tmp)}"]))
+    else:
+        out_f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    procs = []
+    try:
+        upstream = subprocess.PIPE
+        for i, (name, cmd) in enumerate(stages):
+            last = i == len(stages) - 1
+            # stderr to files: a pipe nobody reads could stall the pipeline.
+            err = tempfile.TemporaryFile()
+            p = subprocess.Popen(
+                cmd,
+                cwd=root,
+                stdin=upstream,
+                stdout=(out_f if last and out_f is not None else subprocess.PIPE if not last else subprocess.DEVNULL),
+                stderr=err,
+            )
+            if i > 0:
+                upstream.close()  # only the next stage holds the read end
+            procs.append((name, p, err))
+            upstream = p.stdout
+        feeder = procs[0][1].stdin
+        try:
+            feeder.write("\0".join(files).encode() + b"\0")
+            feeder.close()
+        except BrokenPipeError:
+            pass
+        results = {}
+        for name, p, err in procs:
+            p.wait()
+            err.seek(0)
+            results[name] = (p.returncode, err.read().decode(errors="replace"))
+            err.close()
+    finally:
+        if out_f is not None:
+            os.close(out_f)
+    rc, err = results["archive"]
+    serious = _serious(err)
+    ok_codes = (0, 1) if method == "tar" else (0, 2)
+    if rc not in ok_codes or serious:
+        _cleanup(tmp, remote)
+        raise CopyError(f"{method} failed (exit {rc}): {' | '.join(serious) or err.strip()}")
+    for name in ("compress", "ssh"):
+        if name in results and results[name][0] != 0:
+            _cleanup(tmp, remote)
+            raise CopyError(f"{name} step failed (exit {results[name][0]}): {results[name][1].strip()}")
+    if remote:
+        subprocess.run(remote + [f"mv {_sh_quote(tmp)} {_sh_quote(out_path)}"], check=True)
+        size = int(subprocess.run(remote + [f"stat -c %s {_sh_quote(out_path)}"], check=True, capture_output=True).stdout)
+    else:
+        os.replace(tmp, out_path)
+        size = os.path.getsize(out_path)
+    return {"path": out_path, "bytes": size, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}
+
+
+def _cleanup(tmp: str, remote) -> None:
+    if remote:
+        subprocess.run(remote + [f"rm -f {_sh_quote(tmp)}"], check=False)
+    else:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _sh_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def rsync_tree(root: str, files: list, dest: str, remote_host: str | None = None, ssh_cmd: str | None = None) -> dict:
+    """Copy the listed files of root into dest (a directory) with rsync."""
+    t0 = time.monotonic()
+    target = f"{remote_host}:{dest}/" if remote_host else dest.rstrip("/") + "/"
+    # --checksum is not needed here: dest is always a new, empty directory.
+    cmd = ["rsync", "-a", "--from0", "--files-from=-", "--inplace", "--whole-file"]
+    if remote_host and ssh_cmd:
+        cmd += ["-e", ssh_cmd]
+    cmd += [root.rstrip("/") + "/", target]
+    proc = subprocess.run(cmd, input="\0".join(files).encode() + b"\0", capture_output=True)
+    err = proc.stderr.decode(errors="replace")
+    if proc.returncode not in (0, 23, 24) or (proc.returncode == 23 and _serious(err)):
+        raise CopyError(f"rsync failed (exit {proc.returncode}): {' | '.join(_serious(err)) or err.strip()}")
+    return {"path": dest, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}

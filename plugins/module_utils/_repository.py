@@ -1,0 +1,188 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The backup repository on disk: backup ids, backup.json, the per-cluster
+lock and retention. The layout is a documented contract (README, DESIGN)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import socket
+import time
+
+from ._files import ensure_private_dir, read_json, write_json
+from ._keeper import keeper_alive
+
+SCHEMA = 1
+COLLECTION_VERSION = "0.1.0"
+BACKUP_JSON = "backup.json"
+LOCK_DIR = ".locks"
+_ID_RE = re.compile(r"^\d{8}T\d{6}Z(-\d{2})?$")
+
+
+class RepositoryError(Exception):
+    pass
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def valid_backup_id(bid: str) -> bool:
+    return bool(bid) and bool(_ID_RE.match(bid))
+
+
+def validate_repository(path: str, forbidden_roots: list) -> str | None:
+    """Why path cannot be a repository (None when it can)."""
+    if not path or not os.path.isabs(path):
+        return f"repository {path!r} must be an absolute path"
+    real = os.path.realpath(path)
+    for root in forbidden_roots:
+        if not root:
+            continue
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip("/") + "/"):
+            return f"repository {path} is inside {root} (the data directory or a tablespace): the backup would copy itself"
+    return None
+
+
+def create_backup_dir(repository: str) -> tuple:
+    """A new, unique, sortable backup directory (0700)."""
+    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(100):
+        bid = base if n == 0 else f"{base}-{n:02d}"
+        path = os.path.join(repository, bid)
+        try:
+            os.mkdir(path, 0o700)
+            return bid, path
+        except FileExistsError:
+            continue
+    raise RepositoryError(f"cannot create a unique backup directory in {repository}")
+
+
+def lock_path(repository: str, cluster: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cluster)
+    return os.path.join(repository, LOCK_DIR, f"{safe}.lock")
+
+
+def _lock_is_stale(repository: str, lock: dict, stale_after: float) -> str | None:
+    """Why an existing lock no longer protects a running backup (None if it does)."""
+    bid = lock.get("backup_id")
+    info = read_json(os.path.join(repository, bid, BACKUP_JSON)) if bid and valid_backup_id(bid) else None
+    if info is None or info.get("status") != "running":
+        return f"its backup {bid} is not running"
+    session = info.get("session") or {}
+    if session.get("pid") and lock.get("host") == socket.gethostname() and not keeper_alive(session):
+        return f"the session keeper {session['pid']} of backup {bid} is gone"
+    try:
+        age = time.time() - datetime.datetime.fromisoformat(lock["created_at"]).timestamp()
+    except (KeyError, ValueError):
+        return "it is unreadable"
+    if age > stale_after:
+        return f"it is {int(age)}s old (stale after {int(stale_after)}s)"
+    return None
+
+
+def acquire_lock(repository: str, cluster: str, backup_id: str, stale_after: float) -> tuple:
+    """Take the cluster's lock in this repository; (path, note about a broken stale lock)."""
+    ensure_private_dir(os.path.join(repository, LOCK_DIR))
+    path = lock_path(repository, cluster)
+    note = None
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            lock = read_json(path) or {}
+            why = _lock_is_stale(repository, lock, stale_after)
+            if why is None:
+                raise RepositoryError(
+                    f"another backup of this cluster into {repository} is running: backup {lock.get('backup_id')} "
+                    f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path}. Wait for it to "
+                    "finish; if it is dead, remove the lock file"
+                ) from None
+            note = f"removed a stale lock {path} ({why})"
+            os.unlink(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "pid": os.getpid()}, f)
+        return path, note
+    raise RepositoryError(f"could not take the lock {path}")
+
+
+def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
+    """Remove the lock if this backup holds it."""
+    path = lock_path(repository, cluster)
+    lock = read_json(path)
+    if lock and lock.get("backup_id") == backup_id:
+        os.unlink(path)
+        return True
+    return False
+
+
+def backup_json_path(repository: str, backup_id: str) -> str:
+    if not valid_backup_id(backup_id):
+        raise RepositoryError(f"invalid backup id {backup_id!r}")
+    return os.path.join(repository, backup_id, BACKUP_JSON)
+
+
+def update_backup(repository: str, backup_id: str, **fields) -> dict:
+    path = backup_json_path(repository, backup_id)
+    info = read_json(path)
+    if info is None:
+        raise RepositoryError(f"no backup {backup_id} in {repository}")
+    info.update(fields)
+    write_json(path, info)
+    return info
+
+
+def remove_payload(backup_dir: str) -> list:
+    """Delete a failed backup's data, keep backup.json to say what happened."""
+    removed = []
+    for name in os.listdir(backup_dir):
+        if name == BACKUP_JSON:
+            continue
+        path = os.path.join(backup_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        removed.append(name)
+    return removed
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def retention(repository: str, keep: int, system_identifier: str | None) -> list:
+    """Keep the newest `keep` complete backups of this cluster; remove older
+    complete ones and failed ones older than the oldest kept. Never touches a
+    running backup or another cluster's."""
+    if keep <= 0:
+        return []
+    entries = []
+    for name in sorted(os.listdir(repository), reverse=True):
+        if not valid_backup_id(name):
+            continue
+        info = read_json(os.path.join(repository, name, BACKUP_JSON))
+        if info is None or (system_identifier and info.get("system_identifier") != system_identifier):
+            continue
+        entries.append((name, info.get("status")))
+    complete = [n for n, s in entries if s == "complete"]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1]
+    doomed = [n for n, s in entries if n < oldest_kept and s in ("complete", "failed")]
+    for name in doomed:
+        shutil.rmtree(os.path.join(repository, name), ignore_errors=True)
+    return doomed

@@ -1,0 +1,201 @@
+#!/usr/bin/python
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_backup_catalog
+short_description: Record a backup's life in the repository (backup.json, lock, retention)
+version_added: 0.1.0
+description:
+  - Creates a backup's directory and C(backup.json) with C(status=running) while holding the cluster's lock
+    in the repository, records the running session, marks the backup C(complete) (and only then applies
+    retention) or C(failed) (removing its partial data), and releases the lock.
+  - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
+author:
+  - pgops.online_backup contributors
+attributes:
+  check_mode:
+    support: full
+    details: Validates and reports; writes nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+options:
+  repository:
+    description: Absolute path of the repository.
+    type: path
+    required: true
+  state:
+    description:
+      - V(running) creates the backup directory and C(backup.json), and takes the lock.
+      - V(updated) merges O(fields) into C(backup.json).
+      - V(complete) merges O(fields), sets C(status=complete), releases the lock, applies O(keep).
+      - V(failed) records O(error), removes the partial data (unless O(keep_failed_files)), releases the lock.
+    type: str
+    choices: [running, updated, complete, failed]
+    required: true
+  backup_id:
+    description: The backup (required except for O(state=running)).
+    type: str
+  cluster:
+    description: The cluster's system identifier (names the lock).
+    type: str
+    required: true
+  fields:
+    description: Values for C(backup.json) (for O(state=running) the initial record).
+    type: dict
+    default: {}
+  forbidden_roots:
+    description: Directories the repository must not be inside (the data directory and tablespaces).
+    type: list
+    elements: path
+    default: []
+  lock_stale_after:
+    description: Seconds after which a lock whose owner cannot be checked is considered stale.
+    type: float
+    default: 90000
+  keep:
+    description: With O(state=complete), how many complete backups of this cluster to keep (0 keeps all).
+    type: int
+    default: 0
+  error:
+    description: With O(state=failed), what went wrong.
+    type: str
+    default: ''
+  keep_failed_files:
+    description: With O(state=failed), keep the partial data for inspection.
+    type: bool
+    default: false
+"""
+
+EXAMPLES = r"""
+- name: Open the backup record and take the lock
+  pgops.online_backup.pg_backup_catalog:
+    repository: /backup/pg
+    state: running
+    cluster: "{{ preflight.system_identifier }}"
+    fields: {label: nightly, method: tar}
+  register: record
+"""
+
+RETURN = r"""
+backup_id:
+  description: The backup's id (its directory name).
+  returned: always
+  type: str
+path:
+  description: The backup's directory.
+  returned: always
+  type: str
+backup:
+  description: The backup.json content after the change.
+  returned: success
+  type: dict
+removed:
+  description: Backups removed by retention, or files removed from a failed backup.
+  returned: state is complete or failed
+  type: list
+  elements: str
+"""
+
+import os
+import socket
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError, ensure_private_dir, write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
+    COLLECTION_VERSION,
+    SCHEMA,
+    RepositoryError,
+    acquire_lock,
+    backup_json_path,
+    create_backup_dir,
+    dir_size,
+    release_lock,
+    remove_payload,
+    retention,
+    update_backup,
+    utcnow,
+    validate_repository,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            repository=dict(type="path", required=True),
+            state=dict(type="str", required=True, choices=["running", "updated", "complete", "failed"]),
+            backup_id=dict(type="str"),
+            cluster=dict(type="str", required=True),
+            fields=dict(type="dict", default={}),
+            forbidden_roots=dict(type="list", elements="path", default=[]),
+            lock_stale_after=dict(type="float", default=90000),
+            keep=dict(type="int", default=0),
+            error=dict(type="str", default=""),
+            keep_failed_files=dict(type="bool", default=False),
+        ),
+        required_if=[
+            ("state", "updated", ["backup_id"]),
+            ("state", "complete", ["backup_id"]),
+            ("state", "failed", ["backup_id"]),
+        ],
+        supports_check_mode=True,
+    )
+    p = module.params
+    repo, state = p["repository"], p["state"]
+    problem = validate_repository(repo, p["forbidden_roots"])
+    if problem:
+        module.fail_json(msg=problem)
+    if module.check_mode:
+        module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=p["backup_id"], path=None)
+    try:
+        if state == "running":
+            ensure_private_dir(repo)
+            bid, path = create_backup_dir(repo)
+            try:
+                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_stale_after"])
+            except RepositoryError:
+                os.rmdir(path)
+                raise
+            if note:
+                module.warn(note)
+            info = {
+                "schema": SCHEMA,
+                "id": bid,
+                "status": "running",
+                "host": socket.gethostname(),
+                "collection_version": COLLECTION_VERSION,
+                "created_at": utcnow(),
+                "system_identifier": p["cluster"],
+            }
+            info.update(p["fields"])
+            info.update(id=bid, status="running")
+            write_json(os.path.join(path, "backup.json"), info)
+            module.exit_json(changed=True, backup_id=bid, path=path, lock=lock, backup=info)
+        bid = p["backup_id"]
+        path = os.path.dirname(backup_json_path(repo, bid))
+        if state == "updated":
+            info = update_backup(repo, bid, **p["fields"])
+            module.exit_json(changed=True, backup_id=bid, path=path, backup=info)
+        if state == "complete":
+            fields = dict(p["fields"])
+            fields.update(status="complete", completed_at=utcnow(), size_on_disk=dir_size(path))
+            info = update_backup(repo, bid, **fields)
+            released = release_lock(repo, p["cluster"], bid)
+            removed = retention(repo, p["keep"], info.get("system_identifier"))
+            module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
+        # failed: never leave anything that looks usable
+        removed = [] if p["keep_failed_files"] else remove_payload(path)
+        info = update_backup(repo, bid, status="failed", error=p["error"], failed_at=utcnow(), **p["fields"])
+        released = release_lock(repo, p["cluster"], bid)
+        module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
+    except (RepositoryError, UnsafePathError, OSError) as e:
+        module.fail_json(msg=str(e))
+
+
+if __name__ == "__main__":
+    main()

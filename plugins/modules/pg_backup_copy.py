@@ -1,0 +1,218 @@
+#!/usr/bin/python
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_backup_copy
+short_description: Copy a running cluster's files with tar, cpio or rsync during an online backup
+version_added: 0.1.0
+description:
+  - The copy step of an online backup, run on the database host between
+    M(pgops.online_backup.pg_backup_session) O(pgops.online_backup.pg_backup_session#module:state=started)
+    and O(pgops.online_backup.pg_backup_session#module:state=stopped).
+  - Chooses the files as C(pg_basebackup) does (the contents of C(pg_wal), C(pg_replslot), C(pg_stat_tmp) and
+    similar directories, C(postmaster.pid), temporary and unlogged relations are left out) and copies
+    C(global/pg_control) last, then hands the list to the tool the user chose.
+  - Files that change or disappear during the copy are expected on a running cluster and are not errors;
+    anything else the tool reports (for example permission denied) fails the task.
+  - Method V(tar) writes C(base.tar[.gz|.zst|.lz4]) and one C(<oid>.tar[...]) per tablespace; V(cpio) the same
+    with C(.cpio) (newc format); V(rsync) a ready data directory C(data/) and C(tablespaces/<oid>/), with
+    C(data/pg_tblspc/<oid>) linked to them.
+author:
+  - pgops.online_backup contributors
+attributes:
+  check_mode:
+    support: full
+    details: Lists what would be copied; writes nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+options:
+  data_directory:
+    description: The cluster's data directory.
+    type: path
+    required: true
+  tablespaces:
+    description: Tablespaces to copy, each with C(oid) and C(location).
+    type: list
+    elements: dict
+    default: []
+  dest:
+    description: The backup's directory (must exist, outside the data directory and every tablespace).
+    type: path
+    required: true
+  method:
+    description: The tool that copies.
+    type: str
+    choices: [tar, cpio, rsync]
+    default: tar
+  compression:
+    description: Compression of V(tar) and V(cpio) archives (V(gzip) uses C(pigz) when installed).
+    type: str
+    choices: [none, gzip, zstd, lz4]
+    default: none
+  compression_level:
+    description: Compression level; the compressor's default when unset.
+    type: int
+  threads:
+    description: Compression threads (zstd, pigz); 0 means one per core.
+    type: int
+    default: 0
+  server_version_num:
+    description: The server's version number, for version-specific exclusions.
+    type: int
+    default: 150000
+  exclude_directories:
+    description: Further directories (relative to the data directory) whose contents are left out, e.g. a
+      C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
+    type: list
+    elements: str
+    default: []
+"""
+
+EXAMPLES = r"""
+- name: Copy the data directory and tablespaces as zstd-compressed tar files
+  pgops.online_backup.pg_backup_copy:
+    data_directory: /var/lib/postgresql/17/main
+    tablespaces: "{{ preflight.tablespaces }}"
+    dest: /backup/pg/20261129T101500Z
+    method: tar
+    compression: zstd
+"""
+
+RETURN = r"""
+files:
+  description: Archives (or directories for rsync) written, with their size in bytes.
+  returned: always
+  type: list
+  elements: dict
+bytes:
+  description: Bytes written to the backup (after compression).
+  returned: always
+  type: int
+source_bytes:
+  description: Bytes of regular files chosen for copying.
+  returned: always
+  type: int
+file_count:
+  description: Entries (files and directories) copied.
+  returned: always
+  type: int
+seconds:
+  description: Time the copy took.
+  returned: always
+  type: float
+"""
+
+import os
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
+    CopyError,
+    archive,
+    rsync_tree,
+    suffix_of,
+    walk,
+)
+
+
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            data_directory=dict(type="path", required=True),
+            tablespaces=dict(type="list", elements="dict", default=[]),
+            dest=dict(type="path", required=True),
+            method=dict(type="str", default="tar", choices=["tar", "cpio", "rsync"]),
+            compression=dict(type="str", default="none", choices=["none", "gzip", "zstd", "lz4"]),
+            compression_level=dict(type="int"),
+            threads=dict(type="int", default=0),
+            server_version_num=dict(type="int", default=150000),
+            exclude_directories=dict(type="list", elements="str", default=[]),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    data, dest, method = p["data_directory"], p["dest"], p["method"]
+    if not os.path.isfile(os.path.join(data, "PG_VERSION")):
+        module.fail_json(msg=f"{data} is not a PostgreSQL data directory (no PG_VERSION)")
+    if not os.path.isdir(dest):
+        module.fail_json(msg=f"dest {dest} is not a directory")
+    spaces = []
+    for ts in p["tablespaces"]:
+        if "oid" not in ts or "location" not in ts:
+            module.fail_json(msg=f"each tablespace needs oid and location, got {ts}")
+        spaces.append((str(ts["oid"]), ts["location"]))
+    for root in [data] + [loc for _, loc in spaces]:
+        if _inside(dest, root):
+            module.fail_json(msg=f"dest {dest} is inside {root}: the backup would copy itself")
+    if method == "rsync" and p["compression"] != "none":
+        module.fail_json(msg="rsync copies a plain data directory: compression must be none")
+    threads = p["threads"] or os.cpu_count() or 1
+    extra = tuple(d.strip("/") for d in p["exclude_directories"])
+
+    t0 = time.monotonic()
+    files, source_bytes = walk(data, p["server_version_num"] // 10000, True, extra)
+    ts_lists = [(oid, loc, *walk(loc, 0, False)) for oid, loc in spaces]
+    count = len(files) + sum(len(t[2]) for t in ts_lists)
+    total_source = source_bytes + sum(t[3] for t in ts_lists)
+    if module.check_mode:
+        module.exit_json(
+            changed=True,
+            msg=f"would copy {count} entries ({total_source} bytes) with {method}",
+            files=[],
+            bytes=0,
+            source_bytes=total_source,
+            file_count=count,
+            seconds=0.0,
+        )
+    written = []
+    try:
+        if method == "rsync":
+            out = os.path.join(dest, "data")
+            os.makedirs(out, mode=0o700, exist_ok=True)
+            rsync_tree(data, files, out)
+            os.makedirs(os.path.join(out, "pg_tblspc"), mode=0o700, exist_ok=True)
+            for oid, loc, tfiles, _ in ts_lists:
+                tdir = os.path.join(dest, "tablespaces", oid)
+                os.makedirs(tdir, mode=0o700, exist_ok=True)
+                rsync_tree(loc, tfiles, tdir)
+                # Relative link: the backup directory can move as a whole.
+                os.symlink(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
+            written.append({"name": "data", "bytes": total_source})
+            total = total_source
+        else:
+            suffix = f".{method}{suffix_of(p['compression'])}"
+            jobs = [("base", data, files)] + [(oid, loc, tfiles) for oid, loc, tfiles, _ in ts_lists]
+            total = 0
+            for name, root, flist in jobs:
+                r = archive(
+                    method, root, flist, os.path.join(dest, name + suffix), p["compression"], p["compression_level"], threads
+                )
+                written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
+                total += r["bytes"]
+    except (CopyError, OSError) as e:
+        module.fail_json(msg=f"copy failed: {e}", files=written)
+    seconds = round(time.monotonic() - t0, 3)
+    module.exit_json(
+        changed=True,
+        msg=f"copied {count} entries, {total_source} bytes in {seconds}s with {method}",
+        files=written,
+        bytes=total,
+        source_bytes=total_source,
+        file_count=count,
+        seconds=seconds,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -99,3 +99,38 @@ def describe_wait_failure(result: dict, timeout: float) -> str:
     if archiver_failing(row):
         parts.append("the archiver is failing: check archive_command/archive_library and the server log")
     return "; ".join(parts)
+
+
+def ready_count(conn):
+    """Segments waiting for the archiver (.ready files), or None without the privilege."""
+    try:
+        return int(query_one(conn, "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")[0])
+    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.UndefinedFunction):
+        return None
+
+
+def wait_for_segment_or_failure(conn, name: str, timeout: float, failed_count: int, first_poll: float = 0.01) -> dict:
+    """Wait until WAL file name is archived, the archiver fails, or timeout seconds pass.
+
+    failed_count is pg_stat_archiver.failed_count read before name was
+    switched: a failure counted after that, with nothing archived since, means
+    the archiver is stuck at name or before it (it works in order), so waiting
+    longer cannot help. outcome is "archived", "failed" or "timeout".
+    """
+    begin = time.monotonic()
+    delay = first_poll
+    while True:
+        row = archiver_row(conn)
+        status = _status_files(conn, [name])
+        waited = time.monotonic() - begin
+        if archived(name, status, row):
+            outcome = "archived"
+        elif (row.get("failed_count") or 0) > failed_count and archiver_failing(row):
+            outcome = "failed"
+        elif waited >= timeout:
+            outcome = "timeout"
+        else:
+            time.sleep(min(delay, max(0.0, timeout - waited)))
+            delay = min(delay * 2, 0.25)
+            continue
+        return {"outcome": outcome, "archived": outcome == "archived", "waited": round(waited, 3), "archiver": row}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
-from harness.ansible import local_inventory, run_playbook
+from harness.ansible import collections_workspace, local_inventory, run_playbook
 from harness.pg import Cluster
+
+# Unit tests import the collection's Python as ansible_collections.pgops.online_backup.
+sys.path.insert(0, collections_workspace())
 
 OWNER = f"PGOPS_TEST_OWNER={os.getpid()}".encode()
 

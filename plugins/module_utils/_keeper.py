@@ -485,6 +485,7 @@ class _Keeper:
 
     def _stop(self) -> dict:
         major = major_of(self.state["server_version_num"])
+        requested = utcnow()  # every commit that returned before this is in the backup
         t0 = time.monotonic()
         try:
             lsn_text, labelfile, spcmapfile = query_one(self.conn, stop_sql(major))
@@ -499,6 +500,7 @@ class _Keeper:
             "stop_wal": wal_file_name(self.state["timeline"], stop_lsn, self.state["wal_segment_size"], previous=True),
             "labelfile": labelfile,
             "spcmapfile": spcmapfile or "",
+            "stop_requested_at": requested,
             "stopped_at": utcnow(),
             "stop_seconds": round(time.monotonic() - t0, 3),
         }

@@ -212,6 +212,10 @@ spcmapfile:
   description: Contents for C(tablespace_map); empty without tablespaces.
   returned: state is stopped
   type: str
+stop_requested_at:
+  description: UTC time the stop function was called; every transaction committed before it is in the backup.
+  returned: state is stopped
+  type: str
 stopped_at:
   description: UTC time the stop function returned.
   returned: state is stopped

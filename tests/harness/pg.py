@@ -87,6 +87,7 @@ class Cluster:
         with open(os.path.join(self.data, "pg_hba.conf"), "w") as f:
             f.write(
                 "local all all trust\n"
+                "local replication all trust\n"
                 "host all postgres 127.0.0.0/8 trust\n"
                 "host replication all 127.0.0.0/8 trust\n"
                 "host all all 127.0.0.0/8 scram-sha-256\n"

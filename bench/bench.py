@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Benchmark: our backup playbook against pg_basebackup and a raw tar | zstd,
+in the same run, on the same pgbench database.
+
+    .venv/bin/python bench/bench.py --scale 100
+
+Prints seconds, MB/s (of the data directory's size) and the ratio to
+pg_basebackup -Ft --compress=client-zstd -c fast for each contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from harness.ansible import local_inventory, run_playbook  # noqa: E402
+from harness.pg import Cluster, make_pg_dir  # noqa: E402
+from harness.workload import pgbench_init  # noqa: E402
+
+PG15 = "/usr/lib/postgresql/15/bin"
+
+
+def du(path: str) -> int:
+    return int(subprocess.run(["du", "-sb", path], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def timed(fn) -> float:
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=int, default=100, help="pgbench scale (100 is about 1.5 GB)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each contender; the best is reported")
+    args = ap.parse_args()
+
+    c = Cluster(15, name="bench")
+    c.init(shared_buffers="'256MB'", max_wal_size="'4GB'")
+    c.start()
+    work = make_pg_dir("pgops-bench-")
+    rows = []
+    try:
+        print(f"loading pgbench scale {args.scale} ...", flush=True)
+        pgbench_init(c, args.scale)
+        c.sql("CHECKPOINT")
+        size = du(c.data)
+        mb = size / 1e6
+        print(f"data directory: {mb:.0f} MB", flush=True)
+
+        def fresh(name: str) -> str:
+            d = os.path.join(work, name)
+            shutil.rmtree(d, ignore_errors=True)
+            os.makedirs(d)
+            shutil.chown(d, "postgres", "postgres")
+            return d
+
+        def basebackup():
+            d = fresh("pgbb")
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", f"{PG15}/pg_basebackup", "-h", c.sock, "-p", str(c.port), "-D", d,
+                 "-Ft", "--compress=client-zstd", "-c", "fast", "-X", "none", "--no-sync"],
+                check=True,
+            )  # fmt: skip
+
+        def raw_tar():
+            d = fresh("raw")
+            cmd = f"tar -C {c.data} -cf - --exclude=./pg_wal/* . | zstd -q -T2 > {d}/base.tar.zst"
+            subprocess.run(cmd, shell=True, check=True)
+
+        def ours(method: str, compression: str):
+            def run():
+                repo = fresh(f"ours-{method}-{compression}")
+                r = run_playbook(
+                    os.path.join(REPO, "playbooks", "backup.yml"),
+                    local_inventory(),
+                    extra_vars={
+                        "pg_backup_repository": repo,
+                        "pg_backup_login_unix_socket": c.sock,
+                        "pg_backup_port": c.port,
+                        "pg_backup_method": method,
+                        "pg_backup_compression": compression,
+                        "pg_backup_fast_checkpoint": True,
+                    },
+                    workdir=tempfile.mkdtemp(prefix="pgops-bench-pb-"),
+                )
+                if r.rc != 0:
+                    raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")
+                (bid,) = [n for n in os.listdir(repo) if n[0].isdigit()]
+                info = json.load(open(os.path.join(repo, bid, "backup.json")))
+                run.copy_seconds = float(info["copy_seconds"])
+                run.manifest_seconds = float(info.get("manifest_seconds") or 0)
+
+            return run
+
+        contenders = [
+            ("pg_basebackup -Ft client-zstd -c fast", basebackup),
+            ("raw tar | zstd -T2", raw_tar),
+            ("playbook tar+zstd", ours("tar", "zstd")),
+            ("playbook tar (none)", ours("tar", "none")),
+            ("playbook rsync", ours("rsync", "none")),
+        ]
+        for name, fn in contenders:
+            best = min(timed(fn) for _ in range(args.rounds))
+            extra = ""
+            if hasattr(fn, "copy_seconds"):
+                extra = f"copy step {fn.copy_seconds:.2f} s, manifest {fn.manifest_seconds:.2f} s"
+            rows.append((name, best, extra, getattr(fn, "copy_seconds", None)))
+            print(f"  {name}: {best:.2f} s {extra}", flush=True)
+    finally:
+        c.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = rows[0][1]
+    raw = rows[1][1]
+    print()
+    print(f"scale {args.scale}, {mb:.0f} MB, best of {args.rounds}")
+    print(f"{'contender':40} {'seconds':>8} {'MB/s':>8} {'vs pg_basebackup':>17} {'copy vs raw tar':>16}")
+    for name, secs, _extra, copy in rows:
+        copy_ratio = f"{copy / raw:.2f}" if copy else ""
+        print(f"{name:40} {secs:8.2f} {mb / secs:8.1f} {secs / base:17.2f} {copy_ratio:>16}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

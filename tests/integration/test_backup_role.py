@@ -1,0 +1,338 @@
+"""The backup playbook (role pg_backup) against real servers, under load,
+restored by hand from our layout, and its failure paths."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from harness.ansible import REPO
+from harness.layout import restore_backup
+from harness.pg import MAJORS, TOOLS17, make_pg_dir
+from harness.workload import Writer, balances, pgbench_init, pgbench_start, pgbench_stop
+
+BACKUP = os.path.join(REPO, "playbooks", "backup.yml")
+AMCHECK = {15: "/usr/lib/postgresql/15/bin/pg_amcheck", 17: os.path.join(TOOLS17, "pg_amcheck")}
+
+
+def backup_vars(cluster, repo: str, **extra) -> dict:
+    v = {
+        "pg_backup_repository": repo,
+        "pg_backup_login_unix_socket": cluster.sock,
+        "pg_backup_port": cluster.port,
+        "pg_backup_fast_checkpoint": True,
+        "pg_backup_prove_timeout": 20,
+        "pg_backup_archive_timeout": 30,
+    }
+    v.update(extra)
+    return v
+
+
+def backups(repo: str) -> list:
+    out = []
+    for path in sorted(glob.glob(os.path.join(repo, "2*", "backup.json"))):
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def utc(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+def assert_nothing_left(cluster, repo: str) -> None:
+    """After a failure: no complete backup, no session on the server, no lock."""
+    assert all(b["status"] != "complete" for b in backups(repo)), backups(repo)
+    assert not glob.glob(os.path.join(repo, ".locks", "*.lock")), "lock left behind"
+    if cluster.postmaster_pid():
+        assert cluster.backups_in_progress() == 0
+
+
+CASES = [(15, "tar", comp) for comp in ("none", "gzip", "zstd", "lz4")]
+CASES += [(15, "rsync", "none"), (15, "cpio", "none"), (15, "cpio", "zstd")]
+CASES += [(m, "tar", "zstd") for m in MAJORS if m != 15]
+
+
+@pytest.mark.parametrize("major,method,compression", CASES)
+def test_backup_under_load_restores_by_hand(major, method, compression, make_cluster, playbook):
+    c = make_cluster(major)
+    pgbench_init(c)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    writer = Writer(c)
+    writer.start()
+    bench = pgbench_start(c)
+    try:
+        time.sleep(0.5)
+        before_start = writer.committed_before(datetime.datetime.now(datetime.timezone.utc))
+        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method=method, pg_backup_compression=compression))
+        time.sleep(0.3)  # keep writing after the stop too
+    finally:
+        writer.stop()
+        pgbench_stop(bench)
+    assert run.rc == 0, run
+    assert writer.error is None, writer.error
+    (info,) = backups(repo)
+    assert info["status"] == "complete" and info["method"] == method and info["compression"] == compression
+    assert int(info["pg_version"]) // 10000 == major
+    assert info["wal_archived"] is True
+    assert not os.path.exists(os.path.join(c.data, "backup_label"))
+    bdir = os.path.join(repo, info["id"])
+    assert oct(os.stat(bdir).st_mode & 0o777) == "0o700"
+    for name in os.listdir(bdir):
+        if os.path.isfile(os.path.join(bdir, name)):
+            assert os.stat(os.path.join(bdir, name)).st_mode & 0o077 == 0, name
+
+    must_have = writer.committed_before(utc(info["stop_requested_at"]))
+    during = must_have - before_start
+    assert before_start and during, "the writer must have committed rows before and during the backup"
+    restored = restore_backup(bdir, c.archive, major)
+    try:
+        got = {r[0] for r in restored.sql("SELECT id FROM writer_log")}
+        missing = must_have - got
+        assert not missing, f"{len(missing)} committed rows missing, e.g. {sorted(missing)[:5]}"
+        assert got <= {i for i, _ in writer.committed}
+        a, t, b, h = balances(restored.connect())
+        assert a == t == b == h, (a, t, b, h)
+        assert restored.sql("SELECT count(*) FROM pgbench_history")[0][0] > 0
+        if major in AMCHECK:
+            check = subprocess.run(
+                [AMCHECK[major], "--install-missing", "-h", restored.sock, "-p", str(restored.port), "-U", "postgres", "postgres"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        restored.destroy()
+
+
+@pytest.mark.parametrize("method", ["tar", "rsync"])
+def test_two_tablespaces_one_written_during_backup(method, make_cluster, playbook):
+    c = make_cluster(16)
+    locs = [make_pg_dir("pgops-ts-") for _ in range(2)]
+    for i, loc in enumerate(locs):
+        c.sql(f"CREATE TABLESPACE ts{i} LOCATION '{loc}'")
+    c.sql("CREATE TABLE in_ts0 TABLESPACE ts0 AS SELECT g AS id FROM generate_series(1, 5000) g")
+    c.sql("CREATE DATABASE db_ts1 TABLESPACE ts1")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    writer = Writer(c, table="busy", dbname="db_ts1")
+    writer.start()
+    try:
+        time.sleep(0.3)
+        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method=method))
+    finally:
+        writer.stop()
+    assert run.rc == 0, run
+    (info,) = backups(repo)
+    assert sorted(t["name"] for t in info["tablespaces"]) == ["ts0", "ts1"]
+    bdir = os.path.join(repo, info["id"])
+    spcmap = open(os.path.join(bdir, "backup_label" if method == "tar" else "data/backup_label")).read()
+    assert "LABEL:" in spcmap
+    restored = restore_backup(bdir, c.archive, 16)
+    try:
+        assert restored.sql("SELECT count(*) FROM in_ts0")[0][0] == 5000
+        got = {r[0] for r in restored.sql("SELECT id FROM busy", dbname="db_ts1")}
+        assert writer.committed_before(utc(info["stop_requested_at"])) <= got
+        locations = {r[0] for r in restored.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname LIKE 'ts%%'")}
+        assert all(loc.startswith(restored.root) for loc in locations), locations
+    finally:
+        restored.destroy()
+        for loc in locs:
+            subprocess.run(["rm", "-rf", loc], check=False)
+
+
+# -- faults in the middle: a slow copy gives the test time to strike
+
+
+def slow_cluster(make_cluster):
+    c = make_cluster(15)
+    # md5 text compresses slowly with gzip -9 on one thread: the copy takes seconds.
+    c.sql("CREATE TABLE bulk AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 1500000) g")
+    return c
+
+
+def start_backup_in_background(cluster, repo: str, workdir: str, **extra):
+    """ansible-playbook in the background; returns (Popen, results file)."""
+    from harness.ansible import collections_workspace, local_inventory
+
+    os.makedirs(workdir, exist_ok=True)
+    inv = os.path.join(workdir, "inv.ini")
+    open(inv, "w").write(local_inventory())
+    ev = os.path.join(workdir, "ev.json")
+    json.dump(backup_vars(cluster, repo, pg_backup_compression="gzip", pg_backup_compression_level=9,
+                          pg_backup_compression_threads=1, **extra), open(ev, "w"))  # fmt: skip
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_workspace(), PGOPS_TEST_OWNER=str(os.getpid()))
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(os.path.realpath(__import__("sys").executable)), "ansible-playbook"), "-i", inv, BACKUP, "-e", f"@{ev}"],
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return proc
+
+
+def wait_for_copy(repo: str, timeout: float = 60) -> dict:
+    """Wait until the copy is under way; return the running backup.json."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for info in backups(repo):
+            if info.get("session") and glob.glob(os.path.join(repo, info["id"], "*.partial")):
+                return info
+        time.sleep(0.05)
+    raise AssertionError(f"the copy did not start: {backups(repo)}")
+
+
+def finish(proc, timeout: float = 180) -> tuple:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_keeper_killed_mid_copy(make_cluster, tmp_path):
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"))
+    info = wait_for_copy(repo)
+    os.kill(info["session"]["pid"], signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc != 0
+    assert "session lost, backup unusable" in out, out[-3000:]
+    (after,) = backups(repo)
+    assert after["status"] == "failed" and "session lost" in after["error"]
+    assert os.listdir(os.path.join(repo, after["id"])) == ["backup.json"], "partial data must be removed"
+    assert_nothing_left(c, repo)
+
+
+def test_server_stopped_mid_copy(make_cluster, tmp_path):
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"))
+    wait_for_copy(repo)
+    c.stop("fast")
+    rc, out = finish(proc)
+    assert rc != 0, out[-3000:]
+    assert "failed at" in out
+    (after,) = backups(repo)
+    assert after["status"] == "failed"
+    assert_nothing_left(c, repo)
+
+
+def test_postmaster_killed_mid_copy_restarts_cleanly(make_cluster, tmp_path):
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"))
+    wait_for_copy(repo)
+    os.kill(c.postmaster_pid(), signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc != 0
+    assert not os.path.exists(os.path.join(c.data, "backup_label")), "the live cluster must never get a backup_label"
+    # A crashed primary restarts by crash recovery, not from a backup label.
+    time.sleep(0.5)
+    os.unlink(os.path.join(c.data, "postmaster.pid"))
+    c.start()
+    assert c.sql("SELECT count(*) FROM bulk")[0][0] == 1500000
+    assert "could not locate required checkpoint record" not in open(c.log).read()
+    assert backups(repo)[0]["status"] == "failed"
+    assert_nothing_left(c, repo)
+
+
+def test_second_run_on_same_cluster_is_refused_by_the_lock(make_cluster, playbook, tmp_path):
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    first = start_backup_in_background(c, repo, str(tmp_path / "w"))
+    running = wait_for_copy(repo)
+    second = playbook(BACKUP, extra_vars=backup_vars(c, repo))
+    assert second.rc != 0
+    out = second.stdout
+    assert "another backup of this cluster" in out and running["id"] in out, out[-3000:]
+    rc, out1 = finish(first)
+    assert rc == 0, out1[-3000:]
+    assert [b["status"] for b in backups(repo)] == ["complete"]
+    assert not glob.glob(os.path.join(repo, ".locks", "*.lock"))
+    assert c.backups_in_progress() == 0
+
+
+def test_destination_fills_up(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    c.sql("CREATE TABLE filler AS SELECT g, md5(g::text) AS h FROM generate_series(1, 300000) g")
+    mnt = make_pg_dir("pgops-small-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", mnt], check=True)
+    try:
+        subprocess.run(["chown", "postgres:", mnt], check=True)
+        repo = os.path.join(mnt, "repo")
+        # The free-space pre-flight would refuse this; a margin of 0 lets the copy hit the wall.
+        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_space_margin=0))
+        assert run.rc != 0
+        assert "No space left on device" in run.stdout, run.stdout[-3000:]
+        (info,) = backups(repo)
+        assert info["status"] == "failed"
+        assert_nothing_left(c, repo)
+        # With the default margin the pre-flight refuses before anything starts.
+        refused = playbook(BACKUP, extra_vars=backup_vars(c, repo))
+        assert refused.rc != 0
+        assert "destination_insufficient_space" in refused.stdout
+        assert len(backups(repo)) == 1
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        os.rmdir(mnt)
+
+
+def test_unwritable_repository(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    repo = tempfile_root_dir()
+    run = playbook(BACKUP, extra_vars=backup_vars(c, os.path.join(repo, "r")))
+    assert run.rc != 0
+    assert "Permission denied" in run.stdout, run.stdout[-3000:]
+    assert c.backups_in_progress() == 0
+    assert not os.path.exists(os.path.join(repo, "r"))
+    os.rmdir(repo)
+
+
+def tempfile_root_dir() -> str:
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="pgops-rootonly-")
+    os.chmod(d, 0o755)  # owned by root: the postgres user cannot write here
+    return d
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ({"pg_backup_method": "zip"}, "pg_backup_method"),
+        ({"pg_backup_compression": "bzip2"}, "pg_backup_compression"),
+        ({"pg_backup_repository": "relative/path"}, "must be an absolute path"),
+        ({"pg_backup_label": "x" * 1100}, "1 to 1024 characters"),
+        ({"pg_backup_method": "rsync", "pg_backup_compression": "zstd"}, "compression must be none"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(extra, expected, make_cluster, playbook):
+    c = make_cluster(15)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    archived = c.sql("SELECT archived_count FROM pg_stat_archiver")[0][0]
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, **extra))
+    assert run.rc != 0
+    assert expected in run.stdout, run.stdout[-3000:]
+    assert not os.path.exists(repo)
+    assert c.backups_in_progress() == 0
+    assert c.sql("SELECT archived_count FROM pg_stat_archiver")[0][0] == archived, "not even the archiving proof may run"
+
+
+def test_repository_inside_data_directory_is_refused(make_cluster, playbook):
+    c = make_cluster(15)
+    run = playbook(BACKUP, extra_vars=backup_vars(c, os.path.join(c.data, "backups")))
+    assert run.rc != 0
+    assert "destination_inside_data_directory" in run.stdout, run.stdout[-3000:]
+    assert not os.path.exists(os.path.join(c.data, "backups"))
+    assert c.backups_in_progress() == 0
+
+
+def test_check_mode_runs_preflight_and_starts_nothing(make_cluster, playbook):
+    c = make_cluster(15)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo), check=True)
+    assert run.rc == 0, run
+    assert "would back up" in run.stdout
+    assert not os.path.exists(repo)
+    assert c.backups_in_progress() == 0

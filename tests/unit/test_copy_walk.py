@@ -1,0 +1,65 @@
+"""The copy step's file selection, on a fake data directory made here."""
+
+from __future__ import annotations
+
+import os
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import CONTROL, compressor_command, walk
+
+
+def touch(root, rel, size=10):
+    path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"x" * size)
+
+
+def test_walk_applies_pg_basebackup_exclusions(tmp_path):
+    root = str(tmp_path)
+    keep = ["PG_VERSION", "base/1/1259", "base/1/1259_fsm", "base/1/2000_init", "global/1262", "postgresql.conf", "pg_xact/0000"]
+    drop = [
+        "postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "pg_wal/000000010000000000000001",
+        "pg_wal/archive_status/000000010000000000000001.done", "pg_stat_tmp/global.stat", "pg_replslot/s/state",
+        "base/1/pg_internal.init", "base/1/t3_16384", "base/1/2000", "base/1/2000_fsm", "base/1/2000.1",
+        "base/pgsql_tmp/pgsql_tmp1.0", "pg_subtrans/0000", "postgresql.auto.conf.tmp",
+    ]  # fmt: skip
+    for rel in keep + drop + [CONTROL]:
+        touch(root, rel)
+    files, total = walk(root, 15)
+    for rel in keep:
+        assert rel in files, rel
+    for rel in drop:
+        assert rel not in files, rel
+    # Directories kept empty so the restored cluster has them.
+    for d in ("pg_wal", "pg_wal/archive_status", "pg_stat_tmp", "pg_replslot", "pg_subtrans"):
+        assert d in files, d
+    assert files[-1] == CONTROL, "pg_control must be copied last"
+    assert total == 10 * (len(keep) + 1)
+    # Each directory comes before its contents (tar/cpio restore permissions in order).
+    assert files.index("base") < files.index("base/1") < files.index("base/1/1259")
+
+
+def test_walk_skips_tablespace_links_and_extra_dirs(tmp_path):
+    root = str(tmp_path / "data")
+    touch(root, "PG_VERSION")
+    touch(root, "stats/x.stat")
+    os.makedirs(os.path.join(root, "pg_tblspc"))
+    os.symlink("/nonexistent", os.path.join(root, "pg_tblspc", "16384"))
+    files, _ = walk(root, 13, True, ("stats",))
+    assert "pg_tblspc" in files and "pg_tblspc/16384" not in files
+    assert "stats" in files and "stats/x.stat" not in files
+
+
+def test_tablespace_walk_is_not_treated_as_data_dir(tmp_path):
+    root = str(tmp_path)
+    touch(root, "PG_15_202209061/16385/16400")
+    touch(root, "PG_15_202209061/16385/t5_16401")
+    files, _ = walk(root, 0, False)
+    assert "PG_15_202209061/16385/16400" in files
+    assert "PG_15_202209061/16385/t5_16401" not in files
+
+
+def test_compressor_command():
+    assert compressor_command("none", None, 2) == []
+    assert compressor_command("zstd", 5, 2) == ["zstd", "-q", "-T2", "-5"]
+    assert compressor_command("lz4", None, 2) == ["lz4", "-q", "-1"]

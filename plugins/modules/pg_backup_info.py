@@ -1,0 +1,155 @@
+#!/usr/bin/python
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_backup_info
+short_description: List the PostgreSQL backups of a repository and resolve the latest good one
+version_added: 0.1.0
+description:
+  - Reads the C(backup.json) of every backup directory in a repository of this collection's layout
+    (C(<repository>/<backup_id>/backup.json)) and returns them newest first, with the path and the
+    space each backup takes on disk.
+  - Only C(backup.json) files are read, never the archives. A backup counts as good only when its
+    C(backup.json) says C(status) is V(complete); running, failed and unreadable ones are listed but
+    never chosen as RV(latest).
+  - Verification and drill results recorded by M(pgops.online_backup.pg_backup_manifest) and the drill
+    playbook are part of each entry (C(verification), C(drill)).
+author:
+  - pgops.online_backup contributors
+attributes:
+  check_mode:
+    support: full
+    details: The module only reads.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+options:
+  repository:
+    description:
+      - The backup repository directory.
+    type: path
+    required: true
+  backup:
+    description:
+      - V(latest) for the newest complete backup, or a backup id. Returned as RV(backup).
+      - The task fails when no such backup exists or it is not complete.
+    type: str
+  status:
+    description:
+      - Only list backups with one of these statuses in RV(backups). V(invalid) is a C(backup.json)
+        that is not a readable JSON object.
+    type: list
+    elements: str
+    choices: [running, complete, failed, invalid]
+  size_on_disk:
+    description:
+      - Compute each backup's RV(backups[].size_on_disk) (walks the backup's files; turn off for very
+        large repositories).
+    type: bool
+    default: true
+notes:
+  - Backup ids sort by time (for example V(20261129T101500Z)); newest first means the greatest id first.
+  - Directories without C(backup.json) and names starting with a dot are not backups and are skipped.
+"""
+
+EXAMPLES = r"""
+- name: List the backups
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+  register: catalog
+
+- name: Fail unless a complete backup exists, and use it
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+    backup: latest
+  register: chosen
+
+- name: Show how old the latest good backup is
+  ansible.builtin.debug:
+    msg: "{{ chosen.backup.id }} stopped at {{ chosen.backup.stopped_at }}"
+
+- name: Only the failed ones
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+    status: [failed]
+  register: failed
+"""
+
+RETURN = r"""
+backups:
+  description:
+    - The backups (filtered by O(status)), newest first. Each is the content of its C(backup.json)
+      plus C(path) (the backup directory) and C(size_on_disk) (bytes allocated, as C(du -s)).
+    - An unreadable C(backup.json) gives an entry with C(status) V(invalid) and an C(error).
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - id: 20261129T101500Z
+      status: complete
+      method: tar
+      compression: zstd
+      start_lsn: 0/2000028
+      stop_lsn: 0/2000100
+      path: /backup/pg/20261129T101500Z
+      size_on_disk: 5271552
+      verification: {verified: true, at: "2026-11-29T10:20:00Z", problems_count: 0, tool: pgops.online_backup.pg_backup_manifest}
+latest:
+  description: Id of the newest complete backup, or null when there is none.
+  returned: always
+  type: str
+count:
+  description: Number of entries in RV(backups).
+  returned: always
+  type: int
+backup:
+  description: The backup chosen by O(backup), same fields as an entry of RV(backups).
+  returned: when O(backup) is set
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import (
+    INVALID,
+    STATUSES,
+    CatalogError,
+    filter_status,
+    latest,
+    read_catalog,
+    select,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            repository=dict(type="path", required=True),
+            backup=dict(type="str"),
+            status=dict(type="list", elements="str", choices=list(STATUSES) + [INVALID]),
+            size_on_disk=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        entries = read_catalog(p["repository"], size=p["size_on_disk"])
+    except (CatalogError, OSError) as e:
+        module.fail_json(msg=str(e), backups=[], latest=None, count=0)
+    newest = latest(entries)
+    listed = filter_status(entries, p["status"])
+    result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed)}
+    if p["backup"]:
+        try:
+            result["backup"] = select(entries, p["backup"])
+        except CatalogError as e:
+            module.fail_json(msg=f"{p['repository']}: {e}", **result)
+    module.exit_json(changed=False, **result)
+
+
+if __name__ == "__main__":
+    main()

@@ -236,6 +236,9 @@ def archive(
             os.close(out_f)
     rc, err = results["archive"]
     serious = _serious(err)
+    if (rc not in (0, 1) or serious) and not remote and _full(os.path.dirname(out_path)):
+        # tar only says "Wrote only N of M bytes": name the cause.
+        serious.append(f"No space left on device: {os.path.dirname(out_path)} is full")
     ok_codes = (0, 1) if method == "tar" else (0, 2)
     if rc not in ok_codes or serious:
         _cleanup(tmp, remote)
@@ -251,6 +254,14 @@ def archive(
         os.replace(tmp, out_path)
         size = os.path.getsize(out_path)
     return {"path": out_path, "bytes": size, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}
+
+
+def _full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024 * 1024
 
 
 def _cleanup(tmp: str, remote) -> None:

@@ -96,6 +96,31 @@ options:
         tablespaces, C(tablespace_map) are written byte for byte (mode 0600).
       - Never point this at the live data directory.
     type: path
+  primary:
+    description:
+      - For a backup taken on a standby, how to reach the primary, which must switch WAL so that the last
+        segment the backup needs reaches the standby's archive. Options left out are taken from the
+        standby's C(primary_conninfo) (host, port) and from this task's connection options.
+    type: dict
+    suboptions:
+      login_host:
+        description: Host of the primary.
+        type: str
+      login_unix_socket:
+        description: Unix socket directory of the primary.
+        type: str
+      port:
+        description: Port of the primary.
+        type: int
+      login_user:
+        description: Role on the primary (needs EXECUTE on C(pg_switch_wal())).
+        type: str
+      login_password:
+        description: Password of that role.
+        type: str
+      login_db:
+        description: Database on the primary.
+        type: str
   runtime_dir:
     description:
       - Private directory of the keepers' sockets and state files.
@@ -240,6 +265,10 @@ wal_archived:
   description: Whether the WAL the backup needs was confirmed archived.
   returned: state is stopped
   type: bool
+primary_wal_switched:
+  description: For a standby backup, whether the primary was asked to switch WAL.
+  returned: state is stopped on a standby
+  type: bool
 files:
   description: Files written into O(dest).
   returned: state is stopped and dest is set
@@ -259,6 +288,11 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+try:
+    from psycopg2.extensions import parse_dsn as conninfo_to_dict
+except ImportError:  # reported by ensure_driver
+    conninfo_to_dict = None
+
 from ansible_collections.pgops.online_backup.plugins.module_utils import _keeper
 from ansible_collections.pgops.online_backup.plugins.module_utils._archive import (
     archiving_enabled,
@@ -273,6 +307,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api im
     parse_labelfile,
     parse_lsn,
     validate_label,
+    wal_file_name,
     wal_segment_count,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import (
@@ -459,6 +494,16 @@ def wait_archive(module, state, result) -> dict:
     try:
         major = major_of(state["server_version_num"])
         settings = archiving_settings(conn, major)
+        standby = state.get("backup_from") == "standby"
+        if standby and settings.get("archive_mode") != "always":
+            module.fail_json(
+                msg="cannot wait for the archive: this standby does not archive WAL (archive_mode="
+                f"{settings.get('archive_mode')}). Set archive_mode = always on the standby (restart needed), or stop with "
+                "wait_for_archive=false and make sure the primary's archive holds "
+                f"{state['start_wal']} to {result['stop_wal']}. The label is kept in this result.",
+                changed=True,
+                **result,
+            )
         if not archiving_enabled(settings):
             module.warn(
                 "WAL archiving is not enabled on this server: the backup's WAL "
@@ -467,14 +512,17 @@ def wait_archive(module, state, result) -> dict:
             return {"wal_archived": False, "archive_wait_seconds": 0.0}
         names = [result["stop_wal"]]
         label = parse_labelfile(result["labelfile"])
-        if state.get("backup_from") == "primary" and label.get("start_wal"):
+        if not standby and label.get("start_wal"):
             names.insert(
                 0, backup_history_file_name(label["start_wal"], parse_lsn(label["start_lsn"]), state["wal_segment_size"])
             )
+        switched = switch_wal_on_primary(module, conn, state, result) if standby else None
         res = wait_for_wal(conn, names, p["archive_timeout"])
     finally:
         conn.close()
     out = {"wal_archived": res["archived"], "archive_wait_seconds": res["waited"], "archiver": res["archiver"]}
+    if switched is not None:
+        out["primary_wal_switched"] = switched
     if not res["archived"]:
         out["failed"] = True
         out["missing_wal"] = res["missing"]
@@ -485,6 +533,49 @@ def wait_archive(module, state, result) -> dict:
             + f"); fix archiving, then run state=stopped with session_id={state['session_id']} again to resume the wait"
         )
     return out
+
+
+def _primary_params(module, conn) -> dict:
+    """Where the primary is: the primary option, else the standby's primary_conninfo."""
+    p = module.params
+    primary = dict(p["primary"] or {})
+    if not (primary.get("login_host") or primary.get("login_unix_socket")):
+        try:
+            info = query_one(conn, "SELECT current_setting('primary_conninfo')")[0]
+        except Exception as e:  # noqa: BLE001 - reported as a clear failure below
+            module.fail_json(msg=f"cannot read primary_conninfo to find the primary ({e}); set the primary option")
+        parsed = conninfo_to_dict(info)
+        primary.setdefault("login_host", parsed.get("host", ""))
+        if parsed.get("port") and not primary.get("port"):
+            primary["port"] = int(parsed["port"])
+    merged = {k: p[k] for k in ("login_user", "login_password", "login_db", "ssl_mode", "ca_cert", "ssl_cert", "ssl_key")}
+    merged.update(login_host="", login_unix_socket="", port=5432, connect_params={})
+    merged.update({k: v for k, v in primary.items() if v not in (None, "")})
+    return merged
+
+
+def switch_wal_on_primary(module, standby_conn, state, result) -> bool:
+    """A standby cannot switch WAL: have the primary finish the stop segment
+    so that it reaches the standby and its archiver."""
+    params = _primary_params(module, standby_conn)
+    try:
+        conn = connect(connection_kwargs(params, application_name="pgops.online_backup standby stop"))
+    except Exception as e:  # noqa: BLE001 - psycopg2 may be absent from the type namespace
+        where = f"{params.get('login_host') or params.get('login_unix_socket')}:{params['port']}"
+        module.fail_json(
+            msg=f"unable to connect to the primary ({where}) "
+            f"to switch WAL for the standby backup: {e}. Set the primary option. The label is kept in this result.",
+            changed=True,
+            **result,
+        )
+    try:
+        lsn = parse_lsn(query_one(conn, "SELECT pg_current_wal_insert_lsn()::text")[0])
+        if wal_file_name(1, lsn, state["wal_segment_size"])[8:] > result["stop_wal"][8:]:
+            return False  # the primary has moved past the stop segment already
+        query_one(conn, "SELECT pg_switch_wal()")
+        return True
+    finally:
+        conn.close()
 
 
 def write_label_files(module, dest, result) -> list:
@@ -567,6 +658,17 @@ def main():
         keepalive_interval=dict(type="int", default=30),
         dest=dict(type="path"),
         runtime_dir=dict(type="path"),
+        primary=dict(
+            type="dict",
+            options=dict(
+                login_host=dict(type="str"),
+                login_unix_socket=dict(type="str"),
+                port=dict(type="int"),
+                login_user=dict(type="str"),
+                login_password=dict(type="str", no_log=True),
+                login_db=dict(type="str"),
+            ),
+        ),
     )
     module = AnsibleModule(
         argument_spec=argument_spec,

@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from harness.ansible import REPO
+from harness.ansible import REPO, VENV_BIN
 from harness.layout import restore_backup
 from harness.pg import MAJORS, TOOLS17, make_pg_dir
 from harness.workload import Writer, balances, pgbench_init, pgbench_start, pgbench_stop
@@ -137,7 +137,9 @@ def test_two_tablespaces_one_written_during_backup(method, make_cluster, playboo
         assert restored.sql("SELECT count(*) FROM in_ts0")[0][0] == 5000
         got = {r[0] for r in restored.sql("SELECT id FROM busy", dbname="db_ts1")}
         assert writer.committed_before(utc(info["stop_requested_at"])) <= got
-        locations = {r[0] for r in restored.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname LIKE 'ts%%'")}
+        locations = {
+            r[0] for r in restored.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname LIKE 'ts%%'")
+        }
         assert all(loc.startswith(restored.root) for loc in locations), locations
     finally:
         restored.destroy()
@@ -167,7 +169,7 @@ def start_backup_in_background(cluster, repo: str, workdir: str, **extra):
                           pg_backup_compression_threads=1, **extra), open(ev, "w"))  # fmt: skip
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_workspace(), PGOPS_TEST_OWNER=str(os.getpid()))
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(os.path.realpath(__import__("sys").executable)), "ansible-playbook"), "-i", inv, BACKUP, "-e", f"@{ev}"],
+        [os.path.join(VENV_BIN, "ansible-playbook"), "-i", inv, BACKUP, "-e", f"@{ev}"],
         cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     return proc
@@ -261,8 +263,8 @@ def test_destination_fills_up(make_cluster, playbook, tmp_path):
     try:
         subprocess.run(["chown", "postgres:", mnt], check=True)
         repo = os.path.join(mnt, "repo")
-        # The free-space pre-flight would refuse this; a margin of 0 lets the copy hit the wall.
-        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_space_margin=0))
+        # The free-space pre-flight would refuse this; a tiny margin lets the copy hit the wall.
+        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_space_margin=0.0001))
         assert run.rc != 0
         assert "No space left on device" in run.stdout, run.stdout[-3000:]
         (info,) = backups(repo)

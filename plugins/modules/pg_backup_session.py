@@ -538,7 +538,7 @@ def wait_archive(module, state, result) -> dict:
 def _primary_params(module, conn) -> dict:
     """Where the primary is: the primary option, else the standby's primary_conninfo."""
     p = module.params
-    primary = dict(p["primary"] or {})
+    primary = {k: v for k, v in (p["primary"] or {}).items() if v not in (None, "")}
     if not (primary.get("login_host") or primary.get("login_unix_socket")):
         try:
             info = query_one(conn, "SELECT current_setting('primary_conninfo')")[0]

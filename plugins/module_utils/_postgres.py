@@ -8,6 +8,7 @@ Option names follow community.postgresql so users feel at home.
 from __future__ import annotations
 
 import traceback
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 PSYCOPG2_IMP_ERR = None
 try:
@@ -137,6 +138,58 @@ def query_dicts(conn, sql: str, args=None) -> list:
         cur.execute(sql, args)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def parse_conninfo(text: str) -> dict:
+    """Parse a libpq connection string (key=value pairs or a postgresql:// URI).
+
+    Our own parser: the node's libpq may be older than the server and reject
+    keywords it does not know (e.g. sslnegotiation, written by pg_basebackup 17).
+    """
+    text = (text or "").strip()
+    if text.startswith(("postgresql://", "postgres://")):
+        u = urlsplit(text)
+        out = dict(parse_qsl(u.query))
+        if u.hostname:
+            out.setdefault("host", unquote(u.hostname))
+        if u.port:
+            out.setdefault("port", str(u.port))
+        if u.username:
+            out.setdefault("user", unquote(u.username))
+        return out
+    out = {}
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i].isspace():
+            i += 1
+        start = i
+        while i < n and text[i] not in "= \t\n":
+            i += 1
+        key = text[start:i]
+        while i < n and text[i].isspace():
+            i += 1
+        if not key or i >= n or text[i] != "=":
+            break
+        i += 1
+        while i < n and text[i].isspace():
+            i += 1
+        value = []
+        if i < n and text[i] == "'":
+            i += 1
+            while i < n and text[i] != "'":
+                if text[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(text[i])
+                i += 1
+            i += 1
+        else:
+            while i < n and not text[i].isspace():
+                if text[i] == "\\" and i + 1 < n:
+                    i += 1
+                value.append(text[i])
+                i += 1
+        out[key] = "".join(value)
+    return out
 
 
 def server_version(conn) -> tuple:

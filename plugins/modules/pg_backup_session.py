@@ -288,11 +288,6 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-try:
-    from psycopg2.extensions import parse_dsn as conninfo_to_dict
-except ImportError:  # reported by ensure_driver
-    conninfo_to_dict = None
-
 from ansible_collections.pgops.online_backup.plugins.module_utils import _keeper
 from ansible_collections.pgops.online_backup.plugins.module_utils._archive import (
     archiving_enabled,
@@ -321,6 +316,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
     connect_or_fail,
     connection_kwargs,
     ensure_driver,
+    parse_conninfo,
     postgres_common_argument_spec,
     query_one,
 )
@@ -544,7 +540,7 @@ def _primary_params(module, conn) -> dict:
             info = query_one(conn, "SELECT current_setting('primary_conninfo')")[0]
         except Exception as e:  # noqa: BLE001 - reported as a clear failure below
             module.fail_json(msg=f"cannot read primary_conninfo to find the primary ({e}); set the primary option")
-        parsed = conninfo_to_dict(info)
+        parsed = parse_conninfo(info)
         primary.setdefault("login_host", parsed.get("host", ""))
         if parsed.get("port") and not primary.get("port"):
             primary["port"] = int(parsed["port"])

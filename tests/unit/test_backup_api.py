@@ -79,3 +79,20 @@ def test_explain_errors_say_how_to_fix():
     assert "wal_level = replica" in api.explain_start_error(
         "55000", "WAL level not sufficient for making an online backup", 15, "x"
     )
+
+
+def test_parse_conninfo_handles_quotes_unknown_keywords_and_uris():
+    from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import parse_conninfo
+
+    got = parse_conninfo("user=rep passfile='/var/lib/p q/.pgpass' host=/tmp/s port=5433 sslnegotiation=postgres x='it\\'s'")
+    assert got == {
+        "user": "rep",
+        "passfile": "/var/lib/p q/.pgpass",
+        "host": "/tmp/s",
+        "port": "5433",
+        "sslnegotiation": "postgres",
+        "x": "it's",
+    }
+    assert parse_conninfo("host = 10.0.0.1  port= 5432")["host"] == "10.0.0.1"
+    uri = parse_conninfo("postgresql://rep@db1.example:5433/postgres?sslmode=require")
+    assert uri == {"host": "db1.example", "port": "5433", "user": "rep", "sslmode": "require"}

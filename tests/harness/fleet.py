@@ -296,6 +296,7 @@ class Fleet:
         c.wait_ready()
         if host["upstream"]:
             self._wait_streaming(c)
+            self._settle_standby(c, self._host_by_name(host["upstream"]))
         else:
             c.sql("CREATE TABLE fleet_seed (id int PRIMARY KEY, note text NOT NULL)")
             c.sql("INSERT INTO fleet_seed SELECT g, 'row ' || g FROM generate_series(1, %s) g", (SEED_ROWS,))
@@ -318,6 +319,22 @@ class Fleet:
             archive_command=f"'test ! -f {c.archive}/%f && cp %p {c.archive}/%f'",
             hot_standby="on",
         )
+
+    @staticmethod
+    def _settle_standby(c: Cluster, primary: dict, timeout: float = 60) -> None:
+        """Bring the new standby to the state of one that has run for a while: it has replayed a
+        checkpoint made after it started archiving. A backup from a standby starts at its last
+        restartpoint; until then that is pg_basebackup's checkpoint, whose WAL segment came with
+        the clone and is in the primary's archive only, never in the standby's own."""
+        p = primary["pg"]
+        upstream = Cluster(p["major"], root=p["root"], host=primary["address"], port=p["port"])
+        upstream.sql("CHECKPOINT")
+        target = upstream.sql("SELECT pg_current_wal_lsn()")[0][0]
+        deadline = time.monotonic() + timeout
+        while not c.sql("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))[0][0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"standby on port {c.port} did not replay up to {target}; see {c.log}")
+            time.sleep(0.1)
 
     @staticmethod
     def _wait_streaming(c: Cluster, timeout: float = 60) -> None:

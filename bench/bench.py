@@ -55,9 +55,10 @@ def main() -> int:
         print(f"loading pgbench scale {args.scale} ...", flush=True)
         pgbench_init(c, args.scale)
         c.sql("CHECKPOINT")
-        size = du(c.data)
+        # What every contender copies: the data directory without pg_wal.
+        size = du(c.data) - du(os.path.join(c.data, "pg_wal"))
         mb = size / 1e6
-        print(f"data directory: {mb:.0f} MB", flush=True)
+        print(f"data directory without pg_wal: {mb:.0f} MB", flush=True)
 
         def fresh(name: str) -> str:
             d = os.path.join(work, name)

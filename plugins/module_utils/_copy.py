@@ -10,13 +10,18 @@ last.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ._stream import new_hash
 
 # Directories whose contents are never copied (the directory itself is).
 EXCLUDE_CONTENTS = (
@@ -46,6 +51,8 @@ EXCLUDE_FILES = {
 _TEMP_REL = re.compile(r"^t\d+_\d+")
 _REL_FILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
 CONTROL = "global/pg_control"
+# Written by the copy step beside the backup for the manifest step (then removed).
+ENTRIES_FILE = ".pgops-copy-entries.json"
 
 COMPRESSORS = {
     # name: (file suffix, list of candidate commands (first found wins))
@@ -183,11 +190,14 @@ def _archive_command(method: str, root: str) -> list:
 
 
 def archive(
-    method: str, root: str, files: list, out_path: str, compression: str, level, threads: int, remote: list | None = None
-) -> dict:
+    method: str, root: str, files: list, out_path: str, compression: str, level, threads: int,
+    remote: list | None = None, scanner=None,
+) -> dict:  # fmt: skip
     """Write root's files as one archive (optionally compressed) to out_path.
 
     remote: an ssh command prefix; the archive is then written on that host.
+    scanner: a _stream scanner; the archive stream is teed through it on its
+    way to the compressor, so the manifest needs no second read.
     Written as <out_path>.partial and renamed when every step succeeded.
     """
     t0 = time.monotonic()
@@ -202,29 +212,43 @@ def archive(
     else:
         out_f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     procs = []
+    feeder = None
     try:
         upstream = subprocess.PIPE
         for i, (name, cmd) in enumerate(stages):
             last = i == len(stages) - 1
             # stderr to files: a pipe nobody reads could stall the pipeline.
             err = tempfile.TemporaryFile()
+            tee_here = scanner is not None and i == 1
             p = subprocess.Popen(
                 cmd,
                 cwd=root,
-                stdin=upstream,
-                stdout=(out_f if last and out_f is not None else subprocess.PIPE if not last else subprocess.DEVNULL),
+                stdin=subprocess.PIPE if tee_here else upstream,
+                stdout=(
+                    subprocess.PIPE
+                    if (scanner is not None and i == 0) or not last
+                    else out_f
+                    if out_f is not None
+                    else subprocess.DEVNULL
+                ),
                 stderr=err,
             )
-            if i > 0:
+            if i > 0 and not tee_here:
                 upstream.close()  # only the next stage holds the read end
             procs.append((name, p, err))
             upstream = p.stdout
-        feeder = procs[0][1].stdin
-        try:
-            feeder.write("\0".join(files).encode() + b"\0")
-            feeder.close()
-        except BrokenPipeError:
-            pass
+        archiver = procs[0][1]
+        # The file list goes in from a thread: the archiver reads it while we read its output.
+        feeder = threading.Thread(
+            target=_feed, args=(archiver.stdin, b"\0".join(f.encode("utf-8", "surrogateescape") for f in files) + b"\0")
+        )
+        feeder.start()
+        if scanner is not None:
+            sink = procs[1][1].stdin.fileno() if len(procs) > 1 else out_f
+            _tee(archiver.stdout.fileno(), sink, scanner)
+            archiver.stdout.close()
+            if len(procs) > 1:
+                procs[1][1].stdin.close()
         results = {}
         for name, p, err in procs:
             p.wait()
@@ -232,11 +256,13 @@ def archive(
             results[name] = (p.returncode, err.read().decode(errors="replace"))
             err.close()
     finally:
+        if feeder is not None:
+            feeder.join()
         if out_f is not None:
             os.close(out_f)
     rc, err = results["archive"]
     serious = _serious(err)
-    if (rc not in (0, 1) or serious) and not remote and _full(os.path.dirname(out_path)):
+    if (rc not in (0, 1) or serious or any(r[0] for r in results.values())) and not remote and _full(os.path.dirname(out_path)):
         # tar only says "Wrote only N of M bytes": name the cause.
         serious.append(f"No space left on device: {os.path.dirname(out_path)} is full")
     ok_codes = (0, 1) if method == "tar" else (0, 2)
@@ -247,6 +273,9 @@ def archive(
         if name in results and results[name][0] != 0:
             _cleanup(tmp, remote)
             raise CopyError(f"{name} step failed (exit {results[name][0]}): {results[name][1].strip()}")
+    if scanner is not None and not scanner.done:
+        _cleanup(tmp, remote)
+        raise CopyError(f"the {method} stream ended early: the archive is incomplete")
     if remote:
         subprocess.run(remote + [f"mv {_sh_quote(tmp)} {_sh_quote(out_path)}"], check=True)
         size = int(subprocess.run(remote + [f"stat -c %s {_sh_quote(out_path)}"], check=True, capture_output=True).stdout)
@@ -254,6 +283,61 @@ def archive(
         os.replace(tmp, out_path)
         size = os.path.getsize(out_path)
     return {"path": out_path, "bytes": size, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger hand-offs
+    except OSError:
+        pass
+
+
+def _tee(src: int, sink: int, scanner) -> None:
+    """Copy src to sink, showing every byte to scanner after it is passed on
+    (the compressor works on a chunk while we hash it)."""
+    _grow_pipe(src)
+    _grow_pipe(sink)
+    while True:
+        chunk = os.read(src, 1 << 20)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(sink, view) :]
+        scanner.feed(chunk)
+
+
+def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int = 2) -> list:
+    """Entries for files already copied to root (method rsync), hashed in parallel
+    (hashlib releases the GIL on large buffers)."""
+
+    def one(rel: str):
+        path = os.path.join(root, rel)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        h = new_hash(algorithm)
+        if h is not None:
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    b = f.read(1 << 20)
+                    if not b:
+                        break
+                    h.update(b)
+        return {"path": prefix + rel, "size": st.st_size, "mtime": int(st.st_mtime), "algorithm": algorithm,
+                "checksum": h.hexdigest() if h is not None else None}  # fmt: skip
+
+    present = [f for f in files if os.path.lexists(os.path.join(root, f))]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [e for e in pool.map(one, present) if e is not None]
 
 
 def _full(path: str) -> bool:
@@ -287,7 +371,7 @@ def rsync_tree(root: str, files: list, dest: str, remote_host: str | None = None
     if remote_host and ssh_cmd:
         cmd += ["-e", ssh_cmd]
     cmd += [root.rstrip("/") + "/", target]
-    proc = subprocess.run(cmd, input="\0".join(files).encode() + b"\0", capture_output=True)
+    proc = subprocess.run(cmd, input="\0".join(files).encode() + b"\0", capture_output=True, check=False)
     err = proc.stderr.decode(errors="replace")
     if proc.returncode not in (0, 23, 24) or (proc.returncode == 23 and _serious(err)):
         raise CopyError(f"rsync failed (exit {proc.returncode}): {' | '.join(_serious(err)) or err.strip()}")

@@ -70,7 +70,7 @@ def _crc32c_table() -> list:
     table = []
     for i in range(256):
         c = i
-        for _ in range(8):
+        for _bit in range(8):
             c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
         table.append(c)
     return table
@@ -129,11 +129,11 @@ def _zero_ops() -> list:
     if not _ZERO_OPS:
         op = _operator(lambda reg: _crc32c_update(reg, _ZEROS))
         ops = [(_ZERO_RUN, op)]
-        for _ in range(3):  # 512, 4096, 32768 zeros: the previous map applied 8 times
+        for _step in range(3):  # 512, 4096, 32768 zeros: the previous map applied 8 times
             prev = ops[-1][1]
 
             def eight(reg, prev=prev):
-                for _ in range(8):
+                for _time in range(8):
                     reg = _apply(prev, reg)
                 return reg
 
@@ -328,7 +328,7 @@ def manifest_checksum_ok(data: bytes) -> tuple:
 
 
 def _pairs_no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
+    keys = [k for k, _value in pairs]
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
         raise ManifestError(f"duplicate key {sorted(dup)[0]!r}")
@@ -899,6 +899,32 @@ def scan_layout(layout: Layout, want: Want, errors: list) -> Iterator[FileEntry]
                     yield from reader(stream, src.prefix, want, skip)
             except (ArchiveError, tarfile.TarError, EOFError, OSError, zlib.error) as e:
                 errors.append(problem(src.name, "unreadable", None, str(e) or type(e).__name__))
+
+
+def entries_from_copy(layout: Layout, algorithm: str, sidecar: str) -> tuple | None:
+    """(entries, errors) from what the copy step recorded while the data passed
+    by, plus the label files written after it; None when unusable (then the
+    backup is read again)."""
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if recorded.get("algorithm") != algorithm:
+        return None
+    entries = {}
+    for e in recorded.get("entries") or []:
+        if e["path"] in LABEL_FILES or excluded(e["path"]):
+            continue
+        entries[e["path"]] = FileEntry(e["path"], int(e["size"]), int(e["mtime"]), e.get("algorithm"), e.get("checksum"))
+    errors = []
+    label_dir = layout.data_dir if layout.method == "rsync" else layout.root
+    for name in LABEL_FILES:
+        path = os.path.join(label_dir, name)
+        if os.path.isfile(path):
+            for entry in scan_file(path, name, lambda _p, _s: algorithm, errors):
+                entries[name] = entry
+    return list(entries.values()), errors
 
 
 def collect_entries(layout: Layout, algorithm: str | None) -> tuple:

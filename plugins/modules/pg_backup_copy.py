@@ -20,8 +20,10 @@ description:
   - Method V(tar) writes C(base.tar[.gz|.zst|.lz4]) and one C(<oid>.tar[...]) per tablespace; V(cpio) the same
     with C(.cpio) (newc format); V(rsync) a ready data directory C(data/) and C(tablespaces/<oid>/), with
     C(data/pg_tblspc/<oid>) linked to them.
+extends_documentation_fragment:
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full
@@ -65,6 +67,14 @@ options:
     description: The server's version number, for version-specific exclusions.
     type: int
     default: 150000
+  manifest_checksum:
+    description:
+      - Record every copied file's size, modification time and checksum while the data passes by (tar, cpio) or
+        right after the copy (rsync), in C(.pgops-copy-entries.json) in O(dest), for
+        M(pgops.online_backup.pg_backup_manifest) to use instead of reading the whole backup again.
+      - Unset records nothing. V(CRC32C) is left to the manifest module.
+    type: str
+    choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
   exclude_directories:
     description: Further directories (relative to the data directory) whose contents are left out, e.g. a
       C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
@@ -113,12 +123,16 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
+    ENTRIES_FILE,
     CopyError,
     archive,
+    hash_tree,
     rsync_tree,
     suffix_of,
     walk,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._stream import scanner_for
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -138,6 +152,7 @@ def main():
             threads=dict(type="int", default=0),
             server_version_num=dict(type="int", default=150000),
             exclude_directories=dict(type="list", elements="str", default=[]),
+            manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
         supports_check_mode=True,
     )
@@ -152,7 +167,7 @@ def main():
         if "oid" not in ts or "location" not in ts:
             module.fail_json(msg=f"each tablespace needs oid and location, got {ts}")
         spaces.append((str(ts["oid"]), ts["location"]))
-    for root in [data] + [loc for _, loc in spaces]:
+    for root in [data] + [loc for _oid, loc in spaces]:
         if _inside(dest, root):
             module.fail_json(msg=f"dest {dest} is inside {root}: the backup would copy itself")
     if method == "rsync" and p["compression"] != "none":
@@ -175,6 +190,8 @@ def main():
             file_count=count,
             seconds=0.0,
         )
+    algorithm = p["manifest_checksum"] if p["manifest_checksum"] != "CRC32C" else None
+    entries = [] if algorithm else None
     written = []
     try:
         if method == "rsync":
@@ -182,26 +199,34 @@ def main():
             os.makedirs(out, mode=0o700, exist_ok=True)
             rsync_tree(data, files, out)
             os.makedirs(os.path.join(out, "pg_tblspc"), mode=0o700, exist_ok=True)
-            for oid, loc, tfiles, _ in ts_lists:
+            for oid, loc, tfiles, _size in ts_lists:
                 tdir = os.path.join(dest, "tablespaces", oid)
                 os.makedirs(tdir, mode=0o700, exist_ok=True)
                 rsync_tree(loc, tfiles, tdir)
                 # Relative link: the backup directory can move as a whole.
                 os.symlink(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
+                if algorithm:
+                    entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
+            if algorithm:
+                entries += hash_tree(out, files, "", algorithm, threads)
             written.append({"name": "data", "bytes": total_source})
             total = total_source
         else:
             suffix = f".{method}{suffix_of(p['compression'])}"
-            jobs = [("base", data, files)] + [(oid, loc, tfiles) for oid, loc, tfiles, _ in ts_lists]
+            jobs = [("base", data, files)] + [(oid, loc, tfiles) for oid, loc, tfiles, _size in ts_lists]
             total = 0
             for name, root, flist in jobs:
-                r = archive(
-                    method, root, flist, os.path.join(dest, name + suffix), p["compression"], p["compression_level"], threads
-                )
+                scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
+                out_path = os.path.join(dest, name + suffix)
+                r = archive(method, root, flist, out_path, p["compression"], p["compression_level"], threads, scanner=scanner)
+                if scanner is not None:
+                    entries += scanner.entries
                 written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
                 total += r["bytes"]
     except (CopyError, OSError) as e:
         module.fail_json(msg=f"copy failed: {e}", files=written)
+    if entries is not None:
+        write_json(os.path.join(dest, ENTRIES_FILE), {"algorithm": algorithm, "entries": entries})
     seconds = round(time.monotonic() - t0, 3)
     module.exit_json(
         changed=True,

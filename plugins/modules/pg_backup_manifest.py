@@ -26,8 +26,10 @@ description:
   - O(state=verified) checks the backup against its manifest (files missing, extra files, sizes,
     checksums) and, for plain backups, also runs C(pg_verifybackup) of the backup's major version when
     one is found. The result is recorded as C(verification) in the backup's C(backup.json).
+extends_documentation_fragment:
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full
@@ -169,6 +171,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+from_copy_step:
+  description: With O(state=present), whether sizes and checksums recorded by M(pgops.online_backup.pg_backup_copy)
+    during the copy were used (no second read of the backup).
+  returned: state is present
+  type: bool
 manifest:
   description: Manifest files written or read (the first is the one C(pg_verifybackup) reads by default).
   returned: always
@@ -249,6 +256,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import format_lsn, parse_lsn
 from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import CatalogError, update_backup_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import ENTRIES_FILE as COPY_ENTRIES_FILE
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import read_json, write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
     INFO_NAME,
@@ -257,6 +265,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._manifest impo
     build_manifest,
     collect_entries,
     detect_layout,
+    entries_from_copy,
     parse_manifest,
     problem,
     verify_layout,
@@ -371,8 +380,14 @@ def present(module, layout, info: dict):
         module.fail_json(msg=f"cannot write a manifest: the backup lacks {', '.join(layout.missing)}", **result)
 
     algorithm = p["checksum_algorithm"]
-    # Check mode lists the files but does not read them.
-    entries, errors = collect_entries(layout, None if module.check_mode else algorithm)
+    # Check mode lists the files but does not read them. The copy step may have
+    # recorded sizes and checksums as the data passed by: then nothing is read again.
+    sidecar = os.path.join(layout.root, COPY_ENTRIES_FILE)
+    collected = None
+    if not module.check_mode and os.path.exists(sidecar):
+        collected = entries_from_copy(layout, algorithm, sidecar)
+    result["from_copy_step"] = collected is not None
+    entries, errors = collected if collected is not None else collect_entries(layout, None if module.check_mode else algorithm)
     result["notes"] = sorted(set(layout.notes))
     if errors:
         listed = "; ".join(f"{e['path']}: {e['actual']}" for e in errors[:MAX_PROBLEMS_IN_MSG])
@@ -397,6 +412,8 @@ def present(module, layout, info: dict):
         if old != data:
             write_private_file(m, data)
             changed = True
+    if os.path.exists(sidecar):
+        os.unlink(sidecar)  # served its purpose; the manifest is the record now
     result["manifest_checksum"] = parse_manifest(data).checksum
     result["seconds"] = round(time.monotonic() - began, 3)
     msg = f"manifest of {len(entries)} files ({algorithm}) " + ("written" if changed else "unchanged")

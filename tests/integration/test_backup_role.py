@@ -338,3 +338,28 @@ def test_check_mode_runs_preflight_and_starts_nothing(make_cluster, playbook):
     assert "would back up" in run.stdout
     assert not os.path.exists(repo)
     assert c.backups_in_progress() == 0
+
+
+@pytest.mark.parametrize("method,compression", [("tar", "zstd"), ("cpio", "lz4"), ("rsync", "none")])
+def test_manifest_recorded_during_copy_verifies(method, compression, make_cluster, playbook):
+    c = make_cluster(15)
+    loc = make_pg_dir("pgops-ts-")
+    c.sql(f"CREATE TABLESPACE tsm LOCATION '{loc}'")
+    c.sql("CREATE TABLE m TABLESPACE tsm AS SELECT g FROM generate_series(1, 20000) g")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method=method, pg_backup_compression=compression))
+    assert run.rc == 0, run
+    assert run.task("Write the backup manifest")["from_copy_step"] is True
+    (info,) = backups(repo)
+    bdir = os.path.join(repo, info["id"])
+    assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))
+    verify = playbook([{"hosts": "postgresql", "gather_facts": False, "tasks": [
+        {"name": "verify", "pgops.online_backup.pg_backup_manifest": {"path": bdir, "state": "verified", "wal_archive": c.archive}},
+    ]}])  # fmt: skip
+    assert verify.rc == 0, verify
+    assert verify.task("verify")["verified"] is True
+    if method == "rsync":
+        tool = subprocess.run(["/usr/lib/postgresql/15/bin/pg_verifybackup", "-w", c.archive, os.path.join(bdir, "data")],
+                              capture_output=True, text=True)  # fmt: skip
+        assert tool.returncode == 0, tool.stdout + tool.stderr
+    subprocess.run(["rm", "-rf", loc], check=False)

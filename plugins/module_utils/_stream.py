@@ -1,0 +1,165 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Follow a tar (GNU format) or cpio (newc) stream as it passes by, and
+record each regular file's size, mtime and checksum.
+
+The copy step tees the archiver's output through one of these scanners, so
+the manifest costs no second read of the backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+BLOCK = 512
+ALGORITHMS = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
+
+
+def new_hash(algorithm: str):
+    """A hashlib object for a manifest algorithm; None for NONE. CRC32C has no
+    fast implementation in the standard library: the manifest module computes it."""
+    if algorithm in (None, "NONE"):
+        return None
+    return hashlib.new(ALGORITHMS[algorithm])
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _name(raw: bytes) -> str:
+    name = raw.decode("utf-8", "surrogateescape")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+class _Scanner:
+    def __init__(self, prefix: str, algorithm: str):
+        self.prefix = prefix
+        self.algorithm = algorithm
+        self.entries = []
+        self._hdr = bytearray()
+        self._remaining = 0  # bytes of the current member's data still to come
+        self._skip = 0  # padding (or ignored data) still to come
+        self._hash = None
+        self._entry = None
+        self.done = False
+
+    def _begin(self, name: str, size: int, mtime: int) -> None:
+        self._entry = {"path": self.prefix + name, "size": size, "mtime": mtime, "algorithm": self.algorithm, "checksum": None}
+        self._hash = new_hash(self.algorithm)
+        self._remaining = size
+        if size == 0:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._hash is not None:
+            self._entry["checksum"] = self._hash.hexdigest()
+        self.entries.append(self._entry)
+        self._entry = None
+        self._hash = None
+
+    def feed(self, chunk) -> None:
+        view = memoryview(chunk)
+        pos, n = 0, len(view)
+        while pos < n and not self.done:
+            if self._remaining:
+                take = min(self._remaining, n - pos)
+                if self._hash is not None:
+                    self._hash.update(view[pos : pos + take])
+                self._remaining -= take
+                pos += take
+                if not self._remaining:
+                    self._finish()
+            elif self._skip:
+                take = min(self._skip, n - pos)
+                self._skip -= take
+                pos += take
+            else:
+                take = min(self.header_size() - len(self._hdr), n - pos)
+                self._hdr += view[pos : pos + take]
+                pos += take
+                if len(self._hdr) == self.header_size():
+                    self.header(bytes(self._hdr))
+
+
+class TarScanner(_Scanner):
+    """GNU tar: 512-byte headers, 'L' long names, data padded to 512 bytes."""
+
+    def __init__(self, prefix: str, algorithm: str):
+        super().__init__(prefix, algorithm)
+        self._long = None
+        self._collect = None  # bytes of a long name being read
+
+    def header_size(self) -> int:
+        return BLOCK if self._collect is None else self._collect[0]
+
+    def header(self, hdr: bytes) -> None:
+        self._hdr = bytearray()
+        if self._collect is not None:
+            size = self._collect[1]
+            self._long = _name(hdr[:size].split(b"\0", 1)[0])
+            self._collect = None
+            return
+        if not any(hdr):
+            self.done = True  # end-of-archive blocks
+            return
+        size = _octal(hdr[124:136])
+        pad = (-size) % BLOCK
+        kind = hdr[156:157]
+        if kind == b"L":
+            # The next header's name, in size bytes (read as one padded "header").
+            self._collect = (size + pad, size)
+            return
+        name = self._long if self._long is not None else _name(hdr[:100].split(b"\0", 1)[0])
+        if self._long is None and hdr[257:263] == b"ustar\0" and hdr[345]:
+            name = _name(hdr[345:500].split(b"\0", 1)[0]) + "/" + name
+        self._long = None
+        if kind in (b"0", b"\0", b"7"):
+            self._begin(name, size, _octal(hdr[136:148]))
+            self._skip = pad
+        else:  # directories, links, GNU extensions: nothing for the manifest
+            self._skip = size + pad
+
+
+class CpioScanner(_Scanner):
+    """cpio newc: 110-byte ASCII headers, name and data padded to 4 bytes."""
+
+    def __init__(self, prefix: str, algorithm: str):
+        super().__init__(prefix, algorithm)
+        self._stage = None  # (namesize, filesize, mode, mtime) while the name is read
+
+    def header_size(self) -> int:
+        if self._stage is None:
+            return 110
+        namesize = self._stage[0]
+        return namesize + (-(110 + namesize)) % 4
+
+    def header(self, hdr: bytes) -> None:
+        self._hdr = bytearray()
+        if self._stage is None:
+            if hdr[:6] not in (b"070701", b"070702"):
+                raise ValueError(f"not a newc cpio header: {hdr[:6]!r}")
+            fields = [int(hdr[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
+            self._stage = (fields[11], fields[6], fields[1], fields[5])
+            return
+        namesize, filesize, mode, mtime = self._stage
+        self._stage = None
+        name = _name(hdr[: namesize - 1])
+        if name == "TRAILER!!!":
+            self.done = True
+            return
+        pad = (-filesize) % 4
+        if mode & 0o170000 == 0o100000:
+            self._begin(name, filesize, mtime)
+            self._skip = pad
+        else:
+            self._skip = filesize + pad
+
+
+def scanner_for(method: str, prefix: str, algorithm: str) -> _Scanner:
+    return (TarScanner if method == "tar" else CpioScanner)(prefix, algorithm)

@@ -190,9 +190,16 @@ def _archive_command(method: str, root: str) -> list:
 
 
 def archive(
-    method: str, root: str, files: list, out_path: str, compression: str, level, threads: int,
-    remote: list | None = None, scanner=None,
-) -> dict:  # fmt: skip
+    method: str,
+    root: str,
+    files: list,
+    out_path: str,
+    compression: str,
+    level,
+    threads: int,
+    remote: list | None = None,
+    scanner=None,
+) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
     remote: an ssh command prefix; the archive is then written on that host.
@@ -332,8 +339,13 @@ def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int 
                     if not b:
                         break
                     h.update(b)
-        return {"path": prefix + rel, "size": st.st_size, "mtime": int(st.st_mtime), "algorithm": algorithm,
-                "checksum": h.hexdigest() if h is not None else None}  # fmt: skip
+        return {
+            "path": prefix + rel,
+            "size": st.st_size,
+            "mtime": int(st.st_mtime),
+            "algorithm": algorithm,
+            "checksum": h.hexdigest() if h is not None else None,
+        }
 
     present = [f for f in files if os.path.lexists(os.path.join(root, f))]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -72,7 +72,7 @@ def restore_backup(backup_dir: str, archive: str, major: int, target: str = "imm
         while c.sql("SELECT pg_is_in_recovery()")[0][0]:
             assert time.monotonic() < deadline, "recovery did not finish"
             time.sleep(0.1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure: show the server log, then re-raise
         log = open(c.log).read()[-4000:] if os.path.exists(c.log) else ""
         c.destroy()
         raise AssertionError(f"restore failed; server log:\n{log}") from None

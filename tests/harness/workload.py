@@ -15,15 +15,33 @@ PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"  # a client: works against 12-18
 
 
 def pgbench_init(cluster, scale: int = 1) -> None:
-    subprocess.run([PGBENCH, "-i", "-q", "-s", str(scale), "-h", cluster.sock, "-p", str(cluster.port), "-U", "postgres", "postgres"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [PGBENCH, "-i", "-q", "-s", str(scale), "-h", cluster.sock, "-p", str(cluster.port), "-U", "postgres", "postgres"],
+        check=True,
+        capture_output=True,
+    )
 
 
 def pgbench_start(cluster, clients: int = 2) -> subprocess.Popen:
     return subprocess.Popen(
-        [PGBENCH, "-n", "-c", str(clients), "-T", "600", "-h", cluster.sock, "-p", str(cluster.port), "-U", "postgres", "postgres"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            PGBENCH,
+            "-n",
+            "-c",
+            str(clients),
+            "-T",
+            "600",
+            "-h",
+            cluster.sock,
+            "-p",
+            str(cluster.port),
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def pgbench_stop(proc: subprocess.Popen) -> None:

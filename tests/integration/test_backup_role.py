@@ -102,9 +102,20 @@ def test_backup_under_load_restores_by_hand(major, method, compression, make_clu
         assert restored.sql("SELECT count(*) FROM pgbench_history")[0][0] > 0
         if major in AMCHECK:
             check = subprocess.run(
-                [AMCHECK[major], "--install-missing", "-h", restored.sock, "-p", str(restored.port), "-U", "postgres", "postgres"],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    AMCHECK[major],
+                    "--install-missing",
+                    "-h",
+                    restored.sock,
+                    "-p",
+                    str(restored.port),
+                    "-U",
+                    "postgres",
+                    "postgres",
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert check.returncode == 0, check.stdout + check.stderr
     finally:
         restored.destroy()
@@ -165,13 +176,21 @@ def start_backup_in_background(cluster, repo: str, workdir: str, **extra):
     inv = os.path.join(workdir, "inv.ini")
     open(inv, "w").write(local_inventory())
     ev = os.path.join(workdir, "ev.json")
-    json.dump(backup_vars(cluster, repo, pg_backup_compression="gzip", pg_backup_compression_level=9,
-                          pg_backup_compression_threads=1, **extra), open(ev, "w"))  # fmt: skip
+    json.dump(
+        backup_vars(
+            cluster, repo, pg_backup_compression="gzip", pg_backup_compression_level=9, pg_backup_compression_threads=1, **extra
+        ),
+        open(ev, "w"),
+    )
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=collections_workspace(), PGOPS_TEST_OWNER=str(os.getpid()))
     proc = subprocess.Popen(
         [os.path.join(VENV_BIN, "ansible-playbook"), "-i", inv, BACKUP, "-e", f"@{ev}"],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc
 
 
@@ -353,13 +372,27 @@ def test_manifest_recorded_during_copy_verifies(method, compression, make_cluste
     (info,) = backups(repo)
     bdir = os.path.join(repo, info["id"])
     assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))
-    verify = playbook([{"hosts": "postgresql", "gather_facts": False, "tasks": [
-        {"name": "verify", "pgops.online_backup.pg_backup_manifest": {"path": bdir, "state": "verified", "wal_archive": c.archive}},
-    ]}])  # fmt: skip
+    verify = playbook(
+        [
+            {
+                "hosts": "postgresql",
+                "gather_facts": False,
+                "tasks": [
+                    {
+                        "name": "verify",
+                        "pgops.online_backup.pg_backup_manifest": {"path": bdir, "state": "verified", "wal_archive": c.archive},
+                    },
+                ],
+            }
+        ]
+    )
     assert verify.rc == 0, verify
     assert verify.task("verify")["verified"] is True
     if method == "rsync":
-        tool = subprocess.run(["/usr/lib/postgresql/15/bin/pg_verifybackup", "-w", c.archive, os.path.join(bdir, "data")],
-                              capture_output=True, text=True)  # fmt: skip
+        tool = subprocess.run(
+            ["/usr/lib/postgresql/15/bin/pg_verifybackup", "-w", c.archive, os.path.join(bdir, "data")],
+            capture_output=True,
+            text=True,
+        )
         assert tool.returncode == 0, tool.stdout + tool.stderr
     subprocess.run(["rm", "-rf", loc], check=False)

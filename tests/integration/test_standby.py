@@ -78,9 +78,17 @@ def test_standby_backup_restores_to_consistency(pair, playbook):
         time.sleep(0.3)
         caught_up(primary, standby)
         before = {i for i, _ in writer.committed}
-        run = playbook(BACKUP, inventory(standby=standby), extra_vars={
-            "pg_backup_repository": repo, "pg_backup_source": "standby", "pg_backup_fast_checkpoint": True,
-            "pg_backup_compression": "zstd", "pg_backup_archive_timeout": 30})  # fmt: skip
+        run = playbook(
+            BACKUP,
+            inventory(standby=standby),
+            extra_vars={
+                "pg_backup_repository": repo,
+                "pg_backup_source": "standby",
+                "pg_backup_fast_checkpoint": True,
+                "pg_backup_compression": "zstd",
+                "pg_backup_archive_timeout": 30,
+            },
+        )
     finally:
         writer.stop()
     assert run.rc == 0, run
@@ -105,8 +113,11 @@ def test_standby_backup_restores_to_consistency(pair, playbook):
 def test_prefer_standby_picks_the_standby_and_skips_the_primary(pair, playbook):
     primary, standby = pair()
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
-    run = playbook(BACKUP, inventory(primary=primary, standby=standby), extra_vars={
-        "pg_backup_repository": repo, "pg_backup_source": "prefer_standby", "pg_backup_fast_checkpoint": True})  # fmt: skip
+    run = playbook(
+        BACKUP,
+        inventory(primary=primary, standby=standby),
+        extra_vars={"pg_backup_repository": repo, "pg_backup_source": "prefer_standby", "pg_backup_fast_checkpoint": True},
+    )
     assert run.rc == 0, run
     infos = [json.load(open(p)) for p in glob.glob(os.path.join(repo, "2*", "backup.json"))]
     pre = {r["host"]: r["result"].get("problems") for r in run.results if r["task"].startswith("Check the server")}

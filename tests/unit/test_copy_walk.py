@@ -18,11 +18,23 @@ def test_walk_applies_pg_basebackup_exclusions(tmp_path):
     root = str(tmp_path)
     keep = ["PG_VERSION", "base/1/1259", "base/1/1259_fsm", "base/1/2000_init", "global/1262", "postgresql.conf", "pg_xact/0000"]
     drop = [
-        "postmaster.pid", "postmaster.opts", "backup_label", "tablespace_map", "pg_wal/000000010000000000000001",
-        "pg_wal/archive_status/000000010000000000000001.done", "pg_stat_tmp/global.stat", "pg_replslot/s/state",
-        "base/1/pg_internal.init", "base/1/t3_16384", "base/1/2000", "base/1/2000_fsm", "base/1/2000.1",
-        "base/pgsql_tmp/pgsql_tmp1.0", "pg_subtrans/0000", "postgresql.auto.conf.tmp",
-    ]  # fmt: skip
+        "postmaster.pid",
+        "postmaster.opts",
+        "backup_label",
+        "tablespace_map",
+        "pg_wal/000000010000000000000001",
+        "pg_wal/archive_status/000000010000000000000001.done",
+        "pg_stat_tmp/global.stat",
+        "pg_replslot/s/state",
+        "base/1/pg_internal.init",
+        "base/1/t3_16384",
+        "base/1/2000",
+        "base/1/2000_fsm",
+        "base/1/2000.1",
+        "base/pgsql_tmp/pgsql_tmp1.0",
+        "pg_subtrans/0000",
+        "postgresql.auto.conf.tmp",
+    ]
     for rel in keep + drop + [CONTROL]:
         touch(root, rel)
     files, total = walk(root, 15)

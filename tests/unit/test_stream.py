@@ -1,0 +1,84 @@
+"""The scanners that follow tar and cpio streams, against real GNU tar and cpio output."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._stream import CpioScanner, TarScanner
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "root"
+    files = {
+        "PG_VERSION": b"15\n",
+        "empty": b"",
+        "base/1/1259": os.urandom(70000),
+        "exact": b"x" * 512,
+        ("d" * 60) + "/" + ("n" * 80): b"long name",  # > 100 bytes: GNU 'L' header
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "link").symlink_to("PG_VERSION")
+    names = ["PG_VERSION", "empty", "base", "base/1", "base/1/1259", "exact", "d" * 60, ("d" * 60) + "/" + ("n" * 80), "link"]
+    return root, files, names
+
+
+def _scan(scanner, stream: bytes, step: int):
+    for i in range(0, len(stream), step):
+        scanner.feed(stream[i : i + step])
+    return {e["path"]: e for e in scanner.entries}
+
+
+@pytest.mark.parametrize("step", [1, 511, 4096, 1 << 20])
+def test_tar_scanner_matches_the_files(tree, step):
+    root, files, names = tree
+    stream = subprocess.run(
+        ["tar", "-C", str(root), "-cf", "-", "--format=gnu", "--no-recursion", "--null", "-T", "-"],
+        input=b"\0".join(n.encode() for n in names) + b"\0",
+        capture_output=True,
+        check=True,
+    ).stdout
+    scanner = TarScanner("pg_tblspc/7/" if step == 1 else "", "SHA256")
+    got = _scan(scanner, stream, step)
+    prefix = "pg_tblspc/7/" if step == 1 else ""
+    assert scanner.done
+    assert set(got) == {prefix + k for k in files}
+    for rel, data in files.items():
+        e = got[prefix + rel]
+        assert e["size"] == len(data) and e["checksum"] == hashlib.sha256(data).hexdigest()
+        assert e["mtime"] == int(os.stat(root / rel).st_mtime)
+
+
+@pytest.mark.parametrize("step", [3, 1 << 20])
+def test_cpio_scanner_matches_the_files(tree, step):
+    root, files, names = tree
+    stream = subprocess.run(
+        ["cpio", "-o", "-0", "-H", "newc", "--quiet"],
+        cwd=root,
+        input=b"\0".join(n.encode() for n in names) + b"\0",
+        capture_output=True,
+        check=True,
+    ).stdout
+    scanner = CpioScanner("", "SHA224")
+    got = _scan(scanner, stream, step)
+    assert scanner.done
+    assert set(got) == set(files)
+    for rel, data in files.items():
+        assert got[rel]["checksum"] == hashlib.sha224(data).hexdigest()
+
+
+def test_truncated_stream_is_not_done(tree):
+    root, _, names = tree
+    stream = subprocess.run(
+        ["tar", "-C", str(root), "-cf", "-", "--format=gnu", *names[:5]], capture_output=True, check=True
+    ).stdout
+    scanner = TarScanner("", "NONE")
+    scanner.feed(stream[:1500])
+    assert not scanner.done

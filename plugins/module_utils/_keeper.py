@@ -205,7 +205,7 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
                     os.kill(keeper_pid, signal.SIGKILL)
                 shutil.rmtree(sdir, ignore_errors=True)
                 return {"ok": False, "error": f"the backup did not start within {timeout:g}s; the keeper was stopped"}
-            ready, _, _ = select.select([rfd], [], [], left)
+            ready, _writable, _errors = select.select([rfd], [], [], left)
             if ready:
                 chunk = os.read(rfd, 65536)
                 if not chunk:
@@ -441,7 +441,7 @@ class _Keeper:
                     "ended the session and the server aborted the backup",
                 )
                 return
-            ready, _, _ = select.select([self.sock], [], [], min(interval, left))
+            ready, _writable, _errors = select.select([self.sock], [], [], min(interval, left))
             if not ready:
                 try:
                     query_one(self.conn, "SELECT 1")
@@ -449,7 +449,7 @@ class _Keeper:
                     self._end("lost", f"the database session was lost ({error_text(e)}); the backup is unusable")
                     return
                 continue
-            client, _ = self.sock.accept()
+            client, _address = self.sock.accept()
             with client:
                 if self._handle(client):
                     return
@@ -459,7 +459,7 @@ class _Keeper:
         client.settimeout(30)
         try:
             creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
+            _pid, uid, _gid = struct.unpack("3i", creds)
             if uid not in (0, os.geteuid()):
                 client.sendall(b'{"ok": false, "error": "permission denied"}\n')
                 return False

@@ -38,7 +38,8 @@ RESTART = "then restart PostgreSQL ({what} only takes effect at server start; a 
 
 
 def make_problem(code: str, message: str, hint: str) -> dict:
-    assert code in CODES, code
+    if code not in CODES:
+        raise AssertionError(code)
     return {"code": code, "message": message, "hint": hint}
 
 

@@ -91,7 +91,7 @@ def acquire_lock(repository: str, cluster: str, backup_id: str, stale_after: flo
     ensure_private_dir(os.path.join(repository, LOCK_DIR))
     path = lock_path(repository, cluster)
     note = None
-    for _ in range(2):
+    for _attempt in range(2):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -155,7 +155,7 @@ def remove_payload(backup_dir: str) -> list:
 
 def dir_size(path: str) -> int:
     total = 0
-    for dirpath, _, files in os.walk(path):
+    for dirpath, _dirnames, files in os.walk(path):
         for f in files:
             try:
                 total += os.lstat(os.path.join(dirpath, f)).st_size

@@ -24,8 +24,9 @@ description:
     P(pgops.online_backup.pg_backup_session#module) so a broken archive stops the run before backup mode is entered.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full

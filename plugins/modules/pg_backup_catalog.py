@@ -13,8 +13,10 @@ description:
     in the repository, records the running session, marks the backup C(complete) (and only then applies
     retention) or C(failed) (removing its partial data), and releases the lock.
   - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
+extends_documentation_fragment:
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full

@@ -17,8 +17,10 @@ description:
     never chosen as RV(latest).
   - Verification and drill results recorded by M(pgops.online_backup.pg_backup_manifest) and the drill
     playbook are part of each entry (C(verification), C(drill)).
+extends_documentation_fragment:
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full
@@ -47,7 +49,7 @@ options:
     choices: [running, complete, failed, invalid]
   size_on_disk:
     description:
-      - Compute each backup's RV(backups[].size_on_disk) (walks the backup's files; turn off for very
+      - Compute each backup's C(size_on_disk) (walks the backup's files; turn off for very
         large repositories).
     type: bool
     default: true

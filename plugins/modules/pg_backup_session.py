@@ -27,8 +27,9 @@ description:
     O(state=stopped) again for the same session resumes the wait.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.attributes
 author:
-  - pgops.online_backup contributors
+  - pgops.online_backup contributors (@pgops)
 attributes:
   check_mode:
     support: full

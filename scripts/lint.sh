@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Ansible lint and packaging checks; scripts/test.sh (and so CI) runs this, and
+# every step must exit 0:
+#   1. ansible-lint with the production profile (.ansible-lint)
+#   2. ansible-galaxy collection build, then install of that tarball into a
+#      temporary ansible_collections/ tree
+#   3. ansible-test sanity of the installed copy - exactly what users install -
+#      for the ansible-core of the venv, in ansible-test's own virtualenvs
+#   4. ansible-playbook --syntax-check of the installed copy's playbooks by FQCN
+# Needs scripts/setup.sh first (the venv). Network: PyPI, for ansible-test's
+# sanity requirements (cached in ~/.ansible/test after the first run).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+VENV="${PGOPS_VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0
+
+work="$(mktemp -d /tmp/pgops-lint-XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+log() { printf '== %s\n' "$*"; }
+
+version="$(python -c 'import yaml; print(yaml.safe_load(open("galaxy.yml"))["version"])')"
+python_version="$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+
+# ansible-lint resolves the collection's own modules and roles by FQCN.
+mkdir -p "$work/src/ansible_collections/pgops"
+ln -s "$ROOT" "$work/src/ansible_collections/pgops/online_backup"
+
+log "ansible-lint (profile production)"
+ANSIBLE_COLLECTIONS_PATH="$work/src" ansible-lint --nocolor
+
+log "ansible-galaxy collection build + install"
+ansible-galaxy collection build --output-path "$work/dist" . >/dev/null
+tarball="$work/dist/pgops-online_backup-$version.tar.gz"
+ANSIBLE_COLLECTIONS_PATH="$work/installed" ansible-galaxy collection install --no-deps -p "$work/installed" "$tarball" >/dev/null
+installed="$work/installed/ansible_collections/pgops/online_backup"
+test -f "$installed/MANIFEST.json"
+
+# ansible-test bootstraps pip in each of its virtualenvs with a get-pip script
+# from ci-files.testing.ansible.com, cached in ~/.ansible/test/cache. Where that
+# host is unreachable, stand in with pip's own wheel from PyPI (ansible-test's
+# error message invites saving the script to that path by hand).
+ensure_get_pip() {
+  local pip_version cache script wheel
+  pip_version="$(python -c 'from types import SimpleNamespace as N
+from ansible_test._internal.python_requirements import get_venv_packages as p
+print(p(N(version="'"$python_version"'"))["pip"])')"
+  cache="$HOME/.ansible/test/cache"
+  script="$cache/get_pip_${pip_version//./_}.py"
+  [[ -s "$script" ]] && return 0
+  mkdir -p "$cache"
+  if curl -fsS --max-time 20 -o "$script.download" \
+    "https://ci-files.testing.ansible.com/ansible-test/get-pip-$pip_version.py" 2>/dev/null; then
+    mv "$script.download" "$script"
+    return 0
+  fi
+  rm -f "$script.download"
+  log "ci-files.testing.ansible.com unreachable: pip $pip_version bootstrap from PyPI's pip wheel"
+  pip download -q --no-deps --only-binary=:all: -d "$cache" "pip==$pip_version"
+  wheel="pip-$pip_version-py3-none-any.whl"
+  test -f "$cache/$wheel"
+  cat >"$script.tmp" <<EOF
+"""Stand-in for get-pip.py $pip_version (written by pgops.online_backup scripts/lint.sh):
+runs 'pip install' from the pip wheel beside this file, as get-pip does from its embedded copy."""
+import os
+import runpy
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "$wheel"))
+args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
+sys.argv = ["pip", "install", "--upgrade", "--force-reinstall", *args]
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+EOF
+  mv "$script.tmp" "$script"
+}
+
+log "ansible-test sanity (Python $python_version) of the installed collection"
+ensure_get_pip
+(cd "$installed" && ansible-test sanity --venv --python "$python_version" --requirements --color no)
+
+log "ansible-playbook --syntax-check of the installed playbooks"
+for playbook in "$installed"/playbooks/*.yml; do
+  name="pgops.online_backup.$(basename "$playbook" .yml)"
+  ANSIBLE_COLLECTIONS_PATH="$work/installed" ansible-playbook --syntax-check -i localhost, "$name" >/dev/null
+  echo "ok: $name"
+done
+log "lint ok"

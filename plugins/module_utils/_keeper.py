@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import fcntl
 import json
 import os
 import pwd
@@ -248,6 +249,11 @@ def _keeper_main(wfd: int, conn_kwargs: dict, spec: dict, sdir: str) -> None:
     code = 0
     try:
         _detach(wfd)
+        if spec.get("lock_file"):
+            # Held until the keeper exits: a repository lock whose flock nobody
+            # holds belongs to a dead run (see _repository).
+            lock_fd = os.open(spec["lock_file"], os.O_RDONLY)
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
         _Keeper(wfd, conn_kwargs, spec, sdir).run()
     except BaseException:  # noqa: BLE001 - nothing may escape into the module wrapper
         code = 1

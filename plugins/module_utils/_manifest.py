@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ._files import write_private_file
+
 ALGORITHMS = ("NONE", "CRC32C", "SHA224", "SHA256", "SHA384", "SHA512")
 DIGEST_SIZES = {"CRC32C": 4, "SHA224": 28, "SHA256": 32, "SHA384": 48, "SHA512": 64}
 MANIFEST_NAME = "backup_manifest"
@@ -952,3 +954,40 @@ def verify_layout(layout: Layout, manifest: Manifest) -> tuple:
     problems = compare(manifest, counting(scan_layout(layout, wanted_by(manifest), errors)))
     problems = [problem(name, "missing") for name in layout.missing] + errors + problems
     return problems, counted["files"], counted["bytes"]
+
+
+def write_backup_manifest(root: str, info: dict, algorithm: str, copy_entries_file: str | None = None) -> dict:
+    """Write the manifest of a finished backup of our layout (used when the
+    backup is marked complete). Takes the copy step's recorded checksums when
+    they match the algorithm, else reads the backup."""
+    began = time.monotonic()
+    layout = detect_layout(root, info)
+    if layout.missing:
+        raise ManifestError(f"the backup lacks {', '.join(layout.missing)}")
+    collected = None
+    if copy_entries_file and os.path.exists(copy_entries_file):
+        collected = entries_from_copy(layout, algorithm, copy_entries_file)
+    entries, errors = collected if collected is not None else collect_entries(layout, algorithm)
+    if errors:
+        raise ManifestError("; ".join(f"{e['path']}: {e['actual']}" for e in errors[:20]))
+    if not any(e.path == "backup_label" for e in entries):
+        raise ManifestError("backup_label is missing from the backup")
+    version = 2 if int(info.get("pg_version") or 0) >= 170000 else 1
+    data = build_manifest(
+        entries,
+        [(int(info["timeline"]), info["start_lsn"], info["stop_lsn"])],
+        version=version,
+        system_identifier=info.get("system_identifier"),
+    )
+    for path in layout.manifest_paths:
+        write_private_file(path, data)
+    if copy_entries_file and os.path.exists(copy_entries_file):
+        os.unlink(copy_entries_file)
+    return {
+        "files": len(entries),
+        "bytes": sum(e.size for e in entries),
+        "manifest_version": version,
+        "checksum_algorithm": algorithm,
+        "from_copy_step": collected is not None,
+        "seconds": round(time.monotonic() - began, 3),
+    }

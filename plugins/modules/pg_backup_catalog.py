@@ -55,10 +55,19 @@ options:
     type: list
     elements: path
     default: []
-  lock_stale_after:
-    description: Seconds after which a lock whose owner cannot be checked is considered stale.
+  lock_grace:
+    description:
+      - Seconds a lock counts as taken while no session keeper holds it yet (the start of the backup follows the lock).
+        After that, a lock whose backup has no living keeper on this host is stale and is replaced, with a warning.
     type: float
-    default: 90000
+    default: 120
+  manifest_checksum:
+    description:
+      - With O(state=complete), first write C(backup_manifest) (PostgreSQL's format) with this checksum algorithm,
+        from the checksums M(pgops.online_backup.pg_backup_copy) recorded during the copy when they match.
+      - Unset writes no manifest. A manifest that cannot be written fails the task and the backup is not marked complete.
+    type: str
+    choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
   keep:
     description: With O(state=complete), how many complete backups of this cluster to keep (0 keeps all).
     type: int
@@ -96,6 +105,10 @@ backup:
   description: The backup.json content after the change.
   returned: success
   type: dict
+manifest:
+  description: With O(manifest_checksum), what the manifest holds (files, bytes, version, algorithm, seconds, from_copy_step).
+  returned: state is complete
+  type: dict
 removed:
   description: Backups removed by retention, or files removed from a failed backup.
   returned: state is complete or failed
@@ -108,7 +121,13 @@ import socket
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import ENTRIES_FILE as COPY_ENTRIES_FILE
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError, ensure_private_dir, write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
+    LayoutError,
+    ManifestError,
+    write_backup_manifest,
+)
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     COLLECTION_VERSION,
     SCHEMA,
@@ -135,8 +154,9 @@ def main():
             cluster=dict(type="str", required=True),
             fields=dict(type="dict", default={}),
             forbidden_roots=dict(type="list", elements="path", default=[]),
-            lock_stale_after=dict(type="float", default=90000),
+            lock_grace=dict(type="float", default=120),
             keep=dict(type="int", default=0),
+            manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
         ),
@@ -159,7 +179,7 @@ def main():
             ensure_private_dir(repo)
             bid, path = create_backup_dir(repo)
             try:
-                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_stale_after"])
+                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_grace"])
             except RepositoryError:
                 os.rmdir(path)
                 raise
@@ -184,18 +204,24 @@ def main():
             info = update_backup(repo, bid, **p["fields"])
             module.exit_json(changed=True, backup_id=bid, path=path, backup=info)
         if state == "complete":
-            fields = dict(p["fields"])
-            fields.update(status="complete", completed_at=utcnow(), size_on_disk=dir_size(path))
-            info = update_backup(repo, bid, **fields)
+            info = update_backup(repo, bid, **p["fields"])
+            manifest = None
+            if p["manifest_checksum"]:
+                manifest = write_backup_manifest(path, info, p["manifest_checksum"], os.path.join(path, COPY_ENTRIES_FILE))
+            info = update_backup(
+                repo, bid, status="complete", completed_at=utcnow(), size_on_disk=dir_size(path), manifest=manifest
+            )
             released = release_lock(repo, p["cluster"], bid)
             removed = retention(repo, p["keep"], info.get("system_identifier"))
-            module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
+            module.exit_json(
+                changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released, manifest=manifest
+            )
         # failed: never leave anything that looks usable
         removed = [] if p["keep_failed_files"] else remove_payload(path)
         info = update_backup(repo, bid, status="failed", error=p["error"], failed_at=utcnow(), **p["fields"])
         released = release_lock(repo, p["cluster"], bid)
         module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
-    except (RepositoryError, UnsafePathError, OSError) as e:
+    except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
         module.fail_json(msg=str(e))
 
 

@@ -122,6 +122,11 @@ options:
       login_db:
         description: Database on the primary.
         type: str
+  lock_file:
+    description:
+      - With O(state=started), an existing file the keeper holds a shared C(flock) on for as long as it lives, so that a
+        repository lock can tell a running backup from one whose run died (used by the role M(pgops.online_backup.pg_backup)).
+    type: path
   runtime_dir:
     description:
       - Private directory of the keepers' sockets and state files.
@@ -347,6 +352,8 @@ def started(module, runtime_dir):
         module.fail_json(msg=f"invalid label: {problem}")
     if p["max_duration"] < 1:
         module.fail_json(msg="max_duration must be at least 1 second")
+    if p["lock_file"] and not os.path.isfile(p["lock_file"]):
+        module.fail_json(msg=f"lock_file {p['lock_file']} does not exist")
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would start backup {p['label']!r} on {cluster_key(p)}", session_id=None)
     ensure_driver(module)
@@ -361,6 +368,7 @@ def started(module, runtime_dir):
         "max_duration": p["max_duration"],
         "keepalive_interval": max(1, p["keepalive_interval"]),
         "cluster": cluster_key(p),
+        "lock_file": p["lock_file"],
     }
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {spec['session_id']}")
     try:
@@ -654,6 +662,7 @@ def main():
         max_duration=dict(type="int", default=86400),
         keepalive_interval=dict(type="int", default=30),
         dest=dict(type="path"),
+        lock_file=dict(type="path"),
         runtime_dir=dict(type="path"),
         primary=dict(
             type="dict",

@@ -199,10 +199,19 @@ def wait_for_copy(repo: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for info in backups(repo):
-            if info.get("session") and glob.glob(os.path.join(repo, info["id"], "*.partial")):
+            if glob.glob(os.path.join(repo, info["id"], "*.partial")):
                 return info
         time.sleep(0.05)
     raise AssertionError(f"the copy did not start: {backups(repo)}")
+
+
+def running_keeper_pid(cluster) -> int:
+    """The keeper of this cluster's backup, from the postgres user's session directory."""
+    for path in glob.glob(os.path.expanduser("~postgres/.pgops_online_backup/sessions/*/state.json")):
+        state = json.load(open(path))
+        if state.get("cluster") == f"{cluster.sock}:{cluster.port}" and state.get("status") == "running":
+            return state["pid"]
+    raise AssertionError("no running keeper for this cluster")
 
 
 def finish(proc, timeout: float = 180) -> tuple:
@@ -214,8 +223,8 @@ def test_keeper_killed_mid_copy(make_cluster, tmp_path):
     c = slow_cluster(make_cluster)
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     proc = start_backup_in_background(c, repo, str(tmp_path / "w"))
-    info = wait_for_copy(repo)
-    os.kill(info["session"]["pid"], signal.SIGKILL)
+    wait_for_copy(repo)
+    os.kill(running_keeper_pid(c), signal.SIGKILL)
     rc, out = finish(proc)
     assert rc != 0
     assert "session lost, backup unusable" in out, out[-3000:]
@@ -368,7 +377,7 @@ def test_manifest_recorded_during_copy_verifies(method, compression, make_cluste
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method=method, pg_backup_compression=compression))
     assert run.rc == 0, run
-    assert run.task("Write the backup manifest")["from_copy_step"] is True
+    assert run.task("Write the manifest and mark the backup complete")["manifest"]["from_copy_step"] is True
     (info,) = backups(repo)
     bdir = os.path.join(repo, info["id"])
     assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))

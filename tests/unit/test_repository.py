@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -30,16 +31,28 @@ def test_validate_repository(tmp_path):
 def test_lock_refuses_a_second_run_and_breaks_a_stale_one(tmp_path):
     repo = str(tmp_path)
     make_backup(repo, "20261129T101500Z", "running")
-    path, note = r.acquire_lock(repo, "42", "20261129T101500Z", stale_after=3600)
+    path, note = r.acquire_lock(repo, "42", "20261129T101500Z")
     assert note is None and os.path.exists(path)
+    # Within the grace period (the keeper is about to start) the lock holds.
     with pytest.raises(r.RepositoryError, match="another backup of this cluster"):
-        r.acquire_lock(repo, "42", "20261129T101600Z", stale_after=3600)
+        r.acquire_lock(repo, "42", "20261129T101600Z")
+    # Past it, only a living holder of the flock (the session keeper) keeps it.
+    holder = os.open(path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    with pytest.raises(r.RepositoryError, match="its session keeper is alive"):
+        r.acquire_lock(repo, "42", "20261129T101600Z", grace=0)
+    os.close(holder)
+    make_backup(repo, "20261129T101650Z", "running")
+    _, note = r.acquire_lock(repo, "42", "20261129T101650Z", grace=0)
+    assert "no session keeper holds it" in note
     # The owner finished (or died and was marked failed): the lock is stale.
     make_backup(repo, "20261129T101700Z", "running")
     with open(os.path.join(repo, "20261129T101500Z", "backup.json"), "w") as f:
         json.dump({"status": "failed"}, f)
-    _, note = r.acquire_lock(repo, "42", "20261129T101700Z", stale_after=3600)
-    assert "stale" in note
+    with open(os.path.join(repo, "20261129T101650Z", "backup.json"), "w") as f:
+        json.dump({"status": "failed"}, f)
+    _, note = r.acquire_lock(repo, "42", "20261129T101700Z")
+    assert "stale" in note and "not running" in note
     assert r.release_lock(repo, "42", "20261129T101700Z") is True
     assert not os.path.exists(path)
 

@@ -1,0 +1,578 @@
+#!/usr/bin/python
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: pg_restore_prepare
+short_description: Restore a PostgreSQL backup into a data directory, ready for archive recovery
+version_added: 0.1.0
+description:
+  - Restores one backup of this collection's repository layout (C(<repository>/<backup_id>), with C(backup.json)
+    saying C(status=complete)) into an empty or absent data directory, as PostgreSQL's documentation describes
+    for a restore from a low-level base backup, and leaves it ready to start. It does not start the server
+    (see M(pgops.online_backup.pg_restore_server)).
+  - "Tar and cpio backups: C(base.tar)/C(base.cpio) (plain, C(.gz), C(.zst) or C(.lz4), decompressed with
+    pigz/gzip, zstd or lz4) are extracted into the data directory and each C(<oid>.tar)/C(<oid>.cpio) into its
+    tablespace directory; C(backup_label) and C(tablespace_map) are copied from the backup root.
+    Rsync backups: C(data/) and C(tablespaces/<oid>/) are copied with rsync."
+  - Tablespaces go back to their original locations unless O(tablespace_map) moves them; C(tablespace_map)
+    is rewritten with the new paths and C(pg_tblspc/<oid>) links to them.
+  - Writes the recovery settings into C(postgresql.auto.conf) (C(restore_command), at most one
+    C(recovery_target*), C(recovery_target_action), C(recovery_target_timeline)) and creates C(recovery.signal).
+    Earlier recovery settings copied from the original server are dropped (or commented out in
+    C(postgresql.conf)) so they cannot combine with the new target.
+  - The restored server is kept away from the original one. It gets C(archive_mode=off) (unless O(keep_archiving)),
+    its own O(port), O(listen_addresses) and O(socket_directory), and no C(external_pid_file). C(postmaster.pid),
+    C(postmaster.opts), C(recovery.conf), C(standby.signal), replication slots and WAL segments that came with
+    the copy are removed. A C(data_directory) setting in the copied C(postgresql.conf) is commented out.
+  - Everything is checked before anything changes (input, backup, free space, target directories, binaries,
+    decompressors, the WAL archive); a failure while restoring puts the target directories back as they were.
+extends_documentation_fragment:
+  - pgops.online_backup.attributes
+author:
+  - pgops.online_backup contributors (@pgops)
+attributes:
+  check_mode:
+    support: full
+    details: Runs every check and reports what it would restore where; changes nothing.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+    details: A second run finds the data directory not empty and refuses, unless O(force=true), which restores again.
+options:
+  backup_path:
+    description:
+      - The backup directory (C(<repository>/<backup_id>)); its C(backup.json) must say C(status=complete).
+      - M(pgops.online_backup.pg_backup_info) with O(pgops.online_backup.pg_backup_info#module:backup=latest) gives it.
+    type: path
+    required: true
+  data_directory:
+    description:
+      - Absolute path of the data directory to restore into. Created (mode 0700) when absent; must be empty
+        unless O(force=true).
+    type: path
+    required: true
+  force:
+    description:
+      - Replace the content of a non-empty data directory or tablespace directory.
+      - A directory that belongs to a running server is never replaced.
+    type: bool
+    default: false
+  tablespace_map:
+    description:
+      - New locations of tablespaces. Keys are a tablespace's OID, its original location, or its name; values
+        are absolute paths. Tablespaces not named here go back to their original locations.
+      - A key that matches no tablespace of the backup is an error.
+    type: dict
+    default: {}
+  wal_archive:
+    description:
+      - Directory of the archived WAL (what C(archive_command) copied to). The C(restore_command) copies from it.
+      - Mutually exclusive with O(restore_command).
+    type: path
+  restore_command:
+    description:
+      - The C(restore_command) to write, for archives that are not a plain directory (for example compressed
+        WAL or a remote store). It must fail for a file that does not exist.
+    type: str
+  check_wal:
+    description:
+      - With O(wal_archive), fail before restoring when the archive lacks a WAL segment the backup needs
+        (from C(start_wal) to C(stop_wal) of C(backup.json)).
+    type: bool
+    default: true
+  target:
+    description:
+      - Where recovery stops. V(latest) replays all archived WAL; V(immediate) stops as soon as the backup is
+        consistent; V(time), V(lsn), V(name) (a restore point) and V(xid) stop at O(target_value).
+    type: str
+    choices: [immediate, latest, time, lsn, name, xid]
+    default: latest
+  target_value:
+    description:
+      - The value for O(target=time) (a timestamp with a time zone, for example V(2026-11-29 10:15:00+00)),
+        O(target=lsn) (for example V(0/3000060)), O(target=name) or O(target=xid). Must be empty otherwise.
+    type: str
+  target_action:
+    description:
+      - What the server does at the target (C(recovery_target_action)). Not written for O(target=latest).
+    type: str
+    choices: [promote, pause, shutdown]
+    default: promote
+  target_timeline:
+    description:
+      - C(recovery_target_timeline) (V(latest), V(current) or a number).
+    type: str
+    default: latest
+  target_inclusive:
+    description:
+      - C(recovery_target_inclusive) for time, lsn and xid targets (stop after the target rather than just before it).
+    type: bool
+    default: true
+  port:
+    description:
+      - Port of the restored server. V(0) picks a free one (returned in RV(port)).
+      - The original server's port (from the copied configuration) is refused unless O(allow_original_port=true),
+        and a port in use always is.
+    type: int
+    required: true
+  allow_original_port:
+    description:
+      - Allow the original server's port, for a restore on another host that takes the original's place.
+    type: bool
+    default: false
+  listen_addresses:
+    description:
+      - C(listen_addresses) of the restored server. The default, empty, means the Unix socket only.
+    type: str
+    default: ''
+  socket_directory:
+    description:
+      - C(unix_socket_directories) of the restored server (one directory). Default C(/var/run/postgresql) when it
+        exists and is writable, else C(/tmp).
+    type: path
+  keep_archiving:
+    description:
+      - Keep the original's archiving settings. By default C(archive_mode=off) is written, so that the restored
+        server never archives into the original's WAL archive.
+    type: bool
+    default: false
+  access:
+    description:
+      - V(keep) keeps the restored C(pg_hba.conf).
+      - V(socket_trust) writes a C(pg_hba.conf) with C(local all all trust) only (and points C(hba_file) at it),
+        for drills on a scratch server; O(socket_directory) must then not be accessible to other users.
+    type: str
+    choices: [keep, socket_trust]
+    default: keep
+  settings:
+    description:
+      - More settings for the restored server, written into C(postgresql.auto.conf) after the others.
+    type: dict
+    default: {}
+  bin_dir:
+    description:
+      - Directory with C(pg_ctl) and C(postgres) of the backup's major version. Default is the first of
+        C(/usr/lib/postgresql/<major>/bin), C(/usr/pgsql-<major>/bin), C(/var/cache/pgops-online-backup/pg/<major>/bin)
+        whose C(postgres --version) matches.
+    type: path
+notes:
+  - Run it as the OS user that will run the restored server (C(become_user=postgres)); PostgreSQL refuses to run as root.
+  - The backup files are only read.
+seealso:
+  - module: pgops.online_backup.pg_restore_server
+  - module: pgops.online_backup.pg_backup_info
+  - name: Recovering using a continuous archive backup
+    description: PostgreSQL documentation.
+    link: https://www.postgresql.org/docs/current/continuous-archiving.html#BACKUP-PITR-RECOVERY
+"""
+
+EXAMPLES = r"""
+- name: Find the latest complete backup
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+    backup: latest
+  register: chosen
+
+- name: Restore it to a point in time, on port 5433
+  pgops.online_backup.pg_restore_prepare:
+    backup_path: "{{ chosen.backup.path }}"
+    data_directory: /srv/pg/restored
+    wal_archive: /backup/wal
+    target: time
+    target_value: "2026-11-29 10:15:00+00"
+    port: 5433
+    tablespace_map:
+      "16390": /srv/pg/restored_ts
+  become: true
+  become_user: postgres
+"""
+
+RETURN = r"""
+backup_id:
+  description: The restored backup.
+  returned: always
+  type: str
+data_directory:
+  description: The restored data directory.
+  returned: always
+  type: str
+major:
+  description: PostgreSQL major version of the backup.
+  returned: always
+  type: int
+bin_dir:
+  description: Directory of the C(pg_ctl) and C(postgres) to run the restored data directory with.
+  returned: always
+  type: str
+port:
+  description: Port of the restored server (the one picked when O(port=0)).
+  returned: always
+  type: int
+socket_directory:
+  description: Unix socket directory of the restored server.
+  returned: always
+  type: str
+tablespaces:
+  description: Each tablespace with C(oid), C(name), original C(location) and new C(path).
+  returned: always
+  type: list
+  elements: dict
+settings:
+  description: The settings written (or to be written, in check mode) into C(postgresql.auto.conf).
+  returned: always
+  type: dict
+method:
+  description: Backup method (C(tar), C(cpio), C(rsync)).
+  returned: always
+  type: str
+removed:
+  description: Files of the original server removed from the restored copy.
+  returned: success and not in check mode
+  type: list
+  elements: str
+seconds:
+  description: Time spent restoring.
+  returned: always
+  type: float
+"""
+
+import json
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore import (
+    AUTO_CONF_HEADER,
+    TARGETS,
+    RestoreError,
+    backup_sources,
+    check_target_against_backup,
+    check_targets,
+    config_port,
+    default_socket_directory,
+    disable_conf_lines,
+    extract,
+    find_bin_dir,
+    format_tablespace_map,
+    link_tablespaces,
+    listen_hosts,
+    major_of,
+    missing_wal,
+    monotonic,
+    needed_tools,
+    now_utc,
+    original_port,
+    parse_tablespace_map,
+    peek_tar_config,
+    pick_free_port,
+    place_label_files,
+    plan_tablespaces,
+    port_in_use,
+    prepare_directory,
+    recovery_settings,
+    render_auto_conf,
+    require_absolute,
+    restore_command_for,
+    tidy_data_directory,
+    undo_directory,
+    validate_port,
+    validate_target,
+    wal_files_needed,
+    writable_parent,
+    write_minimal_configs,
+    write_text,
+)
+
+
+def read_backup(path: str) -> dict:
+    info_path = os.path.join(path, "backup.json")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise RestoreError(f"{path} is not a backup: it has no backup.json") from None
+    except (OSError, ValueError) as e:
+        raise RestoreError(f"{info_path} cannot be read: {e}") from None
+    if not isinstance(info, dict):
+        raise RestoreError(f"{info_path} is not a JSON object")
+    if info.get("status") != "complete":
+        raise RestoreError(
+            f"backup {info.get('id') or path} is not complete (status: {info.get('status')}); it cannot be trusted"
+        )
+    return info
+
+
+def read_tablespace_map(sources: dict, backup_dir: str) -> list:
+    """The tablespace_map the backup carries (root for tar/cpio, data/ for rsync)."""
+    where = (
+        os.path.join(sources["base"], "tablespace_map")
+        if sources["method"] == "rsync"
+        else os.path.join(backup_dir, "tablespace_map")
+    )
+    try:
+        with open(where, encoding="utf-8", errors="surrogateescape") as f:
+            return parse_tablespace_map(f.read())
+    except FileNotFoundError:
+        return []
+
+
+def free_space_problem(data_dir: str, spaces: list, states: list, needed) -> str | None:
+    """Why the restore will not fit (None when it will, or when it cannot be told)."""
+    try:
+        needed = int(needed or 0)
+    except (TypeError, ValueError):
+        return None
+    if needed <= 0 or any(state == "not_empty" for _path, state in states):
+        return None
+
+    def existing(path: str) -> str:
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return path
+
+    base = existing(data_dir)
+    if any(os.stat(existing(ts["path"])).st_dev != os.stat(base).st_dev for ts in spaces):
+        return None  # split across filesystems: the backup does not say how much goes where
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    if free < needed:
+        return f"{base} has {free // 1048576} MB free; the backup needs {needed // 1048576} MB"
+    return None
+
+
+def original_server_port(info: dict, sources: dict):
+    """The original server's port: from backup.json, or the copied configuration (read from the start of base.tar).
+
+    None for cpio backups without it in backup.json; they are checked again once extracted.
+    """
+    if str(info.get("port") or "").isdigit():
+        return int(info["port"])
+    if sources["method"] == "rsync":
+        return original_port(sources["base"])
+    if sources["method"] == "tar":
+        found = peek_tar_config(sources["base"])
+        if "postgresql.conf" in found:
+            return config_port([found["postgresql.conf"], found.get("postgresql.auto.conf", "")]) or 5432
+    return None
+
+
+def check_original_port(port: int, orig_port, allowed: bool) -> None:
+    if orig_port and int(orig_port) == port and not allowed:
+        raise RestoreError(
+            f"port {port} is the original server's port; choose another (or allow_original_port for a host that replaces it)"
+        )
+
+
+def plan(module) -> dict:
+    """Every check, no change. Returns what the restore will do."""
+    p = module.params
+    if os.geteuid() == 0:
+        raise RestoreError(
+            "this runs as root: PostgreSQL refuses to run as root and the restored files must belong to the server's "
+            "OS user; run it as that user (become: true, become_user: postgres)"
+        )
+    backup_dir = require_absolute("backup_path", p["backup_path"])
+    data_dir = require_absolute("data_directory", p["data_directory"])
+    warnings = validate_target(p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"])
+    port = validate_port(p["port"])
+    if p["wal_archive"]:
+        require_absolute("wal_archive", p["wal_archive"])
+    if p["restore_command"] is not None and not p["restore_command"].strip():
+        raise RestoreError("restore_command is empty")
+    if "\n" in (p["restore_command"] or ""):
+        raise RestoreError("restore_command must be one line")
+    info = read_backup(backup_dir)
+    check_target_against_backup(p["target"], p["target_value"], info)
+    try:
+        major = major_of(info.get("pg_version") or info.get("pg_version_text") or "")
+    except RestoreError as e:
+        raise RestoreError(f"backup.json of {backup_dir}: {e}") from None
+    sources = backup_sources(backup_dir, info)
+    mapping = {str(k): v for k, v in (p["tablespace_map"] or {}).items()}
+    spaces = plan_tablespaces(info.get("tablespaces") or [], read_tablespace_map(sources, backup_dir), mapping)
+    missing_archives = [ts["oid"] for ts in spaces if ts["oid"] not in sources["spaces"]]
+    if missing_archives:
+        raise RestoreError(f"backup {backup_dir} lacks the files of tablespace(s) {', '.join(missing_archives)}")
+    states = check_targets(data_dir, spaces, p["force"], backup_dir, live=info)
+    for path, _state in states:
+        why = writable_parent(path)
+        if why:
+            raise RestoreError(why)
+    why = free_space_problem(data_dir, spaces, states, info.get("source_bytes"))
+    if why:
+        raise RestoreError(f"not enough space to restore: {why}")
+    needed_tools(sources)
+    bin_dir = find_bin_dir(major, p["bin_dir"])
+
+    if p["wal_archive"]:
+        restore_command = restore_command_for(p["wal_archive"])
+        if p["check_wal"]:
+            lacking = missing_wal(p["wal_archive"], wal_files_needed(info.get("start_wal"), info.get("stop_wal")))
+            if lacking:
+                raise RestoreError(
+                    f"the WAL archive {p['wal_archive']} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
+                    "to become consistent; the restore could never succeed"
+                )
+    else:
+        restore_command = p["restore_command"]
+
+    socket_dir = p["socket_directory"] or default_socket_directory()
+    require_absolute("socket_directory", socket_dir)
+    if not os.path.isdir(socket_dir):
+        raise RestoreError(f"socket_directory {socket_dir} does not exist")
+    if p["access"] == "socket_trust" and os.stat(socket_dir).st_mode & 0o007:
+        raise RestoreError(f"access socket_trust needs a socket_directory other users cannot enter; {socket_dir} is open to them")
+    addresses = listen_hosts(p["listen_addresses"])
+    orig_port = original_server_port(info, sources)
+    if port == 0:
+        port = pick_free_port(socket_dir, addresses, avoid=(int(orig_port or 5432), 5432))
+    else:
+        check_original_port(port, orig_port, p["allow_original_port"])
+        busy = port_in_use(port, socket_dir, addresses)
+        if busy:
+            raise RestoreError(f"port {port} cannot be used by the restored server: {busy}")
+
+    settings = recovery_settings(
+        restore_command, p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"]
+    )
+    settings.update(port=port, listen_addresses=p["listen_addresses"], unix_socket_directories=socket_dir, external_pid_file="")
+    if not p["keep_archiving"]:
+        settings["archive_mode"] = "off"
+    if p["access"] == "socket_trust":
+        settings["hba_file"] = os.path.join(data_dir, "pg_hba.conf")
+    for key, value in (p["settings"] or {}).items():
+        if key.lower() in ("restore_command",) or key.lower().startswith("recovery_target"):
+            raise RestoreError(f"setting {key} is managed by this module (use target, target_value, restore_command)")
+        settings[key] = value
+    for w in warnings:
+        module.warn(w)
+    return {
+        "info": info, "backup_dir": backup_dir, "data_dir": data_dir, "major": major, "sources": sources,
+        "spaces": spaces, "states": states, "bin_dir": bin_dir, "settings": settings, "port": port,
+        "socket_dir": socket_dir, "orig_port": orig_port,
+    }  # fmt: skip
+
+
+def restore(module, pl: dict) -> dict:
+    """The file work, in an order where a failure can be undone."""
+    p = module.params
+    data_dir, sources, method = pl["data_dir"], pl["sources"], pl["sources"]["method"]
+    out = {"removed": [], "created": [], "disabled": []}
+    for path, state in pl["states"]:
+        prepare_directory(path, state)
+    extract(sources["base"], data_dir, method)
+    for ts in pl["spaces"]:
+        extract(sources["spaces"][ts["oid"]], ts["path"], method)
+    try:
+        with open(os.path.join(data_dir, "PG_VERSION")) as f:
+            found = int(f.read().strip())
+    except (OSError, ValueError):
+        raise RestoreError(
+            f"the restored {data_dir} has no PG_VERSION: {os.path.basename(sources['base'])} is not a data directory"
+        ) from None
+    if found != pl["major"]:
+        raise RestoreError(f"the restored data directory is PostgreSQL {found}, backup.json says {pl['major']}")
+    if not pl["orig_port"] and p["port"] != 0:
+        check_original_port(pl["port"], original_port(data_dir), p["allow_original_port"])
+    place_label_files(pl["backup_dir"], data_dir, method)
+    if not os.path.exists(os.path.join(data_dir, "backup_label")):
+        raise RestoreError("the backup has no backup_label: without it recovery would start from the wrong checkpoint")
+    map_path = os.path.join(data_dir, "tablespace_map")
+    if pl["spaces"]:
+        write_text(map_path, format_tablespace_map([(ts["oid"], ts["path"]) for ts in pl["spaces"]]))
+    out["removed"] = tidy_data_directory(data_dir, pl["major"])
+    link_tablespaces(data_dir, pl["spaces"])
+    out["created"] = write_minimal_configs(data_dir)
+    if p["access"] == "socket_trust":
+        write_text(
+            os.path.join(data_dir, "pg_hba.conf"),
+            "# pgops.online_backup drill: Unix socket in a private directory only\nlocal all all trust\n",
+        )
+    conf = os.path.join(data_dir, "postgresql.conf")
+    with open(conf, encoding="utf-8", errors="surrogateescape") as f:
+        text, out["disabled"] = disable_conf_lines(f.read())
+    if out["disabled"]:
+        with open(conf, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+    auto = os.path.join(data_dir, "postgresql.auto.conf")
+    try:
+        with open(auto, encoding="utf-8", errors="surrogateescape") as f:
+            existing = f.read()
+    except FileNotFoundError:
+        existing = ""
+    header = f"{AUTO_CONF_HEADER}: restore of backup {pl['info'].get('id')} at {now_utc()}"
+    write_text(auto, render_auto_conf(existing, pl["settings"], header))
+    write_text(os.path.join(data_dir, "recovery.signal"), "")
+    os.chmod(data_dir, 0o700)
+    return out
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            backup_path=dict(type="path", required=True),
+            data_directory=dict(type="path", required=True),
+            force=dict(type="bool", default=False),
+            tablespace_map=dict(type="dict", default={}),
+            wal_archive=dict(type="path"),
+            restore_command=dict(type="str"),
+            check_wal=dict(type="bool", default=True),
+            target=dict(type="str", default="latest", choices=list(TARGETS)),
+            target_value=dict(type="str"),
+            target_action=dict(type="str", default="promote", choices=["promote", "pause", "shutdown"]),
+            target_timeline=dict(type="str", default="latest"),
+            target_inclusive=dict(type="bool", default=True),
+            port=dict(type="int", required=True),
+            allow_original_port=dict(type="bool", default=False),
+            listen_addresses=dict(type="str", default=""),
+            socket_directory=dict(type="path"),
+            keep_archiving=dict(type="bool", default=False),
+            access=dict(type="str", default="keep", choices=["keep", "socket_trust"]),
+            settings=dict(type="dict", default={}),
+            bin_dir=dict(type="path"),
+        ),
+        mutually_exclusive=[("wal_archive", "restore_command")],
+        required_one_of=[("wal_archive", "restore_command")],
+        supports_check_mode=True,
+    )
+    began = monotonic()
+    try:
+        pl = plan(module)
+    except (RestoreError, OSError) as e:
+        module.fail_json(msg=f"restore refused, nothing was changed: {e}")
+    result = {
+        "backup_id": pl["info"].get("id"),
+        "data_directory": pl["data_dir"],
+        "major": pl["major"],
+        "bin_dir": pl["bin_dir"],
+        "port": pl["port"],
+        "socket_directory": pl["socket_dir"],
+        "tablespaces": pl["spaces"],
+        "settings": pl["settings"],
+        "method": pl["sources"]["method"],
+        "compression": pl["sources"]["compression"],
+        "target": module.params["target"],
+        "target_value": module.params["target_value"],
+    }
+    where = pl["data_dir"] + "".join(f", tablespace {ts['oid']} to {ts['path']}" for ts in pl["spaces"])
+    replaced = [path for path, state in pl["states"] if state == "not_empty"]
+    what = f"backup {result['backup_id']} ({result['method']}, PostgreSQL {pl['major']}) into {where}"
+    if module.check_mode:
+        note = f"; would replace the content of {', '.join(replaced)}" if replaced else ""
+        module.exit_json(changed=True, msg=f"would restore {what}, port {pl['port']}{note}", seconds=0.0, **result)
+    try:
+        done = restore(module, pl)
+    except (RestoreError, OSError) as e:
+        for path, state in pl["states"]:
+            undo_directory(path, state)
+        module.fail_json(msg=f"restore of {what} failed: {e}; the target directories were put back as they were", **result)
+    result.update(done, seconds=round(monotonic() - began, 3))
+    module.exit_json(changed=True, msg=f"restored {what}, ready to start on port {pl['port']}", **result)
+
+
+if __name__ == "__main__":
+    main()

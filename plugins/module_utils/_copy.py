@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -374,14 +375,45 @@ def _sh_quote(s: str) -> str:
     return "'" + s.replace("'", "'\"'\"'") + "'"
 
 
-def rsync_tree(root: str, files: list, dest: str, remote_host: str | None = None, ssh_cmd: str | None = None) -> dict:
-    """Copy the listed files of root into dest (a directory) with rsync."""
+class Remote:
+    """The repository host, reached from the database host with ssh."""
+
+    def __init__(self, target: str, port: int = 22, options: list | None = None):
+        self.target = target
+        self.ssh = ["ssh", "-p", str(port), "-o", "BatchMode=yes", *(options or [])]
+        self.prefix = [*self.ssh, target]
+
+    def run(self, command: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.prefix + [command], capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise CopyError(f"on {self.target}: {command!r} failed: {proc.stderr.decode(errors='replace').strip()}")
+        return proc
+
+    def write(self, path: str, data: bytes) -> None:
+        proc = subprocess.run(
+            self.prefix + [f"umask 077 && cat > {_sh_quote(path)}"], input=data, capture_output=True, check=False
+        )
+        if proc.returncode != 0:
+            raise CopyError(f"cannot write {path} on {self.target}: {proc.stderr.decode(errors='replace').strip()}")
+
+    def makedirs(self, path: str) -> None:
+        self.run(f"mkdir -p -m 0700 {_sh_quote(path)}")
+
+    def symlink(self, target: str, path: str) -> None:
+        self.run(f"ln -s {_sh_quote(target)} {_sh_quote(path)}")
+
+    def is_dir(self, path: str) -> bool:
+        return subprocess.run(self.prefix + [f"test -d {_sh_quote(path)}"], capture_output=True, check=False).returncode == 0
+
+
+def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None) -> dict:
+    """Copy the listed files of root into dest (a directory, here or on remote) with rsync."""
     t0 = time.monotonic()
-    target = f"{remote_host}:{dest}/" if remote_host else dest.rstrip("/") + "/"
+    target = f"{remote.target}:{dest.rstrip('/')}/" if remote else dest.rstrip("/") + "/"
     # --checksum is not needed here: dest is always a new, empty directory.
     cmd = ["rsync", "-a", "--from0", "--files-from=-", "--inplace", "--whole-file"]
-    if remote_host and ssh_cmd:
-        cmd += ["-e", ssh_cmd]
+    if remote:
+        cmd += ["-e", " ".join(shlex.quote(a) for a in remote.ssh)]
     cmd += [root.rstrip("/") + "/", target]
     proc = subprocess.run(cmd, input="\0".join(files).encode() + b"\0", capture_output=True, check=False)
     err = proc.stderr.decode(errors="replace")

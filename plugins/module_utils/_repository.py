@@ -95,15 +95,15 @@ def _lock_is_stale(repository: str, path: str, lock: dict, grace: float) -> str 
         age = time.time() - datetime.datetime.fromisoformat(lock["created_at"]).timestamp()
     except (KeyError, ValueError):
         return "it is unreadable"
-    if lock.get("host") != socket.gethostname():
-        # Another host's keeper cannot be seen from here: trust the lock for a day.
+    if lock.get("host") != socket.gethostname() or not lock.get("keeper_local", True):
+        # A keeper on another host cannot be seen from here: trust the lock for a day.
         return f"it is {int(age)}s old" if age > 86400 else None
     if age <= grace:
         return None  # the run that took it may be about to start its keeper
     return f"no session keeper holds it and backup {bid} has not been touched for {int(age)}s"
 
 
-def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 120) -> tuple:
+def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 120, keeper_local: bool = True) -> tuple:
     """Take the cluster's lock in this repository; (path, note about a broken stale lock)."""
     ensure_private_dir(os.path.join(repository, LOCK_DIR))
     path = lock_path(repository, cluster)
@@ -125,7 +125,9 @@ def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 1
             os.unlink(path)
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump({"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "pid": os.getpid()}, f)
+            json.dump(
+                {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "keeper_local": keeper_local}, f
+            )
         return path, note
     raise RepositoryError(f"could not take the lock {path}")
 

@@ -505,8 +505,6 @@ def writable_parent(path: str) -> str | None:
         probe = parent
     if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
         return None
-    if probe == path and os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
-        return None
     return f"{probe} is not writable by uid {os.geteuid()}: create {path} for this user first, or run as its owner"
 
 

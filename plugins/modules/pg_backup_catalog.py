@@ -68,6 +68,12 @@ options:
       - Unset writes no manifest. A manifest that cannot be written fails the task and the backup is not marked complete.
     type: str
     choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+  keeper_local:
+    description:
+      - With O(state=running), whether the backup's session keeper runs on this host and holds the lock's flock (a
+        repository on the database host). A lock of a remote keeper is trusted for a day.
+    type: bool
+    default: true
   keep:
     description: With O(state=complete), how many complete backups of this cluster to keep (0 keeps all).
     type: int
@@ -155,6 +161,7 @@ def main():
             fields=dict(type="dict", default={}),
             forbidden_roots=dict(type="list", elements="path", default=[]),
             lock_grace=dict(type="float", default=120),
+            keeper_local=dict(type="bool", default=True),
             keep=dict(type="int", default=0),
             manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
             error=dict(type="str", default=""),
@@ -179,7 +186,7 @@ def main():
             ensure_private_dir(repo)
             bid, path = create_backup_dir(repo)
             try:
-                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_grace"])
+                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_grace"], p["keeper_local"])
             except RepositoryError:
                 os.rmdir(path)
                 raise

@@ -75,6 +75,21 @@ options:
       - Unset records nothing. V(CRC32C) is left to the manifest module.
     type: str
     choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+  repository_host:
+    description:
+      - Write the backup on this host instead, reached with ssh as C([user@]host) from the database host (by the OS
+        user the module runs as, with a key: no password prompt). tar and cpio stream over ssh; rsync copies over ssh.
+      - O(dest) is then a path on that host.
+    type: str
+  ssh_port:
+    description: ssh port of O(repository_host).
+    type: int
+    default: 22
+  ssh_options:
+    description: Further ssh options, e.g. C([-i, /var/lib/postgresql/.ssh/id_backup]).
+    type: list
+    elements: str
+    default: []
   exclude_directories:
     description: Further directories (relative to the data directory) whose contents are left out, e.g. a
       C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
@@ -117,6 +132,7 @@ seconds:
   type: float
 """
 
+import json
 import os
 import time
 
@@ -125,6 +141,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
     ENTRIES_FILE,
     CopyError,
+    Remote,
     archive,
     hash_tree,
     rsync_tree,
@@ -152,6 +169,9 @@ def main():
             threads=dict(type="int", default=0),
             server_version_num=dict(type="int", default=150000),
             exclude_directories=dict(type="list", elements="str", default=[]),
+            repository_host=dict(type="str"),
+            ssh_port=dict(type="int", default=22),
+            ssh_options=dict(type="list", elements="str", default=[]),
             manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
         supports_check_mode=True,
@@ -160,8 +180,10 @@ def main():
     data, dest, method = p["data_directory"], p["dest"], p["method"]
     if not os.path.isfile(os.path.join(data, "PG_VERSION")):
         module.fail_json(msg=f"{data} is not a PostgreSQL data directory (no PG_VERSION)")
-    if not os.path.isdir(dest):
-        module.fail_json(msg=f"dest {dest} is not a directory")
+    remote = Remote(p["repository_host"], p["ssh_port"], p["ssh_options"]) if p["repository_host"] else None
+    if not (remote.is_dir(dest) if remote else os.path.isdir(dest)):
+        where = f" on {p['repository_host']}" if remote else ""
+        module.fail_json(msg=f"dest {dest} is not a directory{where} (or the host cannot be reached with ssh)")
     spaces = []
     for ts in p["tablespaces"]:
         if "oid" not in ts or "location" not in ts:
@@ -191,20 +213,24 @@ def main():
             seconds=0.0,
         )
     algorithm = p["manifest_checksum"] if p["manifest_checksum"] != "CRC32C" else None
+    if remote and method == "rsync":
+        algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
     entries = [] if algorithm else None
     written = []
     try:
         if method == "rsync":
             out = os.path.join(dest, "data")
-            os.makedirs(out, mode=0o700, exist_ok=True)
-            rsync_tree(data, files, out)
-            os.makedirs(os.path.join(out, "pg_tblspc"), mode=0o700, exist_ok=True)
+            mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
+            link = remote.symlink if remote else os.symlink
+            mkdirs(out)
+            rsync_tree(data, files, out, remote)
+            mkdirs(os.path.join(out, "pg_tblspc"))
             for oid, loc, tfiles, _size in ts_lists:
                 tdir = os.path.join(dest, "tablespaces", oid)
-                os.makedirs(tdir, mode=0o700, exist_ok=True)
-                rsync_tree(loc, tfiles, tdir)
+                mkdirs(tdir)
+                rsync_tree(loc, tfiles, tdir, remote)
                 # Relative link: the backup directory can move as a whole.
-                os.symlink(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
+                link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
                 if algorithm:
                     entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
             if algorithm:
@@ -218,15 +244,29 @@ def main():
             for name, root, flist in jobs:
                 scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
                 out_path = os.path.join(dest, name + suffix)
-                r = archive(method, root, flist, out_path, p["compression"], p["compression_level"], threads, scanner=scanner)
+                r = archive(
+                    method,
+                    root,
+                    flist,
+                    out_path,
+                    p["compression"],
+                    p["compression_level"],
+                    threads,
+                    remote=remote.prefix if remote else None,
+                    scanner=scanner,
+                )
                 if scanner is not None:
                     entries += scanner.entries
                 written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
                 total += r["bytes"]
+        if entries is not None:
+            record = {"algorithm": algorithm, "entries": entries}
+            if remote:
+                remote.write(os.path.join(dest, ENTRIES_FILE), json.dumps(record).encode())
+            else:
+                write_json(os.path.join(dest, ENTRIES_FILE), record)
     except (CopyError, OSError) as e:
         module.fail_json(msg=f"copy failed: {e}", files=written)
-    if entries is not None:
-        write_json(os.path.join(dest, ENTRIES_FILE), {"algorithm": algorithm, "entries": entries})
     seconds = round(time.monotonic() - t0, 3)
     module.exit_json(
         changed=True,

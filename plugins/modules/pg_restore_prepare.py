@@ -151,6 +151,8 @@ options:
   settings:
     description:
       - More settings for the restored server, written into C(postgresql.auto.conf) after the others.
+      - The settings the other options manage (C(port), C(listen_addresses), C(unix_socket_directories),
+        C(archive_mode), C(hba_file), C(external_pid_file), C(restore_command), C(recovery_target*)) are refused here.
     type: dict
     default: {}
   bin_dir:
@@ -234,6 +236,16 @@ removed:
   returned: success and not in check mode
   type: list
   elements: str
+created:
+  description: Configuration files the backup lacked and that were created (C(postgresql.conf), C(pg_hba.conf), C(pg_ident.conf)).
+  returned: success and not in check mode
+  type: list
+  elements: str
+disabled:
+  description: Lines of the restored C(postgresql.conf) commented out (C(data_directory), recovery settings).
+  returned: success and not in check mode
+  type: list
+  elements: str
 seconds:
   description: Time spent restoring.
   returned: always
@@ -286,6 +298,17 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore impor
     write_minimal_configs,
     write_text,
 )
+
+# Settings that keep the restored server away from the original: only through their options.
+MANAGED_SETTINGS = {
+    "restore_command": "restore_command or wal_archive",
+    "port": "port",
+    "listen_addresses": "listen_addresses",
+    "unix_socket_directories": "socket_directory",
+    "archive_mode": "keep_archiving",
+    "hba_file": "access",
+    "external_pid_file": "(none; the original's pid file is never shared)",
+}
 
 
 def read_backup(path: str) -> dict:
@@ -445,8 +468,9 @@ def plan(module) -> dict:
     if p["access"] == "socket_trust":
         settings["hba_file"] = os.path.join(data_dir, "pg_hba.conf")
     for key, value in (p["settings"] or {}).items():
-        if key.lower() in ("restore_command",) or key.lower().startswith("recovery_target"):
-            raise RestoreError(f"setting {key} is managed by this module (use target, target_value, restore_command)")
+        option = MANAGED_SETTINGS.get(key.lower(), "target" if key.lower().startswith("recovery_target") else None)
+        if option:
+            raise RestoreError(f"setting {key} is managed by this module: use its {option} option")
         settings[key] = value
     for w in warnings:
         module.warn(w)

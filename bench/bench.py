@@ -80,7 +80,7 @@ def main() -> int:
             cmd = f"tar -C {c.data} -cf - --exclude=./pg_wal/* . | zstd -q -T2 > {d}/base.tar.zst"
             subprocess.run(cmd, shell=True, check=True)
 
-        def ours(method: str, compression: str):
+        def ours(method: str, compression: str, **more):
             def run():
                 repo = fresh(f"ours-{method}-{compression}")
                 r = run_playbook(
@@ -93,6 +93,7 @@ def main() -> int:
                         "pg_backup_method": method,
                         "pg_backup_compression": compression,
                         "pg_backup_fast_checkpoint": True,
+                        **more,
                     },
                     workdir=tempfile.mkdtemp(prefix="pgops-bench-pb-"),
                 )
@@ -101,7 +102,7 @@ def main() -> int:
                 (bid,) = [n for n in os.listdir(repo) if n[0].isdigit()]
                 info = json.load(open(os.path.join(repo, bid, "backup.json")))
                 run.copy_seconds = float(info["copy_seconds"])
-                run.manifest_seconds = float(info.get("manifest_seconds") or 0)
+                run.manifest_seconds = float((info.get("manifest") or {}).get("seconds") or 0)
 
             return run
 
@@ -109,6 +110,7 @@ def main() -> int:
             ("pg_basebackup -Ft client-zstd -c fast", basebackup),
             ("raw tar | zstd -T2", raw_tar),
             ("playbook tar+zstd", ours("tar", "zstd")),
+            ("playbook tar+zstd, manifest NONE", ours("tar", "zstd", pg_backup_manifest_checksum="NONE")),
             ("playbook tar (none)", ours("tar", "none")),
             ("playbook rsync", ours("rsync", "none")),
         ]

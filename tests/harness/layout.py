@@ -8,9 +8,8 @@ import json
 import os
 import shutil
 import subprocess
-import time
 
-from harness.pg import PG_USER, Cluster, chown_pg
+from harness.pg import Cluster, recover
 
 DECOMPRESS = {".zst": ["zstd", "-dc"], ".lz4": ["lz4", "-dc"], ".gz": ["gzip", "-dc"]}
 
@@ -55,25 +54,4 @@ def restore_backup(backup_dir: str, archive: str, major: int, target: str = "imm
         # tablespace_map: "<oid> <path>" per line; point each at its new place.
         with open(os.path.join(c.data, "tablespace_map"), "w") as f:
             f.write("".join(f"{oid} {path}\n" for oid, path in spaces.items()))
-    for d in ("pg_wal/archive_status",):
-        os.makedirs(os.path.join(c.data, d), exist_ok=True)
-    subprocess.run(["chown", "-R", f"{PG_USER}:", c.root], check=True)
-    os.chmod(c.data, 0o700)
-    with open(os.path.join(c.data, "postgresql.auto.conf"), "a") as f:
-        f.write(f"restore_command = 'cp {archive}/%f %p'\n")
-        if target == "immediate":
-            f.write("recovery_target = 'immediate'\nrecovery_target_action = 'promote'\n")
-    c.set_conf(port=c.port, unix_socket_directories=f"'{c.sock}'", listen_addresses="''", archive_mode="off")
-    open(os.path.join(c.data, "recovery.signal"), "w").close()
-    chown_pg(os.path.join(c.data, "recovery.signal"))
-    try:
-        c.start()
-        deadline = time.monotonic() + timeout
-        while c.sql("SELECT pg_is_in_recovery()")[0][0]:
-            assert time.monotonic() < deadline, "recovery did not finish"
-            time.sleep(0.1)
-    except Exception:  # noqa: BLE001 - any failure: show the server log, then re-raise
-        log = open(c.log).read()[-4000:] if os.path.exists(c.log) else ""
-        c.destroy()
-        raise AssertionError(f"restore failed; server log:\n{log}") from None
-    return c
+    return recover(c, archive, target, timeout)

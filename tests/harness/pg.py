@@ -153,11 +153,36 @@ class Cluster:
         return {"login_unix_socket": self.sock, "port": self.port, "login_user": PG_USER}
 
 
-def restore_tar_backup(
-    major: int, tar_path: str, label_dir: str, archive: str, root: str | None = None, target: str = "immediate"
-) -> Cluster:
-    """PostgreSQL's documented manual restore: unpack, place backup_label,
-    restore_command from the archive, recovery.signal, start."""
+def recover(c: Cluster, archive: str, target: str = "immediate", timeout: float = 90) -> Cluster:
+    """The end of PostgreSQL's documented manual restore, for a data directory
+    already in place with its backup_label: restore_command from the archive,
+    recovery.signal, start, wait until recovery ends."""
+    for d in ("pg_wal", "pg_wal/archive_status"):
+        os.makedirs(os.path.join(c.data, d), exist_ok=True)
+    subprocess.run(["chown", "-R", f"{PG_USER}:", c.root], check=True)
+    os.chmod(c.data, 0o700)
+    with open(os.path.join(c.data, "postgresql.auto.conf"), "a") as f:
+        f.write(f"restore_command = 'cp {archive}/%f %p'\n")
+        if target == "immediate":
+            f.write("recovery_target = 'immediate'\nrecovery_target_action = 'promote'\n")
+    c.set_conf(port=c.port, unix_socket_directories=f"'{c.sock}'", listen_addresses="''", archive_mode="off")
+    open(os.path.join(c.data, "recovery.signal"), "w").close()
+    chown_pg(os.path.join(c.data, "recovery.signal"))
+    try:
+        c.start()
+        deadline = time.monotonic() + timeout
+        while c.sql("SELECT pg_is_in_recovery()")[0][0]:
+            assert time.monotonic() < deadline, "recovery did not finish"
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any failure: show the server log, then re-raise
+        log = open(c.log).read()[-4000:] if os.path.exists(c.log) else ""
+        c.destroy()
+        raise AssertionError(f"restore failed; server log:\n{log}") from None
+    return c
+
+
+def restore_tar_backup(major: int, tar_path: str, label_dir: str, archive: str, target: str = "immediate") -> Cluster:
+    """Manual restore of a plain tar of a data directory plus the label files in label_dir."""
     c = Cluster(major, name="restore")
     os.makedirs(c.data, mode=0o700)
     subprocess.run(["tar", "-xf", tar_path, "-C", c.data], check=True)
@@ -165,26 +190,4 @@ def restore_tar_backup(
         src = os.path.join(label_dir, name)
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(c.data, name))
-    for d in ("pg_wal", "pg_wal/archive_status"):
-        os.makedirs(os.path.join(c.data, d), exist_ok=True)
-    subprocess.run(["chown", "-R", f"{PG_USER}:", c.data], check=True)
-    os.chmod(c.data, 0o700)
-    with open(os.path.join(c.data, "postgresql.auto.conf"), "a") as f:
-        f.write(f"restore_command = 'cp {archive}/%f %p'\n")
-        if target == "immediate":
-            f.write("recovery_target = 'immediate'\nrecovery_target_action = 'promote'\n")
-    c.set_conf(
-        port=c.port,
-        unix_socket_directories=f"'{c.sock}'",
-        listen_addresses="''",
-        archive_mode="off",
-    )
-    open(os.path.join(c.data, "recovery.signal"), "w").close()
-    chown_pg(os.path.join(c.data, "recovery.signal"))
-    c.start()
-    deadline = time.monotonic() + 60
-    while c.sql("SELECT pg_is_in_recovery()")[0][0]:
-        if time.monotonic() > deadline:
-            raise AssertionError("restored cluster did not finish recovery:\n" + open(c.log).read()[-3000:])
-        time.sleep(0.1)
-    return c
+    return recover(c, archive, target)

@@ -56,8 +56,19 @@ def main() -> int:
             print(run.stdout[-4000:])
             return 1
         (bid,) = [n for n in os.listdir(repo) if n[0].isdigit()]
+        print(f"== restore drill of {bid} (drill playbook: restore into a scratch directory, recover, check, clean up)")
+        drill = run_playbook(
+            os.path.join(REPO, "playbooks", "drill.yml"),
+            local_inventory(),
+            extra_vars={"pg_restore_repository": repo, "pg_restore_wal_archive": live.archive},
+            workdir=make_pg_dir("pgops-demo-drill-"),
+        )
         info = json.load(open(os.path.join(repo, bid, "backup.json")))
-        print(f"== restore check of {bid} (status {info['status']})")
+        print(f"   drill: {json.dumps(info.get('drill'), indent=None)[:600]}")
+        if drill.rc != 0:
+            print(drill.stdout[-4000:])
+            return 1
+        print(f"== row check of {bid} (status {info['status']}): a manual restore from the documented layout")
         from harness.layout import restore_backup
 
         restored = restore_backup(os.path.join(repo, bid), live.archive, major)

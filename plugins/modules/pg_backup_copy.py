@@ -78,7 +78,8 @@ options:
   repository_host:
     description:
       - Write the backup on this host instead, reached with ssh as C([user@]host) from the database host (by the OS
-        user the module runs as, with a key: no password prompt). tar and cpio stream over ssh; rsync copies over ssh.
+        user the module runs as, with a key, as no password can be prompted for). tar and cpio stream over ssh; rsync
+        copies over ssh.
       - O(dest) is then a path on that host.
     type: str
   ssh_port:

@@ -1,6 +1,8 @@
 """A fleet of loopback "hosts" for the molecule scenario (molecule/default):
 one sshd per 127.0.0.x address, reached as the non-root sudo user pgopsadm,
-with PostgreSQL clusters run by the postgres OS user on the hosts that have one.
+with PostgreSQL clusters run by the postgres OS user on the hosts that have one,
+and a repository host where a database host's backups (and its WAL archive)
+go over ssh, owned there by the unprivileged user pgopsrepo.
 
     python -m harness.fleet create  --state DIR   # prints molecule's instance config (JSON)
     python -m harness.fleet destroy --state DIR   # stops by pid what create started, removes it
@@ -29,10 +31,13 @@ from dataclasses import dataclass
 
 import yaml
 
-from harness.pg import PG_USER, TOOLS17, Cluster, as_postgres, chown_pg, free_port
+from harness.pg import PG_USER, TOOLS17, Cluster, as_postgres, chown_pg, free_port, pg_bin
 from harness.ssh import ADMIN_USER, SSHD, ensure_admin_user
 
 STATE_FILE = "fleet.json"
+# Owns the backups on the repository host; the database hosts' postgres user
+# logs in as it with a key (no sudo, so a database host cannot become root there).
+REPO_USER = "pgopsrepo"
 # Where Ansible's ssh connection keeps its masters, as molecule's ansible.cfg
 # names them (control_path = %(directory)s/%%h-%%p-%%r).
 CONTROL_DIR = os.path.expanduser("~/.ansible/cp")
@@ -44,14 +49,15 @@ class HostSpec:
     groups: tuple
     major: int | None = None  # PostgreSQL major, None for a host without a cluster
     upstream: str | None = None  # for a streaming standby: the primary's host name
+    repository_on: str | None = None  # the host that holds this cluster's backups and WAL archive (else itself)
 
 
-# The scenario's fleet, in start order (a standby after its primary).
+# The scenario's fleet, in start order (a repository host and a primary before the hosts that use them).
 FLEET = (
+    HostSpec("repository", ("backup_repository",)),
     HostSpec("pg17-primary", ("postgresql",), 17),
     HostSpec("pg17-standby", ("postgresql",), 17, upstream="pg17-primary"),
-    HostSpec("pg13-primary", ("postgresql",), 13),
-    HostSpec("repository", ("backup_repository",)),
+    HostSpec("pg13-primary", ("postgresql", "remote_repository"), 13, repository_on="repository"),
 )
 SEED_ROWS = 1000
 
@@ -67,7 +73,8 @@ def addresses(first: str, count: int) -> list:
     return [f"127.0.0.{start + i}" for i in range(count)]
 
 
-def sshd_config(address: str, port: int, host_dir: str, keys: str) -> str:
+def sshd_config(address: str, port: int, host_dir: str, keys: str, repository: bool = False) -> str:
+    """repository: also let REPO_USER in, with the database hosts' postgres key (for it alone)."""
     lines = [
         f"ListenAddress {address}:{port}",
         f"PidFile {host_dir}/sshd.pid",
@@ -78,14 +85,32 @@ def sshd_config(address: str, port: int, host_dir: str, keys: str) -> str:
         "PasswordAuthentication no",
         "KbdInteractiveAuthentication no",
         "UsePAM no",  # pam_loginuid can fail without a real init; sudo has its own PAM stack
-        f"AllowUsers {ADMIN_USER}",
+        f"AllowUsers {ADMIN_USER} {REPO_USER}" if repository else f"AllowUsers {ADMIN_USER}",
         "Subsystem sftp internal-sftp",
         "X11Forwarding no",
         "AllowTcpForwarding no",
         "PrintMotd no",
         "LogLevel VERBOSE",
     ]
+    if repository:
+        lines += [f"Match User {REPO_USER}", f"    AuthorizedKeysFile {keys}/authorized_keys {keys}/repository_authorized_keys"]
     return "\n".join(lines) + "\n"
+
+
+def ensure_user(name: str) -> None:
+    """An unprivileged login user (idempotent): key logins only, no password, not locked."""
+    if _run(["id", "-u", name], check=False).returncode != 0:
+        r = _run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=False)
+        if r.returncode not in (0, 9):  # 9: created meanwhile
+            raise RuntimeError(f"useradd {name} failed: {r.stderr}")
+    if _run(["getent", "shadow", name]).stdout.split(":")[1].startswith("!"):
+        _run(["usermod", "-p", "*", name])  # sshd without PAM refuses locked accounts
+
+
+def ssh_options(state: dict) -> list:
+    """How the postgres user of a database host reaches the host that holds its repository (port apart)."""
+    return ["-i", state["pg_key"], "-o", f"UserKnownHostsFile={state['pg_known_hosts']}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes"]  # fmt: skip
 
 
 def instance_config(state: dict) -> list:
@@ -119,6 +144,16 @@ def host_vars(host: dict) -> dict:
         )
     v["fleet_repository"] = host["repository"]
     v["fleet_scratch"] = host["scratch"]
+    if host.get("repository_host"):
+        v.update(
+            fleet_repository_host=host["repository_host"],
+            fleet_repository_user=REPO_USER,
+            fleet_repository_ssh_port=host["repository_ssh_port"],
+            fleet_repository_ssh_options=host["repository_ssh_options"],
+        )
+    if host.get("holds"):
+        # What a restore drill on this host needs: the repository it holds and that cluster's WAL and binaries.
+        v.update(fleet_repository_user=REPO_USER, **host["holds"][0])
     return v
 
 
@@ -188,6 +223,7 @@ class Fleet:
             raise RuntimeError(f"a fleet is already recorded in {self.state_path}: destroy it first")
         addrs = addresses(first_address, len(FLEET))
         ensure_admin_user()
+        ensure_user(REPO_USER)
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         base = tempfile.mkdtemp(prefix="pgops-fleet-", dir="/tmp")
         os.chmod(base, 0o755)
@@ -197,6 +233,7 @@ class Fleet:
         for spec, address in zip(FLEET, addrs):
             self.state["hosts"].append(self._start_host(spec, address))
             self.save()
+        self._trust_repository_hosts()
         for host in self.state["hosts"]:
             if host["major"]:
                 self._start_cluster(host)
@@ -211,8 +248,30 @@ class Fleet:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"pgops-fleet-{name}", "-f", f"{keys}/{name}"])
         shutil.copyfile(f"{keys}/client_ed25519.pub", f"{keys}/authorized_keys")
         os.chmod(f"{keys}/authorized_keys", 0o644)
-        self.state["keys"] = keys
-        self.state["client_key"] = f"{keys}/client_ed25519"
+        # The database hosts' postgres user: its own key, accepted for REPO_USER on repository hosts only.
+        pg_keys = os.path.join(keys, "postgres")
+        os.mkdir(pg_keys, 0o700)
+        chown_pg(pg_keys)
+        as_postgres(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pgops-fleet-postgres", "-f", f"{pg_keys}/id_ed25519"])
+        shutil.copyfile(f"{pg_keys}/id_ed25519.pub", f"{keys}/repository_authorized_keys")
+        os.chmod(f"{keys}/repository_authorized_keys", 0o644)
+        self.state.update(
+            keys=keys,
+            client_key=f"{keys}/client_ed25519",
+            pg_key=f"{pg_keys}/id_ed25519",
+            pg_known_hosts=f"{pg_keys}/known_hosts",
+        )
+
+    def _trust_repository_hosts(self) -> None:
+        """known_hosts of the postgres user: the repository hosts' keys, so ssh checks them strictly."""
+        with open(f"{self.state['keys']}/host_ed25519.pub") as f:
+            host_key = " ".join(f.read().split()[:2])
+        path = self.state["pg_known_hosts"]
+        with open(path, "w") as f:
+            for host in self.state["hosts"]:
+                if host.get("holds") is not None:
+                    f.write(f"[{host['address']}]:{host['ssh_port']} {host_key}\n")
+        chown_pg(path)
 
     def _host_by_name(self, name: str) -> dict:
         return next(h for h in self.state["hosts"] if h["name"] == name)
@@ -220,12 +279,14 @@ class Fleet:
     def _start_host(self, spec: HostSpec, address: str) -> dict:
         host_dir = os.path.join(self.state["base"], spec.name)
         os.mkdir(host_dir, 0o755)
-        # The repository's parent belongs to postgres: the role creates the repository itself (0700).
-        backup_dir = os.path.join(host_dir, "backup")
-        scratch = os.path.join(host_dir, "scratch")  # restore drills run their scratch servers here
-        for d in (backup_dir, scratch):
+        held = [s for s in FLEET if s.repository_on == spec.name]
+        owner = REPO_USER if held else PG_USER
+        # The repositories' parent belongs to their owner: the role creates each repository itself (0700).
+        # Restore drills run their scratch servers in scratch/; wal/ holds the WAL archives of the held clusters.
+        backup_dir, scratch, wal = (os.path.join(host_dir, d) for d in ("backup", "scratch", "wal"))
+        for d in (backup_dir, scratch, wal):
             os.mkdir(d, 0o700)
-            chown_pg(d)
+            shutil.chown(d, owner, owner)
         host = {
             "name": spec.name,
             "groups": list(spec.groups),
@@ -235,13 +296,34 @@ class Fleet:
             "scratch": scratch,
             "upstream": spec.upstream,
             "major": spec.major,
+            "repository_host": spec.repository_on,
+            "holds": [] if held else None,
         }
+        if spec.repository_on:
+            store = self._host_by_name(spec.repository_on)  # started earlier: FLEET lists it first
+            host.update(
+                repository=os.path.join(store["dir"], "backup", spec.name),
+                archive=os.path.join(store["dir"], "wal", spec.name),
+                repository_owner=REPO_USER,
+                repository_ssh_port=store["ssh_port"],
+                repository_ssh_options=ssh_options(self.state),
+            )
+            _run(["install", "-d", "-m", "0700", "-o", REPO_USER, "-g", REPO_USER, host["archive"]])
+            store["holds"].append(
+                {
+                    "fleet_held_for": spec.name,
+                    "fleet_repository": host["repository"],
+                    "fleet_pg_archive": host["archive"],
+                    "fleet_pg_bin": pg_bin(spec.major),
+                    "fleet_scratch": store["scratch"],
+                }
+            )
         ssh_dir = os.path.join(host_dir, "ssh")
         os.mkdir(ssh_dir, 0o700)
         port = free_port(address)
         config = os.path.join(ssh_dir, "sshd_config")
         with open(config, "w") as f:
-            f.write(sshd_config(address, port, ssh_dir, self.state["keys"]))
+            f.write(sshd_config(address, port, ssh_dir, self.state["keys"], repository=bool(held)))
         log = os.path.join(ssh_dir, "sshd.log")
         host.update(ssh_port=port, sshd_pidfile=os.path.join(ssh_dir, "sshd.pid"), sshd_log=log, sshd_pid=None)
         r = _run([SSHD, "-f", config, "-E", log], check=False, stdin=subprocess.DEVNULL)
@@ -288,6 +370,15 @@ class Fleet:
         }
         if host["upstream"]:
             self._clone_standby(c, self._host_by_name(host["upstream"]))
+        elif host["repository_host"]:
+            # WAL goes to the repository host over ssh, as the postgres user, like the backups.
+            store = self._host_by_name(host["repository_host"])
+            target = ["-p", str(store["ssh_port"]), f"{REPO_USER}@{store['address']}"]
+            ssh = " ".join(["ssh", *host["repository_ssh_options"], *target])
+            wal = f"{host['archive']}/%f"
+            put = f"umask 077 && test ! -f {wal} && cat > {wal}.part && mv {wal}.part {wal}"
+            c.init(archive_command=f"""'{ssh} "{put}" < %p'""")
+            host["pg"]["archive"] = host["archive"]
         else:
             c.init()
         self.save()  # before the start: destroy stops whatever pg_ctl may have started

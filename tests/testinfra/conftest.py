@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import pytest
+import testinfra
 
 PSQL = "/var/cache/pgops-online-backup/pg17-tools/bin/psql"
 
@@ -41,6 +43,39 @@ def fleet() -> dict:
 def me(host, fleet) -> dict:
     """This host's entry in the fleet."""
     return fleet[host.backend.host]
+
+
+@dataclass
+class Store:
+    """Where a database host's backups are: a testinfra host, the repository path there, its owner,
+    the WAL archive path there, and the scratch directory of a drill run there."""
+
+    host: object
+    name: str
+    repository: str
+    owner: str
+    archive: str
+    scratch: str
+
+    def run(self, command: str, *args) -> str:
+        """A command on the store host as the repository's owner; its output (fails on a non-zero exit)."""
+        with self.host.sudo(self.owner):
+            return self.host.check_output(command, *args)
+
+    def read(self, path: str) -> str:
+        with self.host.sudo(self.owner):
+            return self.host.file(path).content_string
+
+
+@pytest.fixture
+def store(request, host, me, fleet) -> Store:
+    """The repository of this host's backups: on the host itself, or on its repository host."""
+    name = me.get("repository_host")
+    if not name:
+        return Store(host, me["name"], me["repository"], "postgres", me["pg"]["archive"], me["scratch"])
+    inventory = request.config.option.ansible_inventory
+    other = testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+    return Store(other, name, me["repository"], me["repository_owner"], me["archive"], fleet[name]["scratch"])
 
 
 @pytest.fixture

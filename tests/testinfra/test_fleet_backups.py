@@ -1,10 +1,12 @@
-"""What the molecule scenario's converge left on each PostgreSQL host: one
-complete backup per cluster in its repository, private file modes, the WAL it
-needs in the archive, and nothing running or locked any more."""
+"""What the molecule scenario's converge left for each PostgreSQL host: one
+complete backup per cluster in its repository (on the host itself, or on the
+repository host), private file modes, the WAL it needs in the archive, a passed
+restore drill, and nothing running or locked any more."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -50,14 +52,10 @@ def as_postgres(host, command: str, *args) -> str:
 
 
 @pytest.fixture
-def backups(host, me) -> list:
+def backups(store) -> list:
     """Every backup.json in the host's repository, oldest first."""
-    out = as_postgres(host, "find %s -mindepth 2 -maxdepth 2 -name backup.json", me["repository"])
-    found = []
-    for path in sorted(out.split()):
-        with host.sudo("postgres"):
-            found.append(json.loads(host.file(path).content_string))
-    return found
+    out = store.run("find %s -mindepth 2 -maxdepth 2 -name backup.json", store.repository)
+    return [json.loads(store.read(path)) for path in sorted(out.split())]
 
 
 @pytest.fixture
@@ -92,55 +90,60 @@ def test_one_complete_backup_of_this_cluster(me, backups, sql, system_identifier
         assert b["backup_from"] == "primary", b
 
 
-def test_backup_files(host, me, backups):
+def test_backup_files(me, store, backups):
     b = backups[-1]
-    path = f"{me['repository']}/{b['id']}"
-    names = set(as_postgres(host, "ls -A %s", path).split())
+    path = f"{store.repository}/{b['id']}"
+    names = set(store.run("ls -A %s", path).split())
     base = "base.tar" + SUFFIX[b["compression"]]
     assert {"backup.json", "backup_label", "backup_manifest", base} <= names, names
     assert not {"tablespace_map", "base.tar"} & (names - {base}), names  # no tablespaces; compressed only
 
-    with host.sudo("postgres"):
-        label = host.file(f"{path}/backup_label").content_string
+    label = store.read(f"{path}/backup_label")
     assert f"START WAL LOCATION: {b['start_lsn']} (file {b['start_wal']})" in label, label
     # PostgreSQL 13 and older still wrote "master" for a primary.
     source = "master" if b["backup_from"] == "primary" and me["major"] <= 13 else b["backup_from"]
     assert f"BACKUP FROM: {source}" in label, label
     assert f"START TIMELINE: {b['timeline']}" in label, label
 
-    with host.sudo("postgres"):
-        manifest = json.loads(host.file(f"{path}/backup_manifest").content_string)
+    manifest = json.loads(store.read(f"{path}/backup_manifest"))
     assert manifest["PostgreSQL-Backup-Manifest-Version"] == (2 if me["major"] >= 17 else 1)
     assert any(f["Path"] == "global/pg_control" for f in manifest["Files"])
     assert manifest["WAL-Ranges"][0]["Start-LSN"] == b["start_lsn"]
 
     # The archive holds a data directory without the live server's WAL and pid file.
-    listing = set(as_postgres(host, f"tar {TAR_FLAG[b['compression']]} -tf %s", f"{path}/{base}").split())
+    listing = set(store.run(f"tar {TAR_FLAG[b['compression']]} -tf %s", f"{path}/{base}").split())
     listing = {n.removeprefix("./") for n in listing}
     assert {"PG_VERSION", "global/pg_control", "postgresql.conf"} <= listing
     assert "postmaster.pid" not in listing and "backup_label" not in listing
     assert not [n for n in listing if n.startswith("pg_wal/") and not n.endswith("/")], "WAL files in the archive"
 
 
-def test_wal_the_backup_needs_is_archived(host, me, backups):
+def test_wal_the_backup_needs_is_archived(store, backups):
     b = backups[-1]
-    for name in {b["start_wal"], b["stop_wal"]}:
-        with host.sudo("postgres"):
-            assert host.file(f"{me['pg']['archive']}/{name}").is_file, f"{name} missing from {me['pg']['archive']}"
+    archived = set(store.run("ls -A %s", store.archive).split())
+    for name in (b["start_wal"], b["stop_wal"]):
+        assert name in archived, f"{name} missing from {store.archive} on {store.name}"
 
 
-def test_repository_is_private(host, me):
-    """Backups hold every row of the cluster: postgres alone may read them."""
-    out = as_postgres(host, "find %s -printf '%%y %%m %%u %%p\\n'", me["repository"])
+def test_repository_is_private(store):
+    """Backups hold every row of the cluster: their owner alone may read them."""
+    out = store.run("find %s -printf '%%y %%m %%u %%p\\n'", store.repository)
     entries = [line.split(" ", 3) for line in out.splitlines()]
     assert len(entries) > 5, out
-    wrong = [e for e in entries if e[2] != "postgres" or (e[0] == "d" and e[1] != "700") or (e[0] == "f" and e[1] != "600")]
+    wrong = [e for e in entries if e[2] != store.owner or (e[0] == "d" and e[1] != "700") or (e[0] == "f" and e[1] != "600")]
     assert not wrong, wrong
     assert {e[0] for e in entries} <= {"d", "f"}, entries
 
 
-def test_no_lock_left(host, me):
-    out = as_postgres(host, "find %s -maxdepth 2 -path '*/.locks/*'", me["repository"])
+def test_remote_backups_leave_nothing_on_the_database_host(host, me, store):
+    if store.name == me["name"]:
+        pytest.skip("this host keeps its own repository")
+    with host.sudo():
+        assert host.check_output("ls -A %s", os.path.join(me["dir"], "backup")) == ""
+
+
+def test_no_lock_left(store):
+    out = store.run("find %s -maxdepth 2 -path '*/.locks/*'", store.repository)
     assert out.strip() == "", f"lock left behind: {out}"
 
 
@@ -175,7 +178,7 @@ def test_cluster_still_serves(me, sql):
     assert int(sql("SELECT count(*) FROM fleet_seed")[0][0]) == 1000
 
 
-def test_restore_drill_passed(host, me, backups):
+def test_restore_drill_passed(store, backups):
     """converge's drill restored this backup into a scratch server, recovered it and checked it."""
     b = backups[-1]
     drill = b.get("drill")
@@ -188,8 +191,8 @@ def test_restore_drill_passed(host, me, backups):
     assert drill["target"] == "immediate"
     # Consistent means: replayed at least up to the end of the backup.
     assert lsn(drill["reached_lsn"]) >= lsn(b["stop_lsn"]), (drill["reached_lsn"], b["stop_lsn"])
-    # The scratch server is gone with its directory.
-    assert as_postgres(host, "ls -A %s", me["scratch"]).strip() == ""
+    # The scratch server is gone with its directory (the drill ran where the repository is).
+    assert store.run("ls -A %s", store.scratch).strip() == ""
     # (ps, not pgrep -f: the shell running pgrep would carry the path in its own command line)
-    left = [line for line in host.check_output("ps -eo pid=,args=").splitlines() if me["scratch"] in line]
+    left = [line for line in store.host.check_output("ps -eo pid=,args=").splitlines() if store.scratch in line]
     assert not left, left

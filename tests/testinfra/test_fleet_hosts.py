@@ -3,6 +3,8 @@ SSH as an unprivileged user that becomes others with sudo."""
 
 from __future__ import annotations
 
+import pytest
+
 testinfra_hosts = ["ansible://all"]
 
 
@@ -24,3 +26,16 @@ def test_ssh_logins_were_key_logins_of_the_admin_user(host, me):
 
 def test_sshd_listens_on_the_host_address(host, me):
     assert host.socket(f"tcp://{me['address']}:{me['ssh_port']}").is_listening
+
+
+def test_repository_host_is_reached_by_the_backup_user(host, me, fleet):
+    """The database hosts' postgres user wrote the remote backups and WAL as the repository's
+    unprivileged owner, with its own key (strict host key checking), never as the admin user."""
+    if me.get("holds") is None:
+        pytest.skip("not a repository host")
+    owner = next(h["repository_owner"] for h in fleet.values() if h.get("repository_host") == me["name"])
+    with host.sudo():
+        log = host.file(me["sshd_log"]).content_string
+    assert f"Accepted publickey for {owner}" in log, log[-2000:]
+    assert owner != "pgopsadm" and not host.user(owner).gid == 0
+    assert "sudo" not in host.user(owner).groups

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from harness import fleet
-from harness.fleet import FLEET, Fleet, addresses, host_vars, instance_config, sshd_config
+from harness.fleet import FLEET, REPO_USER, Fleet, addresses, host_vars, instance_config, ssh_options, sshd_config
 
 
 def test_addresses_are_consecutive_loopback_only():
@@ -26,8 +26,10 @@ def test_fleet_has_the_hosts_the_scenario_names():
     assert byname["pg17-standby"].major == 17 and byname["pg17-standby"].upstream == "pg17-primary"
     assert byname["pg13-primary"].major == 13
     assert byname["repository"].major is None
+    assert byname["pg13-primary"].repository_on == "repository"
     names = [h.name for h in FLEET]
     assert names.index("pg17-primary") < names.index("pg17-standby"), "a standby starts after its primary"
+    assert names.index("repository") < names.index("pg13-primary"), "a repository host starts before its users"
 
 
 def test_sshd_config_is_key_only_for_the_admin_user():
@@ -40,6 +42,21 @@ def test_sshd_config_is_key_only_for_the_admin_user():
         "PidFile /tmp/x/ssh/sshd.pid",
     } <= lines
     assert "AuthorizedKeysFile /tmp/x/keys/authorized_keys" in lines
+    assert not any(line.startswith("Match") for line in lines)
+
+
+def test_sshd_config_of_a_repository_host_takes_the_postgres_key_for_the_repository_user_only():
+    text = sshd_config("127.0.0.61", 2222, "/tmp/x/ssh", "/tmp/x/keys", repository=True)
+    assert f"AllowUsers pgopsadm {REPO_USER}" in text.splitlines()
+    main, match = text.split(f"Match User {REPO_USER}\n")
+    assert "repository_authorized_keys" not in main, "the postgres key must not open the admin user's door"
+    assert match.strip() == "AuthorizedKeysFile /tmp/x/keys/authorized_keys /tmp/x/keys/repository_authorized_keys"
+
+
+def test_ssh_options_check_the_host_key_strictly():
+    opts = ssh_options({"pg_key": "/k/id", "pg_known_hosts": "/k/known_hosts"})
+    assert opts[:2] == ["-i", "/k/id"]
+    assert "StrictHostKeyChecking=yes" in opts and "UserKnownHostsFile=/k/known_hosts" in opts and "BatchMode=yes" in opts
 
 
 STATE = {
@@ -88,7 +105,21 @@ def test_host_vars_describe_the_cluster():
     v = host_vars(STATE["hosts"][0])
     assert v["fleet_pg_port"] == 5433 and v["fleet_pg_socket_dir"] == "/s" and v["fleet_pg_upstream"] == "pg17-primary"
     assert v["fleet_repository"].endswith("/pg17-standby/backup/repo")
+    assert "fleet_repository_host" not in v
     assert "fleet_pg_port" not in host_vars(STATE["hosts"][1])
+
+
+def test_host_vars_of_a_remote_repository_and_of_the_host_that_holds_it():
+    db = dict(STATE["hosts"][0], name="pg13-primary", repository_host="repository", repository="/r/backup/pg13-primary",
+              repository_ssh_port=40002, repository_ssh_options=["-i", "/k/id"])  # fmt: skip
+    v = host_vars(db)
+    assert v["fleet_repository_host"] == "repository" and v["fleet_repository_user"] == REPO_USER
+    assert v["fleet_repository"] == "/r/backup/pg13-primary" and v["fleet_repository_ssh_port"] == 40002
+    held = {"fleet_repository": "/r/backup/pg13-primary", "fleet_pg_archive": "/r/wal/pg13-primary", "fleet_pg_bin": "/b13"}
+    repo = dict(STATE["hosts"][1], holds=[held])
+    v = host_vars(repo)
+    assert v["fleet_repository"] == "/r/backup/pg13-primary" and v["fleet_pg_archive"] == "/r/wal/pg13-primary"
+    assert v["fleet_repository_user"] == REPO_USER
 
 
 def test_destroy_without_a_fleet_does_nothing(tmp_path):

@@ -38,9 +38,10 @@ installed="$work/installed/ansible_collections/pgops/online_backup"
 test -f "$installed/MANIFEST.json"
 
 # ansible-test bootstraps pip in each of its virtualenvs with a get-pip script
-# from ci-files.testing.ansible.com, cached in ~/.ansible/test/cache. Where that
-# host is unreachable, stand in with pip's own wheel from PyPI (ansible-test's
-# error message invites saving the script to that path by hand).
+# it would download from a host outside the package registries, cached in
+# ~/.ansible/test/cache. We never fetch it: a stand-in built from pip's own
+# wheel on PyPI goes in that cache path (ansible-test's error message invites
+# saving the script there by hand).
 ensure_get_pip() {
   local pip_version cache script wheel
   pip_version="$(python -c 'from types import SimpleNamespace as N
@@ -50,13 +51,7 @@ print(p(N(version="'"$python_version"'"))["pip"])')"
   script="$cache/get_pip_${pip_version//./_}.py"
   [[ -s "$script" ]] && return 0
   mkdir -p "$cache"
-  if curl -fsS --max-time 20 -o "$script.download" \
-    "https://ci-files.testing.ansible.com/ansible-test/get-pip-$pip_version.py" 2>/dev/null; then
-    mv "$script.download" "$script"
-    return 0
-  fi
-  rm -f "$script.download"
-  log "ci-files.testing.ansible.com unreachable: pip $pip_version bootstrap from PyPI's pip wheel"
+  log "pip $pip_version bootstrap for ansible-test from PyPI's pip wheel"
   pip download -q --no-deps --only-binary=:all: -d "$cache" "pip==$pip_version"
   wheel="pip-$pip_version-py3-none-any.whl"
   test -f "$cache/$wheel"

@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-export PATH="$ROOT/.venv/bin:$PATH"
+export PATH="${PGOPS_VENV:-$ROOT/.venv}/bin:$PATH"
 
 echo "== ruff"
 ruff check plugins tests bench scripts

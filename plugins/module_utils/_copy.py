@@ -85,16 +85,29 @@ def _unlogged(files: list) -> set:
     return {f for f in files if (m := _REL_FILE.match(f)) and m.group(1) in inits and m.group(3) != "init"}
 
 
+def walk_error(err: OSError) -> None:
+    # A directory dropped while we walk is normal on a running cluster; one we
+    # cannot read would silently leave data out of the backup.
+    if not isinstance(err, FileNotFoundError):
+        raise CopyError(f"cannot read {err.filename}: {err.strerror}")
+
+
 def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
     """Relative paths to copy under root (directories included, each before its
     contents), and the total bytes of regular files. pg_control comes last.
+
+    Symlinked directories are followed (the archivers dereference them), so a
+    pg_wal on another volume becomes an empty pg_wal directory in the backup,
+    as pg_basebackup does, never a link back to the live cluster's WAL.
     """
+    if not os.access(root, os.R_OK | os.X_OK) or not os.path.isdir(root):
+        raise CopyError(f"cannot read {root}: not a readable directory")
     out = []
     total = 0
     empty = set(EXCLUDE_CONTENTS + extra_empty) if is_data_dir else set()
     keep_dirs = set(WAL_SUBDIRS) if is_data_dir else set()
     control = False
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=True):
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir
         if rel_dir in empty:
@@ -109,11 +122,7 @@ def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = (
             dirnames[:] = []
             filenames = []
         skip = _unlogged(filenames)
-        for d in list(dirnames):
-            path = os.path.join(dirpath, d)
-            if os.path.islink(path):
-                # A symlinked directory (e.g. pg_wal elsewhere): keep it as a directory entry only.
-                dirnames.remove(d)
+        for d in dirnames:
             out.append(os.path.join(rel_dir, d))
         for f in sorted(filenames):
             rel = os.path.join(rel_dir, f)
@@ -123,7 +132,7 @@ def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = (
                 control = True
                 continue
             try:
-                st = os.lstat(os.path.join(dirpath, f))
+                st = os.stat(os.path.join(dirpath, f))
             except FileNotFoundError:
                 continue  # dropped while we walked: normal on a running cluster
             if stat.S_ISREG(st.st_mode):
@@ -133,6 +142,18 @@ def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = (
         out.append(CONTROL)
         total += os.path.getsize(os.path.join(root, CONTROL))
     return out, total
+
+
+def tablespace_subdir(location: str, major: int) -> str:
+    """The cluster's own directory in a tablespace location (PG_<major>_<catversion>),
+    as pg_basebackup copies it: never another cluster's or pg_upgrade's leftovers."""
+    try:
+        names = [n for n in os.listdir(location) if n.startswith(f"PG_{major}_")]
+    except OSError as e:
+        raise CopyError(f"cannot read tablespace {location}: {e.strerror}") from None
+    if len(names) != 1:
+        raise CopyError(f"tablespace {location} has {len(names)} directories PG_{major}_*: expected exactly one ({names})")
+    return names[0]
 
 
 def compressor_command(name: str, level: int | None, threads: int) -> list:
@@ -159,6 +180,10 @@ _BENIGN = (
     "file vanished",
     "some files vanished",
     "blocks",  # cpio prints "N blocks"
+    # GNU cpio on files that change under it (exit 0; the stream's checksums stay right)
+    "was modified while being copied",
+    "new bytes not copied",
+    "shrunk by",
 )
 
 
@@ -186,7 +211,7 @@ def _archive_command(method: str, root: str) -> list:
             "--warning=no-file-shrank",
         ]
     if method == "cpio":
-        return ["cpio", "-o", "-0", "-H", "newc", "--quiet"]
+        return ["cpio", "-o", "-0", "-L", "-H", "newc", "--quiet"]
     raise CopyError(f"unknown archive method {method}")
 
 
@@ -221,6 +246,7 @@ def archive(
         out_f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     procs = []
     feeder = None
+    tee_error = None
     try:
         upstream = subprocess.PIPE
         for i, (name, cmd) in enumerate(stages):
@@ -253,7 +279,13 @@ def archive(
         feeder.start()
         if scanner is not None:
             sink = procs[1][1].stdin.fileno() if len(procs) > 1 else out_f
-            _tee(archiver.stdout.fileno(), sink, scanner)
+            try:
+                _tee(archiver.stdout.fileno(), sink, scanner)
+            except (OSError, ValueError) as e:
+                # Nothing may wait on a pipe nobody reads: stop every stage first.
+                for _name, proc, _err in procs:
+                    proc.kill()
+                tee_error = e
             archiver.stdout.close()
             if len(procs) > 1:
                 procs[1][1].stdin.close()
@@ -270,6 +302,8 @@ def archive(
             os.close(out_f)
     rc, err = results["archive"]
     serious = _serious(err)
+    if tee_error is not None:
+        serious.append(f"writing the archive failed: {tee_error}")
     if (rc not in (0, 1) or serious or any(r[0] for r in results.values())) and not remote and _full(os.path.dirname(out_path)):
         # tar only says "Wrote only N of M bytes": name the cause.
         serious.append(f"No space left on device: {os.path.dirname(out_path)} is full")
@@ -285,8 +319,14 @@ def archive(
         _cleanup(tmp, remote)
         raise CopyError(f"the {method} stream ended early: the archive is incomplete")
     if remote:
-        subprocess.run(remote + [f"mv {_sh_quote(tmp)} {_sh_quote(out_path)}"], check=True)
-        size = int(subprocess.run(remote + [f"stat -c %s {_sh_quote(out_path)}"], check=True, capture_output=True).stdout)
+        done = subprocess.run(
+            remote + [f"mv {_sh_quote(tmp)} {_sh_quote(out_path)} && stat -c %s {_sh_quote(out_path)}"],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise CopyError(f"cannot finish {out_path} on the repository host: {done.stderr.decode(errors='replace').strip()}")
+        size = int(done.stdout)
     else:
         os.replace(tmp, out_path)
         size = os.path.getsize(out_path)
@@ -411,7 +451,8 @@ def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None) 
     t0 = time.monotonic()
     target = f"{remote.target}:{dest.rstrip('/')}/" if remote else dest.rstrip("/") + "/"
     # --checksum is not needed here: dest is always a new, empty directory.
-    cmd = ["rsync", "-a", "--from0", "--files-from=-", "--inplace", "--whole-file"]
+    # --copy-links: a symlinked pg_wal becomes a directory, as with tar and cpio.
+    cmd = ["rsync", "-a", "--copy-links", "--from0", "--files-from=-", "--inplace", "--whole-file"]
     if remote:
         cmd += ["-e", " ".join(shlex.quote(a) for a in remote.ssh)]
     cmd += [root.rstrip("/") + "/", target]

@@ -14,7 +14,9 @@ class UnsafePathError(Exception):
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create path (0700) if missing and refuse one another user could tamper with."""
+    """Create path (0700; missing parents as makedirs makes them) or accept an existing one only
+    if no other user could tamper with it. Never changes an existing directory's
+    mode: that could cut others off from a shared directory (e.g. a socket dir)."""
     if not os.path.isabs(path):
         raise UnsafePathError(f"{path} must be an absolute path")
     parent = os.path.dirname(path.rstrip("/"))
@@ -22,6 +24,7 @@ def ensure_private_dir(path: str) -> str:
         os.makedirs(parent, mode=0o700, exist_ok=True)
     try:
         os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # whatever the umask
     except FileExistsError:
         pass
     st = os.lstat(path)
@@ -30,7 +33,9 @@ def ensure_private_dir(path: str) -> str:
     if st.st_uid != os.geteuid():
         raise UnsafePathError(f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} that runs this")
     if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+        raise UnsafePathError(
+            f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}): choose a private directory, or chmod 700 it"
+        )
     return path
 
 

@@ -52,6 +52,10 @@ class _Terminate(BaseException):
     """Raised by the SIGTERM handler to unwind the keeper cleanly."""
 
 
+class _NobodyListening(BaseException):
+    """The module that started us is gone before learning the session id: nobody could ever stop it."""
+
+
 def utcnow() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -120,14 +124,16 @@ def list_sessions(runtime_dir: str) -> list:
     return out
 
 
-def mark_lost_if_dead(sdir: str, state: dict) -> dict:
+def mark_lost_if_dead(sdir: str, state: dict, write: bool = True) -> dict:
+    """A running session whose keeper is gone is lost (recorded unless write is false: check mode)."""
     if state.get("status") == RUNNING and not keeper_alive(state):
         state["status"] = "lost"
         state["reason"] = (
             f"keeper process {state.get('pid')} is gone (killed or crashed); the server ended the backup with its session"
         )
         state["ended_at"] = utcnow()
-        write_json(os.path.join(sdir, STATE_FILE), state)
+        if write:
+            write_json(os.path.join(sdir, STATE_FILE), state)
     return state
 
 
@@ -159,7 +165,6 @@ def launch(conn_kwargs: dict, spec: dict, runtime_dir: str, timeout: float) -> d
 
     spec: session_id, label, fast, max_duration, keepalive_interval, cluster.
     """
-    ensure_private_dir(os.path.dirname(runtime_dir.rstrip("/")))
     ensure_private_dir(runtime_dir)
     sdir = session_dir(runtime_dir, spec["session_id"])
     os.mkdir(sdir, 0o700)
@@ -247,6 +252,7 @@ def _recv_line(s) -> bytes:
 
 def _keeper_main(wfd: int, conn_kwargs: dict, spec: dict, sdir: str) -> None:
     code = 0
+    keeper = None
     try:
         _detach(wfd)
         if spec.get("lock_file"):
@@ -254,9 +260,19 @@ def _keeper_main(wfd: int, conn_kwargs: dict, spec: dict, sdir: str) -> None:
             # holds belongs to a dead run (see _repository).
             lock_fd = os.open(spec["lock_file"], os.O_RDONLY)
             fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        _Keeper(wfd, conn_kwargs, spec, sdir).run()
-    except BaseException:  # noqa: BLE001 - nothing may escape into the module wrapper
+        keeper = _Keeper(wfd, conn_kwargs, spec, sdir)
+        keeper.run()
+    except BaseException as e:  # noqa: BLE001 - nothing may escape into the module wrapper
         code = 1
+        # Tell the waiting module why, if it still waits (never write to a closed, maybe reused, fd).
+        fd = wfd if keeper is None else keeper.wfd
+        if fd is not None:
+            try:
+                os.write(
+                    fd, json.dumps({"ok": False, "stage": "keeper", "error": f"session keeper failed: {e!r}"}).encode() + b"\n"
+                )
+            except OSError:
+                pass
     finally:
         os._exit(code)
 
@@ -302,7 +318,8 @@ class _Keeper:
         try:
             os.write(self.wfd, json.dumps(msg, default=str).encode() + b"\n")
         except OSError:
-            pass
+            if msg.get("ok"):
+                raise _NobodyListening() from None
         if "ok" in msg:
             os.close(self.wfd)
             self.wfd = None
@@ -335,7 +352,10 @@ class _Keeper:
                 return
             self._serve()
         except _Terminate:
-            self._end("aborted", "the keeper received SIGTERM; the backup was aborted")
+            if self.state.get("status") == RUNNING:
+                self._end("aborted", "the keeper received SIGTERM; the backup was aborted")
+        except _NobodyListening:
+            self._end("aborted", "the module that started the backup was gone before it learned the session id")
         finally:
             if self.conn is not None:
                 try:
@@ -414,6 +434,8 @@ class _Keeper:
         sets = ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"]
         if major >= 14:
             sets.append("idle_session_timeout")
+        if major >= 17:
+            sets.append("transaction_timeout")
         with self.conn.cursor() as cur:
             for name in sets:
                 cur.execute("SELECT set_config(%s, '0', false)", (name,))
@@ -472,17 +494,23 @@ class _Keeper:
             req = json.loads(_recv_line(client) or b"{}")
         except (OSError, ValueError):
             return False
-        op = req.get("op")
-        if op == "ping":
-            reply, done = {"ok": True, "state": self.state}, False
-        elif op == "stop":
-            reply, done = self._stop(), True
-        elif op == "abort":
-            self.conn.close()  # ending the session aborts the backup on the server
-            self._end("aborted", "aborted on request")
-            reply, done = {"ok": True, "state": self.state}, True
-        else:
-            reply, done = {"ok": False, "error": f"unknown request {op!r}"}, False
+        op = req.get("op") if isinstance(req, dict) else None
+        try:
+            if op == "ping":
+                reply, done = {"ok": True, "state": self.state}, False
+            elif op == "stop":
+                reply, done = self._stop(), True
+            elif op == "abort":
+                self.conn.close()  # ending the session aborts the backup on the server
+                self._end("aborted", "aborted on request")
+                reply, done = {"ok": True, "state": self.state}, True
+            else:
+                reply, done = {"ok": False, "error": f"unknown request {op!r}"}, False
+        except OSError as e:  # e.g. the state file cannot be written: still answer
+            reply, done = (
+                {"ok": False, "error": f"the keeper could not record the session: {e}", "state": self.state},
+                op != "ping",
+            )
         try:
             client.sendall(json.dumps(reply, default=str).encode() + b"\n")
         except OSError:
@@ -500,10 +528,18 @@ class _Keeper:
             self._end("failed", f"the stop function failed: {msg}")
             return {"ok": False, "error": msg, "sqlstate": e.pgcode, "state": self.state}
         stop_lsn = parse_lsn(lsn_text)
+        tli = self.state["timeline"]
+        if self.state.get("backup_from") == "standby":
+            # A standby's backup ends at its minimum recovery point, on that point's timeline.
+            try:
+                row = query_one(self.conn, "SELECT min_recovery_end_timeline FROM pg_control_recovery()")
+                tli = row[0] or tli
+            except psycopg2.Error:
+                pass
         result = {
             "stop_lsn": format_lsn(stop_lsn),
             # The stop location ends the backup: its segment is the one before it.
-            "stop_wal": wal_file_name(self.state["timeline"], stop_lsn, self.state["wal_segment_size"], previous=True),
+            "stop_wal": wal_file_name(tli, stop_lsn, self.state["wal_segment_size"], previous=True),
             "labelfile": labelfile,
             "spcmapfile": spcmapfile or "",
             "stop_requested_at": requested,
@@ -511,5 +547,9 @@ class _Keeper:
             "stop_seconds": round(time.monotonic() - t0, 3),
         }
         # Saved before replying: the label survives whatever happens next.
-        self._end("stopped", "stopped on request", result)
+        try:
+            self._end("stopped", "stopped on request", result)
+        except OSError as e:
+            # Could not save it (disk full?): the reply is now its only copy.
+            return {"ok": True, "state": self.state, "warning": f"the label could not be saved in the session directory: {e}"}
         return {"ok": True, "state": self.state}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -83,53 +82,89 @@ def _lock_holder_alive(path: str) -> bool:
     return False
 
 
+def _last_touched(backup_dir: str) -> float:
+    """Newest mtime in the backup's directory (its files are written as the run goes)."""
+    newest = 0.0
+    try:
+        with os.scandir(backup_dir) as it:
+            for entry in it:
+                try:
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                except OSError:
+                    continue
+        newest = max(newest, os.stat(backup_dir).st_mtime)
+    except OSError:
+        pass
+    return newest
+
+
 def _lock_is_stale(repository: str, path: str, lock: dict, grace: float) -> str | None:
     """Why an existing lock no longer protects a running backup (None if it does)."""
     bid = lock.get("backup_id")
     info = read_json(os.path.join(repository, bid, BACKUP_JSON)) if bid and valid_backup_id(bid) else None
-    if info is None or info.get("status") != "running":
-        return f"its backup {bid} is not running"
-    if _lock_holder_alive(path):
+    if info is not None and info.get("status") in ("complete", "failed"):
+        return f"its backup {bid} is {info['status']}"
+    if lock.get("keeper_local", True) and lock.get("host") == socket.gethostname() and _lock_holder_alive(path):
         return None
+    now = time.time()
     try:
-        age = time.time() - datetime.datetime.fromisoformat(lock["created_at"]).timestamp()
-    except (KeyError, ValueError):
-        return "it is unreadable"
-    if lock.get("host") != socket.gethostname() or not lock.get("keeper_local", True):
+        age = now - os.stat(path).st_mtime
+    except OSError:
+        return "it is gone"
+    if not lock.get("keeper_local", True) or lock.get("host") != socket.gethostname():
         # A keeper on another host cannot be seen from here: trust the lock for a day.
         return f"it is {int(age)}s old" if age > 86400 else None
-    if age <= grace:
-        return None  # the run that took it may be about to start its keeper
+    # Just taken (the keeper starts next) or just stopped (the manifest is being written).
+    if age <= grace or (bid and valid_backup_id(bid) and now - _last_touched(os.path.join(repository, bid)) <= grace):
+        return None
     return f"no session keeper holds it and backup {bid} has not been touched for {int(age)}s"
 
 
 def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 120, keeper_local: bool = True) -> tuple:
-    """Take the cluster's lock in this repository; (path, note about a broken stale lock)."""
+    """Take the cluster's lock in this repository; (path, note about a broken stale lock).
+
+    The lock is written in full to a temporary name and linked into place, so
+    nobody ever reads a half-written lock."""
     ensure_private_dir(os.path.join(repository, LOCK_DIR))
     path = lock_path(repository, cluster)
+    content = {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "keeper_local": keeper_local}
+    tmp = f"{path}.{backup_id}.{os.getpid()}"
+    write_json(tmp, content)
     note = None
-    for _attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            lock = read_json(path) or {}
-            why = _lock_is_stale(repository, path, lock, grace)
-            if why is None:
-                raise RepositoryError(
-                    f"another backup of this cluster into {repository} is running: backup {lock.get('backup_id')} "
-                    f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path}, and its session "
-                    "keeper is alive. Wait for it to finish; if its run was interrupted, end it with "
-                    "pgops.online_backup.pg_backup_session state=aborted (state=status lists the sessions)"
-                ) from None
-            note = f"removed a stale lock {path} ({why})"
-            os.unlink(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(
-                {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "keeper_local": keeper_local}, f
-            )
-        return path, note
-    raise RepositoryError(f"could not take the lock {path}")
+    try:
+        for _attempt in range(2):
+            try:
+                os.link(tmp, path)
+                return path, note
+            except FileExistsError:
+                lock = read_json(path) or {}
+                why = _lock_is_stale(repository, path, lock, grace)
+                if why is None:
+                    raise RepositoryError(
+                        f"another backup of this cluster into {repository} is running: backup {lock.get('backup_id')} "
+                        f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path}. Wait for it to "
+                        "finish; if its run was interrupted, its session keeper still holds the backup: end it with "
+                        "pgops.online_backup.pg_backup_session state=aborted (state=status lists the sessions)"
+                    ) from None
+                note = f"removed a stale lock {path} ({why})"
+                dead = lock.get("backup_id")
+                if dead and valid_backup_id(dead):
+                    _mark_dead_run_failed(repository, dead, why)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        raise RepositoryError(f"could not take the lock {path}")
+    finally:
+        os.unlink(tmp)
+
+
+def _mark_dead_run_failed(repository: str, backup_id: str, why: str) -> None:
+    """A run that died holding the lock left a backup marked running: say what happened."""
+    info = read_json(os.path.join(repository, backup_id, BACKUP_JSON))
+    if info is not None and info.get("status") == "running":
+        info.update(status="failed", failed_at=utcnow(), error=f"the run died before finishing ({why})")
+        write_json(os.path.join(repository, backup_id, BACKUP_JSON), info)
 
 
 def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
@@ -184,18 +219,20 @@ def dir_size(path: str) -> int:
     return total
 
 
-def retention(repository: str, keep: int, system_identifier: str | None) -> list:
+def retention(repository: str, keep: int, system_identifier: str) -> list:
     """Keep the newest `keep` complete backups of this cluster; remove older
     complete ones and failed ones older than the oldest kept. Never touches a
     running backup or another cluster's."""
     if keep <= 0:
         return []
+    if not system_identifier:
+        raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
     entries = []
     for name in sorted(os.listdir(repository), reverse=True):
         if not valid_backup_id(name):
             continue
         info = read_json(os.path.join(repository, name, BACKUP_JSON))
-        if info is None or (system_identifier and info.get("system_identifier") != system_identifier):
+        if info is None or info.get("system_identifier") != system_identifier:
             continue
         entries.append((name, info.get("status")))
     complete = [n for n, s in entries if s == "complete"]

@@ -782,7 +782,13 @@ def tidy_data_directory(data_dir: str, major: int) -> list:
             os.unlink(path)
             removed.append(name)
     for sub in EMPTY_DIRS + (("pg_wal/summaries",) if major >= 17 else ()):
-        os.makedirs(os.path.join(data_dir, sub), mode=0o700, exist_ok=True)
+        path = os.path.join(data_dir, sub)
+        if os.path.islink(path):
+            # A backup that carried a link (e.g. pg_wal on another volume, made by
+            # another tool) must never lead us into the original's directory.
+            os.unlink(path)
+            removed.append(f"{sub} (link)")
+        os.makedirs(path, mode=0o700, exist_ok=True)
     slots = os.path.join(data_dir, "pg_replslot")
     for name in os.listdir(slots):
         shutil.rmtree(os.path.join(slots, name), ignore_errors=True)

@@ -128,7 +128,7 @@ import socket
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import ENTRIES_FILE as COPY_ENTRIES_FILE
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError, ensure_private_dir, write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError, read_json, write_json
 from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
     LayoutError,
     ManifestError,
@@ -149,6 +149,9 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     utcnow,
     validate_repository,
 )
+
+# Set by this module alone: a caller's fields never override them.
+RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest")
 
 
 def main():
@@ -183,7 +186,8 @@ def main():
         module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=p["backup_id"], path=None)
     try:
         if state == "running":
-            ensure_private_dir(repo)
+            # The repository may be a shared mount point: create it private, accept it as it is.
+            os.makedirs(repo, mode=0o700, exist_ok=True)
             bid, path = create_backup_dir(repo)
             try:
                 lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_grace"], p["keeper_local"])
@@ -201,31 +205,43 @@ def main():
                 "created_at": utcnow(),
                 "system_identifier": p["cluster"],
             }
-            info.update(p["fields"])
-            info.update(id=bid, status="running")
+            info.update({k: v for k, v in p["fields"].items() if k not in RESERVED})
             write_json(os.path.join(path, "backup.json"), info)
             module.exit_json(changed=True, backup_id=bid, path=path, lock=lock, backup=info)
         bid = p["backup_id"]
         path = os.path.dirname(backup_json_path(repo, bid))
+        fields = {k: v for k, v in p["fields"].items() if k not in RESERVED}
         if state == "updated":
-            info = update_backup(repo, bid, **p["fields"])
+            info = update_backup(repo, bid, **fields)
             module.exit_json(changed=True, backup_id=bid, path=path, backup=info)
         if state == "complete":
-            info = update_backup(repo, bid, **p["fields"])
+            info = update_backup(repo, bid, **fields)
             manifest = None
             if p["manifest_checksum"]:
                 manifest = write_backup_manifest(path, info, p["manifest_checksum"], os.path.join(path, COPY_ENTRIES_FILE))
             info = update_backup(
                 repo, bid, status="complete", completed_at=utcnow(), size_on_disk=dir_size(path), manifest=manifest
             )
-            released = release_lock(repo, p["cluster"], bid)
-            removed = retention(repo, p["keep"], info.get("system_identifier"))
+            # The backup is complete now: housekeeping problems are warnings, never a
+            # failure that would make the caller's rescue discard a good backup.
+            released, removed = False, []
+            try:
+                released = release_lock(repo, p["cluster"], bid)
+            except OSError as e:
+                module.warn(f"backup {bid} is complete but its lock could not be released: {e}")
+            try:
+                removed = retention(repo, p["keep"], info.get("system_identifier"))
+            except (OSError, RepositoryError) as e:
+                module.warn(f"backup {bid} is complete but retention failed: {e}")
             module.exit_json(
                 changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released, manifest=manifest
             )
-        # failed: never leave anything that looks usable
+        # failed: never leave anything that looks usable, and never touch a complete backup
+        current = read_json(backup_json_path(repo, bid)) or {}
+        if current.get("status") == "complete":
+            module.fail_json(msg=f"backup {bid} is complete: refusing to mark it failed", backup_id=bid, path=path)
+        info = update_backup(repo, bid, status="failed", error=p["error"], failed_at=utcnow(), **fields)
         removed = [] if p["keep_failed_files"] else remove_payload(path)
-        info = update_backup(repo, bid, status="failed", error=p["error"], failed_at=utcnow(), **p["fields"])
         released = release_lock(repo, p["cluster"], bid)
         module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
     except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:

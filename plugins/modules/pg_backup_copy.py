@@ -140,6 +140,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
+    CONTROL,
     ENTRIES_FILE,
     CopyError,
     Remote,
@@ -147,6 +148,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
     hash_tree,
     rsync_tree,
     suffix_of,
+    tablespace_subdir,
     walk,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_json
@@ -199,8 +201,16 @@ def main():
     extra = tuple(d.strip("/") for d in p["exclude_directories"])
 
     t0 = time.monotonic()
-    files, source_bytes = walk(data, p["server_version_num"] // 10000, True, extra)
-    ts_lists = [(oid, loc, *walk(loc, 0, False)) for oid, loc in spaces]
+    ts_lists = []
+    try:
+        files, source_bytes = walk(data, p["server_version_num"] // 10000, True, extra)
+        for oid, loc in spaces:
+            # Only the cluster's own PG_<major>_<catversion> directory, named as in the archive.
+            sub = tablespace_subdir(loc, p["server_version_num"] // 10000)
+            tfiles, tsize = walk(os.path.join(loc, sub), 0, False)
+            ts_lists.append((oid, loc, [sub] + [os.path.join(sub, f) for f in tfiles], tsize))
+    except CopyError as e:
+        module.fail_json(msg=f"nothing copied: {e}")
     count = len(files) + sum(len(t[2]) for t in ts_lists)
     total_source = source_bytes + sum(t[3] for t in ts_lists)
     if module.check_mode:
@@ -224,7 +234,6 @@ def main():
             mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
             link = remote.symlink if remote else os.symlink
             mkdirs(out)
-            rsync_tree(data, files, out, remote)
             mkdirs(os.path.join(out, "pg_tblspc"))
             for oid, loc, tfiles, _size in ts_lists:
                 tdir = os.path.join(dest, "tablespaces", oid)
@@ -234,13 +243,18 @@ def main():
                 link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
                 if algorithm:
                     entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
+            # rsync sorts its list: pg_control goes in a second run so it is copied last.
+            rsync_tree(data, [f for f in files if f != CONTROL], out, remote)
+            if CONTROL in files:
+                rsync_tree(data, [CONTROL], out, remote)
             if algorithm:
                 entries += hash_tree(out, files, "", algorithm, threads)
             written.append({"name": "data", "bytes": total_source})
             total = total_source
         else:
             suffix = f".{method}{suffix_of(p['compression'])}"
-            jobs = [("base", data, files)] + [(oid, loc, tfiles) for oid, loc, tfiles, _size in ts_lists]
+            # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
+            jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in ts_lists] + [("base", data, files)]
             total = 0
             for name, root, flist in jobs:
                 scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None

@@ -438,7 +438,8 @@ def fail_ended(module, sdir, state):
         "aborted": "session was aborted, backup unusable",
         "failed": "the stop failed, backup unusable",
     }.get(status, f"session is {status}")
-    _forget(sdir)
+    if not module.check_mode:
+        _forget(sdir)
     module.fail_json(msg=f"{what}: {reason}", session_id=state.get("session_id"), status=status)
 
 
@@ -451,7 +452,7 @@ def stopped(module, runtime_dir):
     if module.check_mode and not (p["session_id"] or p["label"]):
         module.exit_json(changed=True, msg="would stop the backup session")
     sdir, state = find_session(module, runtime_dir)
-    state = _keeper.mark_lost_if_dead(sdir, state)
+    state = _keeper.mark_lost_if_dead(sdir, state, write=not module.check_mode)
     if state["status"] not in ("running", "stopped"):
         fail_ended(module, sdir, state)
     if module.check_mode:
@@ -469,6 +470,8 @@ def stopped(module, runtime_dir):
                 fail_ended(module, sdir, fresh)
             module.fail_json(msg=f"could not stop the backup: {reply.get('error')}", session_id=state["session_id"])
         state = reply["state"]
+        if reply.get("warning"):
+            module.warn(reply["warning"])
     result = state["result"]
     out = _public(state)
     out.update(result)
@@ -489,7 +492,9 @@ def stopped(module, runtime_dir):
             state["reason"] = wait["msg"]
             write_json(os.path.join(sdir, _keeper.STATE_FILE), state)
             module.fail_json(changed=True, **{k: v for k, v in out.items() if k != "failed"})
-    _forget(sdir)
+    # Kept (0600, swept after 7 days): the label stays retrievable until the caller has stored it.
+    state["delivered"] = True
+    write_json(os.path.join(sdir, _keeper.STATE_FILE), state)
     module.exit_json(changed=True, msg=f"backup {state['label']!r} stopped at {result['stop_lsn']}", **out)
 
 
@@ -540,7 +545,7 @@ def wait_archive(module, state, result) -> dict:
     return out
 
 
-def _primary_params(module, conn) -> dict:
+def _primary_params(module, conn, result: dict) -> dict:
     """Where the primary is: the primary option, else the standby's primary_conninfo."""
     p = module.params
     primary = {k: v for k, v in (p["primary"] or {}).items() if v not in (None, "")}
@@ -548,7 +553,12 @@ def _primary_params(module, conn) -> dict:
         try:
             info = query_one(conn, "SELECT current_setting('primary_conninfo')")[0]
         except Exception as e:  # noqa: BLE001 - reported as a clear failure below
-            module.fail_json(msg=f"cannot read primary_conninfo to find the primary ({e}); set the primary option")
+            module.fail_json(
+                msg=f"cannot read primary_conninfo to find the primary ({e}); set the primary option. "
+                "The label is kept in this result.",
+                changed=True,
+                **result,
+            )
         parsed = parse_conninfo(info)
         primary.setdefault("login_host", parsed.get("host", ""))
         if parsed.get("port") and not primary.get("port"):
@@ -562,7 +572,7 @@ def _primary_params(module, conn) -> dict:
 def switch_wal_on_primary(module, standby_conn, state, result) -> bool:
     """A standby cannot switch WAL: have the primary finish the stop segment
     so that it reaches the standby and its archiver."""
-    params = _primary_params(module, standby_conn)
+    params = _primary_params(module, standby_conn, result)
     try:
         conn = connect(connection_kwargs(params, application_name="pgops.online_backup standby stop"))
     except Exception as e:  # noqa: BLE001 - psycopg2 may be absent from the type namespace
@@ -579,6 +589,13 @@ def switch_wal_on_primary(module, standby_conn, state, result) -> bool:
             return False  # the primary has moved past the stop segment already
         query_one(conn, "SELECT pg_switch_wal()")
         return True
+    except Exception as e:  # noqa: BLE001 - psycopg2 errors: a cascading "primary" or a missing grant
+        module.fail_json(
+            msg=f"the primary could not switch WAL for the standby backup ({e}): point the primary option at the real "
+            "primary, and grant EXECUTE ON FUNCTION pg_switch_wal() to the role. The label is kept in this result.",
+            changed=True,
+            **result,
+        )
     finally:
         conn.close()
 
@@ -606,7 +623,7 @@ def aborted(module, runtime_dir):
     if module.check_mode and not (p["session_id"] or p["label"]):
         module.exit_json(changed=True, msg="would abort the backup session")
     sdir, state = find_session(module, runtime_dir)
-    state = _keeper.mark_lost_if_dead(sdir, state)
+    state = _keeper.mark_lost_if_dead(sdir, state, write=not module.check_mode)
     if module.check_mode:
         module.exit_json(changed=state["status"] == "running", msg=f"would abort session {state['session_id']}")
     changed = False

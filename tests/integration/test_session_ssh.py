@@ -4,6 +4,7 @@ restore the copy by hand and find the rows written while the backup ran."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -230,7 +231,12 @@ def test_start_copy_stop_restore_over_ssh(
         while _proc_alive(keeper_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _proc_alive(keeper_pid)
-        assert not os.path.exists(sdir)
+        # Its record stays (0600, swept after a week) so the label can be fetched again; the socket is gone.
+        with open(os.path.join(sdir, "state.json")) as f:
+            record = json.load(f)
+        assert record["status"] == "stopped" and record["delivered"] is True
+        assert record["result"]["labelfile"] == labelfile
+        assert not os.path.exists(os.path.join(sdir, "keeper.sock"))
         keeper_pid = None
 
         # -- restore by PostgreSQL's manual procedure and check the data

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import CONTROL, compressor_command, walk
+import pytest
+
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
+    CONTROL,
+    CopyError,
+    archive,
+    compressor_command,
+    walk,
+    walk_error,
+)
 
 
 def touch(root, rel, size=10):
@@ -75,3 +85,34 @@ def test_compressor_command():
     assert compressor_command("none", None, 2) == []
     assert compressor_command("zstd", 5, 2) == ["zstd", "-q", "-T2", "-5"]
     assert compressor_command("lz4", None, 2) == ["lz4", "-q", "-1"]
+
+
+@pytest.mark.parametrize("method", ["tar", "cpio"])
+def test_symlinked_pg_wal_is_archived_as_an_empty_directory(tmp_path, method):
+    """A pg_wal on another volume must never come back as a link to the live WAL."""
+    root = str(tmp_path / "data")
+    touch(root, "PG_VERSION")
+    touch(root, CONTROL)
+    wal = tmp_path / "livewal"
+    touch(str(wal), "000000010000000000000001")
+    touch(str(wal), "archive_status/000000010000000000000001.done")
+    os.symlink(str(wal), os.path.join(root, "pg_wal"))
+    files, _ = walk(root, 15)
+    assert "pg_wal" in files and "pg_wal/archive_status" in files
+    assert not any(f.startswith("pg_wal/0") or f.endswith(".done") for f in files)
+    out = str(tmp_path / f"base.{method}")
+    archive(method, root, files, out, "none", None, 1)
+    listing = subprocess.run(
+        ["tar", "-tvf", out] if method == "tar" else ["cpio", "-itv", "-F", out], capture_output=True, text=True, check=True
+    ).stdout
+    wal_lines = [line for line in listing.splitlines() if line.split()[-1].lstrip("./").startswith("pg_wal")]
+    assert wal_lines and all(line.startswith("d") for line in wal_lines), wal_lines
+
+
+def test_unreadable_directory_is_an_error_not_a_silent_gap(tmp_path):
+    with pytest.raises(CopyError, match="cannot read"):
+        walk(str(tmp_path / "missing"), 15)
+    # What os.walk reports for a directory it cannot list (tests run as root, who reads everything).
+    with pytest.raises(CopyError, match="cannot read /d/base/1: Permission denied"):
+        walk_error(PermissionError(13, "Permission denied", "/d/base/1"))
+    walk_error(FileNotFoundError(2, "No such file or directory", "/d/base/dropped"))  # dropped during the walk: fine

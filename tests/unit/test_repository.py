@@ -39,12 +39,16 @@ def test_lock_refuses_a_second_run_and_breaks_a_stale_one(tmp_path):
     # Past it, only a living holder of the flock (the session keeper) keeps it.
     holder = os.open(path, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_SH)
-    with pytest.raises(r.RepositoryError, match="its session keeper is alive"):
+    with pytest.raises(r.RepositoryError, match="its session keeper still holds the backup"):
         r.acquire_lock(repo, "42", "20261129T101600Z", grace=0)
     os.close(holder)
     make_backup(repo, "20261129T101650Z", "running")
     _, note = r.acquire_lock(repo, "42", "20261129T101650Z", grace=0)
     assert "no session keeper holds it" in note
+    # The dead run's backup no longer claims to be running.
+    with open(os.path.join(repo, "20261129T101500Z", "backup.json")) as f:
+        dead = json.load(f)
+    assert dead["status"] == "failed" and "the run died" in dead["error"]
     # The owner finished (or died and was marked failed): the lock is stale.
     make_backup(repo, "20261129T101700Z", "running")
     with open(os.path.join(repo, "20261129T101500Z", "backup.json"), "w") as f:
@@ -52,7 +56,7 @@ def test_lock_refuses_a_second_run_and_breaks_a_stale_one(tmp_path):
     with open(os.path.join(repo, "20261129T101650Z", "backup.json"), "w") as f:
         json.dump({"status": "failed"}, f)
     _, note = r.acquire_lock(repo, "42", "20261129T101700Z")
-    assert "stale" in note and "not running" in note
+    assert "stale" in note and "is failed" in note
     assert r.release_lock(repo, "42", "20261129T101700Z") is True
     assert not os.path.exists(path)
 
@@ -72,3 +76,5 @@ def test_retention_keeps_newest_complete_and_never_running(tmp_path):
     assert sorted(removed) == ["20261101T000000Z", "20261102T000000Z"]
     assert sorted(os.listdir(repo)) == ["20261100T000000Z", "20261103T000000Z", "20261104T000000Z", "20261105T000000Z"]
     assert r.retention(repo, 0, "1") == []
+    with pytest.raises(r.RepositoryError, match="system identifier"):
+        r.retention(repo, 1, "")

@@ -587,3 +587,18 @@ def test_module_and_role_docs_render():
     assert out.returncode == 0 and re.search(r"ENTRY POINT:\W*drill", out.stdout) and "pg_restore_tablespace_map" in out.stdout, (
         out.stderr
     )
+
+
+def test_tidy_never_follows_a_linked_pg_wal_into_the_original(tmp_path):
+    live_wal = tmp_path / "live_wal"
+    live_wal.mkdir()
+    (live_wal / "000000010000000000000003").write_bytes(b"live")
+    data = tmp_path / "data"
+    for d in ("pg_replslot", "pg_tblspc"):
+        (data / d).mkdir(parents=True)
+    os.symlink(live_wal, data / "pg_wal")
+    removed = rs.tidy_data_directory(str(data), 15)
+    assert "pg_wal (link)" in removed
+    assert (live_wal / "000000010000000000000003").read_bytes() == b"live"
+    assert (data / "pg_wal").is_dir() and not (data / "pg_wal").is_symlink()
+    assert (data / "pg_wal" / "archive_status").is_dir()

@@ -6,6 +6,13 @@ in the same run, on the same pgbench database.
 
 Prints seconds, MB/s (of the data directory's size) and the ratio to
 pg_basebackup -Ft --compress=client-zstd -c fast for each contender.
+
+pgBackRest (a full backup, zst, process-max 2) is measured when it is installed
+(`apt-get install -y pgbackrest`; Debian 12's 2.45 supports PostgreSQL up to 15)
+and skipped with a note otherwise. When it runs, its configuration, repository,
+logs and locks live in a temporary directory (never /etc/pgbackrest), and the
+cluster's archive_command is pgBackRest's archive-push for every contender, so
+all of them run with the same archiving.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from harness.pg import Cluster, make_pg_dir  # noqa: E402
 from harness.workload import pgbench_init  # noqa: E402
 
 PG15 = "/usr/lib/postgresql/15/bin"
+PGBR_ROW = "pgbackrest full zst (process-max 2)"
 
 
 def du(path: str) -> int:
@@ -50,6 +58,7 @@ def main() -> int:
     c.init(shared_buffers="'256MB'", max_wal_size="'4GB'")
     c.start()
     work = make_pg_dir("pgops-bench-")
+    pgbr_dir = None
     rows = []
     try:
         print(f"loading pgbench scale {args.scale} ...", flush=True)
@@ -114,6 +123,53 @@ def main() -> int:
             ("playbook tar (none)", ours("tar", "none")),
             ("playbook rsync", ours("rsync", "none")),
         ]
+
+        if shutil.which("pgbackrest") is None:
+            print(f"skipped {PGBR_ROW}: pgbackrest is not installed (apt-get install -y pgbackrest)", flush=True)
+        else:
+            # Everything pgBackRest writes stays in this directory; --config keeps /etc/pgbackrest.conf out.
+            pgbr_dir = make_pg_dir("pgops-bench-pgbr-")
+            for sub in ("repo", "log", "lock"):
+                os.makedirs(os.path.join(pgbr_dir, sub), mode=0o750)
+                shutil.chown(os.path.join(pgbr_dir, sub), "postgres", "postgres")
+            conf = os.path.join(pgbr_dir, "pgbackrest.conf")
+            with open(conf, "w") as f:
+                f.write(
+                    "[global]\n"
+                    f"repo1-path={pgbr_dir}/repo\n"
+                    f"log-path={pgbr_dir}/log\n"
+                    f"lock-path={pgbr_dir}/lock\n"
+                    "log-level-console=warn\n"
+                    "start-fast=y\n"
+                    "compress-type=zst\n"
+                    "compress-level=3\n"
+                    "process-max=2\n"
+                    "archive-check=y\n"
+                    "\n[bench]\n"
+                    f"pg1-path={c.data}\n"
+                    f"pg1-socket-path={c.sock}\n"
+                    f"pg1-port={c.port}\n"
+                )
+            shutil.chown(conf, "postgres", "postgres")
+
+            def pgbackrest(*cmd: str) -> None:
+                r = subprocess.run(
+                    ["runuser", "-u", "postgres", "--", "pgbackrest", f"--config={conf}", "--stanza=bench", *cmd],
+                    capture_output=True,
+                    text=True,
+                )
+                if r.returncode != 0:
+                    raise SystemExit(f"pgbackrest {' '.join(cmd)} failed (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+
+            pgbackrest("stanza-create")
+            # Its backup's archive check needs the WAL in its own repository; set before any contender
+            # runs so that all of them archive the same way.
+            c.sql("ALTER SYSTEM SET archive_command = %s", (f"pgbackrest --config={conf} --stanza=bench archive-push %p",))
+            c.sql("SELECT pg_reload_conf()")
+            time.sleep(1)  # the archiver rereads its configuration asynchronously
+            # Proves archive-push works (switches WAL and waits for it) before anything is timed.
+            pgbackrest("check")
+            contenders.append((PGBR_ROW, lambda: pgbackrest("--type=full", "backup")))
         for name, fn in contenders:
             best = min(timed(fn) for _ in range(args.rounds))
             extra = ""
@@ -122,8 +178,10 @@ def main() -> int:
             rows.append((name, best, extra, getattr(fn, "copy_seconds", None)))
             print(f"  {name}: {best:.2f} s {extra}", flush=True)
     finally:
-        c.destroy()
+        c.destroy()  # first: its archiver may still be pushing into pgbr_dir
         shutil.rmtree(work, ignore_errors=True)
+        if pgbr_dir:
+            shutil.rmtree(pgbr_dir, ignore_errors=True)
 
     base = rows[0][1]
     raw = rows[1][1]

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,7 +103,7 @@ def main() -> int:
                         "pg_backup_fast_checkpoint": True,
                         **more,
                     },
-                    workdir=tempfile.mkdtemp(prefix="pgops-bench-pb-"),
+                    workdir=fresh(f"playbook-{method}-{compression}"),  # removed with the rest of the bench
                 )
                 if r.rc != 0:
                     raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")

@@ -201,6 +201,9 @@ def _archive_command(method: str, root: str) -> list:
             root,
             "-cf",
             "-",
+            "--format=gnu",  # what _stream.TarScanner reads, whatever TAR_OPTIONS says
+            "--dereference",  # a symlinked pg_wal is stored as a directory, never as a link
+            "--hard-dereference",
             "--no-recursion",
             "--null",
             "-T",

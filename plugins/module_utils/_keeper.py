@@ -477,10 +477,19 @@ class _Keeper:
                     self._end("lost", f"the database session was lost ({error_text(e)}); the backup is unusable")
                     return
                 continue
-            client, _address = self.sock.accept()
-            with client:
-                if self._handle(client):
-                    return
+            try:
+                client, _address = self.sock.accept()
+            except OSError:
+                continue
+            # No SIGTERM between the stop call and its reply: the label must reach the caller.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                with client:
+                    done = self._handle(client)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            if done:
+                return
 
     def _handle(self, client) -> bool:
         """Serve one request; True when the keeper should exit."""

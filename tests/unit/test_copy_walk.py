@@ -105,8 +105,10 @@ def test_symlinked_pg_wal_is_archived_as_an_empty_directory(tmp_path, method):
     listing = subprocess.run(
         ["tar", "-tvf", out] if method == "tar" else ["cpio", "-itv", "-F", out], capture_output=True, text=True, check=True
     ).stdout
-    wal_lines = [line for line in listing.splitlines() if line.split()[-1].lstrip("./").startswith("pg_wal")]
-    assert wal_lines and all(line.startswith("d") for line in wal_lines), wal_lines
+    wal_lines = [line for line in listing.splitlines() if " pg_wal" in line or " ./pg_wal" in line]
+    assert wal_lines, listing
+    # Directories only: no link back to the live WAL ("l" type, "->"), no segment.
+    assert all(line.startswith("d") and "->" not in line for line in wal_lines), wal_lines
 
 
 def test_unreadable_directory_is_an_error_not_a_silent_gap(tmp_path):

@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import struct
+import threading
 import time
 
 from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
@@ -220,6 +221,32 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
                 buf += chunk
     finally:
         os.close(rfd)
+
+
+class LeaseRenewer:
+    """Pings a keeper from a thread while a long task runs (the copy), so that
+    a keeper started with a lease outlives the task but not a dead run."""
+
+    def __init__(self, sdir: str, every: float = 15.0):
+        self.sdir = sdir
+        lease = (read_state(sdir) or {}).get("lease") or 0
+        # Three renewals per lease at least: one lost ping never ends a backup.
+        self.every = min(every, lease / 3) if lease else every
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.every):
+            request(self.sdir, {"op": "ping"}, timeout=10)
+
+    def start(self) -> None:
+        request(self.sdir, {"op": "ping"}, timeout=10)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._thread.join(15)
+        request(self.sdir, {"op": "ping"}, timeout=10)  # the stop task follows: a fresh lease for it
 
 
 def request(sdir: str, payload: dict, timeout: float) -> dict:
@@ -415,6 +442,7 @@ class _Keeper:
             "started_at": utcnow(),
             "start_seconds": round(start_seconds, 3),
             "max_duration": spec["max_duration"],
+            "lease": spec.get("lease") or 0,
             "expires_at": datetime.datetime.fromtimestamp(started + spec["max_duration"], datetime.timezone.utc).isoformat(
                 timespec="seconds"
             ),
@@ -460,8 +488,11 @@ class _Keeper:
 
     def _serve(self) -> None:
         interval = self.spec["keepalive_interval"]
+        lease = self.spec.get("lease") or 0
+        self.last_contact = time.monotonic()
         while True:
-            left = self.deadline - time.monotonic()
+            now = time.monotonic()
+            left = self.deadline - now
             if left <= 0:
                 self._end(
                     "expired",
@@ -469,7 +500,16 @@ class _Keeper:
                     "ended the session and the server aborted the backup",
                 )
                 return
-            ready, _writable, _errors = select.select([self.sock], [], [], min(interval, left))
+            lease_left = lease - (now - self.last_contact) if lease else left
+            if lease_left <= 0:
+                # The run that started us stopped calling (killed, Ctrl-C): nobody will stop this backup.
+                self._end(
+                    "expired",
+                    f"no word from the run for {lease}s (lease) at {utcnow()}: it is gone; the keeper ended the "
+                    "session and the server aborted the backup",
+                )
+                return
+            ready, _writable, _errors = select.select([self.sock], [], [], min(interval, left, lease_left))
             if not ready:
                 try:
                     query_one(self.conn, "SELECT 1")
@@ -481,6 +521,7 @@ class _Keeper:
                 client, _address = self.sock.accept()
             except OSError:
                 continue
+            self.last_contact = time.monotonic()
             # No SIGTERM between the stop call and its reply: the label must reach the caller.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:

@@ -91,6 +91,13 @@ options:
     type: list
     elements: str
     default: []
+  session_id:
+    description:
+      - The M(pgops.online_backup.pg_backup_session) whose lease this copy renews while it runs (same host and OS user).
+    type: str
+  runtime_dir:
+    description: The keepers' directory, when not the default of M(pgops.online_backup.pg_backup_session).
+    type: path
   exclude_directories:
     description: Further directories (relative to the data directory) whose contents are left out, e.g. a
       C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
@@ -152,6 +159,12 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
     walk,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
+    KeeperError,
+    LeaseRenewer,
+    default_runtime_dir,
+    session_dir,
+)
 from ansible_collections.pgops.online_backup.plugins.module_utils._stream import scanner_for
 
 
@@ -175,6 +188,8 @@ def main():
             repository_host=dict(type="str"),
             ssh_port=dict(type="int", default=22),
             ssh_options=dict(type="list", elements="str", default=[]),
+            session_id=dict(type="str"),
+            runtime_dir=dict(type="path"),
             manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
         supports_check_mode=True,
@@ -228,6 +243,13 @@ def main():
         algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
     entries = [] if algorithm else None
     written = []
+    renewer = None
+    if p["session_id"]:
+        try:
+            renewer = LeaseRenewer(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]))
+        except KeeperError as e:
+            module.fail_json(msg=str(e))
+        renewer.start()  # the keeper's lease stays fresh however long the copy takes
     try:
         if method == "rsync":
             out = os.path.join(dest, "data")
@@ -282,6 +304,9 @@ def main():
                 write_json(os.path.join(dest, ENTRIES_FILE), record)
     except (CopyError, OSError) as e:
         module.fail_json(msg=f"copy failed: {e}", files=written)
+    finally:
+        if renewer is not None:
+            renewer.stop()
     seconds = round(time.monotonic() - t0, 3)
     module.exit_json(
         changed=True,

@@ -86,6 +86,13 @@ options:
       - Seconds after which the keeper ends the backup by itself and records why.
     type: int
     default: 86400
+  lease:
+    description:
+      - With O(state=started), seconds the keeper waits for word from the run (any request: M(pgops.online_backup.pg_backup_copy)
+        renews it while it copies) before it decides the run is gone (Ctrl-C, lost controller) and ends the backup.
+      - V(0) (the default) trusts the run until O(max_duration), for copy steps of your own that do not renew it.
+    type: int
+    default: 0
   keepalive_interval:
     description:
       - Seconds between the keeper's keepalive queries.
@@ -350,6 +357,8 @@ def started(module, runtime_dir):
     problem = validate_label(p["label"] or "")
     if problem:
         module.fail_json(msg=f"invalid label: {problem}")
+    if p["lease"] < 0 or (p["lease"] and p["lease"] < 5):
+        module.fail_json(msg=f"lease must be 0 (off) or at least 5 seconds, got {p['lease']}")
     if p["max_duration"] < 1:
         module.fail_json(msg="max_duration must be at least 1 second")
     if p["lock_file"] and not os.path.isfile(p["lock_file"]):
@@ -369,6 +378,7 @@ def started(module, runtime_dir):
         "keepalive_interval": max(1, p["keepalive_interval"]),
         "cluster": cluster_key(p),
         "lock_file": p["lock_file"],
+        "lease": p["lease"],
     }
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {spec['session_id']}")
     try:
@@ -434,7 +444,7 @@ def fail_ended(module, sdir, state):
     reason = state.get("reason") or ""
     what = {
         "lost": "session lost, backup unusable",
-        "expired": "session expired (max_duration), backup unusable",
+        "expired": "session expired, backup unusable",
         "aborted": "session was aborted, backup unusable",
         "failed": "the stop failed, backup unusable",
     }.get(status, f"session is {status}")
@@ -678,6 +688,7 @@ def main():
         start_timeout=dict(type="float", default=1800),
         max_duration=dict(type="int", default=86400),
         keepalive_interval=dict(type="int", default=30),
+        lease=dict(type="int", default=0),
         dest=dict(type="path"),
         lock_file=dict(type="path"),
         runtime_dir=dict(type="path"),

@@ -190,6 +190,7 @@ def start_backup_in_background(cluster, repo: str, workdir: str, **extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     return proc
 
@@ -405,3 +406,36 @@ def test_manifest_recorded_during_copy_verifies(method, compression, make_cluste
         )
         assert tool.returncode == 0, tool.stdout + tool.stderr
     subprocess.run(["rm", "-rf", loc], check=False)
+
+
+def test_killed_run_lets_its_keeper_lapse_and_the_next_run_proceeds(make_cluster, playbook, tmp_path):
+    """Ctrl-C or a lost controller: the copy stops renewing the lease, the keeper
+    ends the backup, and the next run replaces the dead run's lock."""
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_lease=5, pg_backup_lock_grace=2)
+    wait_for_copy(repo)
+    assert c.backups_in_progress() == 1
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run, as a lost controller would leave it
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while c.backups_in_progress():
+        assert time.monotonic() < deadline, "the keeper did not end the backup after its lease"
+        time.sleep(0.2)
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_lock_grace=2))
+    assert run.rc == 0, run
+    assert "removed a stale lock" in " ".join((run.stdout + run.stderr).split())  # Ansible wraps warnings
+    statuses = sorted((b["id"], b["status"]) for b in backups(repo))
+    assert [s for _, s in statuses] == ["failed", "complete"], statuses
+    assert "the run died" in backups(repo)[0]["error"]
+    assert c.backups_in_progress() == 0
+
+
+def test_lease_is_renewed_through_a_long_copy(make_cluster, playbook):
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    extra = dict(pg_backup_lease=5, pg_backup_compression="gzip", pg_backup_compression_level=9, pg_backup_compression_threads=1)
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, **extra))
+    assert run.rc == 0, run
+    (info,) = backups(repo)
+    assert info["status"] == "complete" and float(info["copy_seconds"]) > 5, info["copy_seconds"]

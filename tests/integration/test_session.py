@@ -364,3 +364,19 @@ def test_unknown_session_id_on_stop(make_cluster, playbook):
     assert "unknown session id 20200101T000000Z-00000000" in run.task("stop")["msg"]
     bad = playbook(play(session_task("stop", state="stopped", session_id="../../etc", **c.conn_vars())))
     assert "invalid session id" in bad.task("stop")["msg"]
+
+
+def test_lease_ends_a_backup_whose_run_went_silent(make_cluster, playbook):
+    c = make_cluster(16)
+    cv = c.conn_vars()
+    run = playbook(play(session_task("start", label="leased", fast=True, lease=5, keepalive_interval=1, **cv)))
+    assert run.rc == 0, run
+    started = run.task("start")
+    assert c.backups_in_progress() == 1
+    wait_until(lambda: c.backups_in_progress() == 0, timeout=20, what="the lease to run out")
+    wait_until(lambda: not os.path.exists(f"/proc/{started['keeper_pid']}/stat"), what="the keeper to exit")
+    status = playbook(play(session_task("status", state="status")))
+    mine = [s for s in status.task("status")["sessions"] if s["session_id"] == started["session_id"]]
+    assert mine[0]["status"] == "expired" and "(lease)" in mine[0]["reason"], mine
+    bad = playbook(play(session_task("start", label="x", lease=2, **cv)))
+    assert "lease must be 0 (off) or at least 5 seconds" in bad.task("start")["msg"]

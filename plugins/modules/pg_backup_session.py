@@ -88,8 +88,9 @@ options:
     default: 86400
   lease:
     description:
-      - With O(state=started), seconds the keeper waits for word from the run (any request: M(pgops.online_backup.pg_backup_copy)
-        renews it while it copies) before it decides the run is gone (Ctrl-C, lost controller) and ends the backup.
+      - With O(state=started), seconds the keeper waits for word from the run (any request, such as the renewals
+        M(pgops.online_backup.pg_backup_copy) sends while it copies) before it decides the run is gone (Ctrl-C, lost
+        controller) and ends the backup.
       - V(0) (the default) trusts the run until O(max_duration), for copy steps of your own that do not renew it.
     type: int
     default: 0

@@ -327,7 +327,6 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._files import 
 from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
     cluster_key,
     connect,
-    connect_or_fail,
     connection_kwargs,
     ensure_driver,
     parse_conninfo,
@@ -511,7 +510,15 @@ def stopped(module, runtime_dir):
 
 def wait_archive(module, state, result) -> dict:
     p = module.params
-    conn = connect_or_fail(module, application_name="pgops.online_backup archive wait")
+    try:
+        conn = connect(connection_kwargs(p, application_name="pgops.online_backup archive wait"))
+    except Exception as e:  # noqa: BLE001 - psycopg2's errors; the label must come back with any failure
+        module.fail_json(
+            msg=f"the backup stopped, but the archive cannot be checked: unable to connect to database: {e}. The label is "
+            f"kept in this result and in the session; run state=stopped with session_id={state['session_id']} again to resume",
+            changed=True,
+            **result,
+        )
     try:
         major = major_of(state["server_version_num"])
         settings = archiving_settings(conn, major)

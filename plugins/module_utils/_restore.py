@@ -301,8 +301,8 @@ def conf_value(text: str, key: str):
     return found
 
 
-def original_port(data_dir: str) -> int:
-    """The port the backed-up server used, from its copied configuration (PostgreSQL's default 5432)."""
+def conf_texts(data_dir: str) -> list:
+    """postgresql.conf then postgresql.auto.conf of a data directory (the ones that exist)."""
     texts = []
     for name in ("postgresql.conf", "postgresql.auto.conf"):
         try:
@@ -310,7 +310,12 @@ def original_port(data_dir: str) -> int:
                 texts.append(f.read())
         except OSError:
             continue
-    return config_port(texts) or 5432
+    return texts
+
+
+def original_port(data_dir: str) -> int:
+    """The port the backed-up server used, from its copied configuration (PostgreSQL's default 5432)."""
+    return config_port(conf_texts(data_dir)) or 5432
 
 
 # -- tablespace_map
@@ -978,15 +983,8 @@ def monotonic() -> float:
 
 def read_conf(data_dir: str) -> dict:
     """Settings of a data directory's postgresql.conf overridden by postgresql.auto.conf (active lines only)."""
-    texts = []
-    for name in ("postgresql.conf", "postgresql.auto.conf"):
-        try:
-            with open(os.path.join(data_dir, name), encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        except OSError:
-            continue
     out = {}
-    for text in texts:
+    for text in conf_texts(data_dir):
         for line in text.splitlines():
             key = _conf_key(line)
             if key:

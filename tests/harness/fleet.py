@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from harness.pg import PG_USER, TOOLS17, Cluster, as_postgres, chown_pg, free_port, pg_bin
+from harness.pg import PG_USER, TOOLS17, Cluster, as_postgres, chown_pg, free_port, pg_bin, process_gone
 from harness.ssh import ADMIN_USER, SSHD, ensure_admin_user
 
 STATE_FILE = "fleet.json"
@@ -155,16 +155,6 @@ def host_vars(host: dict) -> dict:
         # What a restore drill on this host needs: the repository it holds and that cluster's WAL and binaries.
         v.update(fleet_repository_user=REPO_USER, **host["holds"][0])
     return v
-
-
-def process_gone(pid: int) -> bool:
-    """Gone or a zombie (PID 1 here may reap late)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(")") + 2] in "ZX"
 
 
 def stop_pid(pid: int | None, timeout: float = 10) -> None:

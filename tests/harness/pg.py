@@ -18,6 +18,16 @@ TOOLS17 = os.path.join(CACHE, "pg17-tools", "bin")
 PG_USER = "postgres"
 
 
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie (PID 1 here may reap late, so a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(")") + 2] in "ZX"
+
+
 def pg_bin(major: int) -> str:
     return os.path.join(CACHE, "pg", str(major), "bin")
 

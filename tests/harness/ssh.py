@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from harness.ansible import NODE_PYTHON
-from harness.pg import free_port
+from harness.pg import free_port, process_gone
 
 ADMIN_USER = "pgopsadm"
 SUDOERS_FILE = f"/etc/sudoers.d/{ADMIN_USER}"
@@ -85,16 +85,6 @@ def ensure_admin_user() -> None:
             os.unlink(tmp)
 
 
-def _process_gone(pid: int) -> bool:
-    """Gone or a zombie (PID 1 here may reap late)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(")") + 2] in "ZX"
-
-
 class SshHost:
     """One sshd on a loopback address: start(), inventory(), stop()."""
 
@@ -153,7 +143,7 @@ class SshHost:
                 with socket.create_connection((self.address, self.port), timeout=1):
                     break
             except OSError:
-                if self.pid is not None and _process_gone(self.pid):
+                if self.pid is not None and process_gone(self.pid):
                     raise RuntimeError(f"sshd on {self.address}:{self.port} exited:\n{self._log_tail()}") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"sshd on {self.address}:{self.port} not accepting:\n{self._log_tail()}") from None
@@ -221,10 +211,10 @@ class SshHost:
             self.close_masters()
         finally:
             pid = self._read_pid() or self.pid
-            if pid is not None and not _process_gone(pid):
+            if pid is not None and not process_gone(pid):
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
-                while not _process_gone(pid):
+                while not process_gone(pid):
                     if time.monotonic() > deadline:
                         os.kill(pid, signal.SIGKILL)
                         break

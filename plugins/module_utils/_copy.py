@@ -10,6 +10,8 @@ last.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import re
@@ -22,7 +24,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ._stream import new_hash
+from ._checksum import new_hasher
+from ._files import COPY_ENTRIES_FILE, fsync_dir
 
 # Directories whose contents are never copied (the directory itself is).
 EXCLUDE_CONTENTS = (
@@ -53,7 +56,7 @@ _TEMP_REL = re.compile(r"^t\d+_\d+")
 _REL_FILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
 CONTROL = "global/pg_control"
 # Written by the copy step beside the backup for the manifest step (then removed).
-ENTRIES_FILE = ".pgops-copy-entries.json"
+ENTRIES_FILE = COPY_ENTRIES_FILE
 
 COMPRESSORS = {
     # name: (file suffix, list of candidate commands (first found wins))
@@ -191,7 +194,9 @@ def _serious(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.strip() and not any(b in line for b in _BENIGN)]
 
 
-def _archive_command(method: str, root: str) -> list:
+def _archive_command(method: str, root: str, big_records: bool = False) -> list:
+    """big_records: 1 MiB writes instead of 10 KiB (tar) or 512 bytes (cpio), a
+    fifth less CPU in the pipe; only where _tee cuts the padding back."""
     if method == "tar":
         # --ignore-failed-read: a file dropped after the walk is not an error;
         # stderr is still checked for anything else (e.g. permission denied).
@@ -201,6 +206,7 @@ def _archive_command(method: str, root: str) -> list:
             root,
             "-cf",
             "-",
+            f"--blocking-factor={2048 if big_records else 20}",
             "--format=gnu",  # what _stream.TarScanner reads, whatever TAR_OPTIONS says
             "--dereference",  # a symlinked pg_wal is stored as a directory, never as a link
             "--hard-dereference",
@@ -214,7 +220,7 @@ def _archive_command(method: str, root: str) -> list:
             "--warning=no-file-shrank",
         ]
     if method == "cpio":
-        return ["cpio", "-o", "-0", "-L", "-H", "newc", "--quiet"]
+        return ["cpio", "-o", "-0", "-L", "-H", "newc", "--quiet"] + (["--block-size=2048"] if big_records else [])
     raise CopyError(f"unknown archive method {method}")
 
 
@@ -239,7 +245,7 @@ def archive(
     t0 = time.monotonic()
     comp = compressor_command(compression, level, threads)
     tmp = out_path + ".partial"
-    stages = [("archive", _archive_command(method, root))]
+    stages = [("archive", _archive_command(method, root, big_records=scanner is not None))]
     if comp:
         stages.append(("compress", comp))
     out_f = None
@@ -298,6 +304,8 @@ def archive(
             err.seek(0)
             results[name] = (p.returncode, err.read().decode(errors="replace"))
             err.close()
+        if out_f is not None and not any(r[0] not in (0, 1) for r in results.values()):
+            os.fsync(out_f)  # on disk before the backup can be marked complete, as pg_basebackup does
     finally:
         if feeder is not None:
             feeder.join()
@@ -323,7 +331,11 @@ def archive(
         raise CopyError(f"the {method} stream ended early: the archive is incomplete")
     if remote:
         done = subprocess.run(
-            remote + [f"mv {_sh_quote(tmp)} {_sh_quote(out_path)} && stat -c %s {_sh_quote(out_path)}"],
+            remote
+            + [
+                f"sync -- {_sh_quote(tmp)} && mv {_sh_quote(tmp)} {_sh_quote(out_path)} && "
+                f"sync -- {_sh_quote(os.path.dirname(out_path))} && stat -c %s {_sh_quote(out_path)}"
+            ],
             capture_output=True,
             check=False,
         )
@@ -332,6 +344,7 @@ def archive(
         size = int(done.stdout)
     else:
         os.replace(tmp, out_path)
+        fsync_dir(os.path.dirname(out_path))
         size = os.path.getsize(out_path)
     return {"path": out_path, "bytes": size, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}
 
@@ -351,19 +364,70 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+def _libc_tee():
+    """tee(2): duplicates a pipe's data into another pipe inside the kernel."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).tee
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_TEE = _libc_tee()
+_CHUNK = 1 << 20
+
+
+def _write_all(fd: int, view) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _tee_some(src: int, sink: int, n: int) -> int:
+    while True:
+        got = _TEE(src, sink, n, 0)
+        if got >= 0:
+            return got
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
 def _tee(src: int, sink: int, scanner) -> None:
-    """Copy src to sink, showing every byte to scanner after it is passed on
-    (the compressor works on a chunk while we hash it)."""
+    """Pass the archive from src on to sink, showing every byte to scanner.
+
+    Member data goes through tee(2) when sink is a pipe: the compressor gets
+    it without a copy through this process, which reads it once, for the
+    checksums (a third of the overhead over a bare tar | zstd). Headers are
+    read before they go on, so the archive ends where its format says: the
+    archiver writes 1 MiB records, and its padding to them is cut back to
+    what tar and cpio write by default (a decompressor piped into tar -x or
+    cpio -i would otherwise die of SIGPIPE when they stop at the end marker).
+    """
     _grow_pipe(src)
     _grow_pipe(sink)
-    while True:
-        chunk = os.read(src, 1 << 20)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(sink, view) :]
-        scanner.feed(chunk)
+    buf = memoryview(bytearray(_CHUNK))
+    zero_copy = _TEE is not None and stat.S_ISFIFO(os.fstat(sink).st_mode)
+    total = 0
+    while not scanner.done:
+        ahead = min(scanner.passable(), _CHUNK)
+        if ahead and zero_copy:
+            n = _tee_some(src, sink, ahead)
+            got = 0
+            while got < n:
+                got += os.readv(src, [buf[got:n]])
+        else:
+            n = os.readv(src, [buf[: ahead or scanner.header_wanted()]])
+            _write_all(sink, buf[:n])
+        if not n:
+            return  # ended early: the caller sees the scanner is not done
+        scanner.feed(buf[:n])
+        total += n
+    end = -(-(total + scanner.END_EXTRA) // scanner.RECORD) * scanner.RECORD
+    _write_all(sink, memoryview(bytes(end - total)))
+    while os.readv(src, [buf]):
+        pass  # the archiver's own padding: zeros
 
 
 def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int = 2) -> list:
@@ -375,7 +439,7 @@ def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int 
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
             return None
-        h = new_hash(algorithm)
+        h = new_hasher(algorithm)
         if h is not None:
             with open(path, "rb", buffering=0) as f:
                 while True:
@@ -447,6 +511,16 @@ class Remote:
 
     def is_dir(self, path: str) -> bool:
         return subprocess.run(self.prefix + [f"test -d {_sh_quote(path)}"], capture_output=True, check=False).returncode == 0
+
+
+def sync_filesystem(path: str, remote: Remote | None = None) -> None:
+    """Flush a copied tree (method rsync) to disk: syncfs(2) of path's file system."""
+    if remote:
+        remote.run(f"sync -f -- {_sh_quote(path)}")
+        return
+    proc = subprocess.run(["sync", "-f", "--", path], capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise CopyError(f"cannot flush {path} to disk: {proc.stderr.decode(errors='replace').strip()}")
 
 
 def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None) -> dict:

@@ -8,6 +8,9 @@ import json
 import os
 import stat
 
+# Checksums the copy step took as the data passed by, for the manifest (in the backup's directory).
+COPY_ENTRIES_FILE = ".pgops-copy-entries.json"
+
 
 class UnsafePathError(Exception):
     pass
@@ -52,6 +55,16 @@ def write_private_file(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in path survive a crash."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, data: dict) -> None:

@@ -9,18 +9,9 @@ the manifest costs no second read of the backup.
 
 from __future__ import annotations
 
-import hashlib
+from ._checksum import new_hasher
 
 BLOCK = 512
-ALGORITHMS = {"SHA224": "sha224", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}
-
-
-def new_hash(algorithm: str):
-    """A hashlib object for a manifest algorithm; None for NONE. CRC32C has no
-    fast implementation in the standard library: the manifest module computes it."""
-    if algorithm in (None, "NONE"):
-        return None
-    return hashlib.new(ALGORITHMS[algorithm])
 
 
 def _octal(field: bytes) -> int:
@@ -38,6 +29,11 @@ def _name(raw: bytes) -> str:
 
 
 class _Scanner:
+    # How the format's own tools end an archive once its end marker was seen:
+    # END_EXTRA more zero bytes, then zeros up to a multiple of RECORD.
+    RECORD = 512
+    END_EXTRA = 0
+
     def __init__(self, prefix: str, algorithm: str):
         self.prefix = prefix
         self.algorithm = algorithm
@@ -51,7 +47,7 @@ class _Scanner:
 
     def _begin(self, name: str, size: int, mtime: int) -> None:
         self._entry = {"path": self.prefix + name, "size": size, "mtime": mtime, "algorithm": self.algorithm, "checksum": None}
-        self._hash = new_hash(self.algorithm)
+        self._hash = new_hasher(self.algorithm)
         self._remaining = size
         if size == 0:
             self._finish()
@@ -62,6 +58,15 @@ class _Scanner:
         self.entries.append(self._entry)
         self._entry = None
         self._hash = None
+
+    def passable(self) -> int:
+        """Bytes before the next header (member data and padding): they can go
+        on before they are seen, as no end of archive can hide in them."""
+        return 0 if self.done else self._remaining + self._skip
+
+    def header_wanted(self) -> int:
+        """Bytes still missing from the header being read."""
+        return self.header_size() - len(self._hdr)
 
     def feed(self, chunk) -> None:
         view = memoryview(chunk)
@@ -89,6 +94,9 @@ class _Scanner:
 
 class TarScanner(_Scanner):
     """GNU tar: 512-byte headers, 'L' long names, data padded to 512 bytes."""
+
+    RECORD = 10240  # tar's default blocking factor, 20
+    END_EXTRA = BLOCK  # the end marker is two zero blocks; done is set at the first
 
     def __init__(self, prefix: str, algorithm: str):
         super().__init__(prefix, algorithm)

@@ -65,9 +65,11 @@ options:
     description:
       - With O(state=complete), first write C(backup_manifest) (PostgreSQL's format) with this checksum algorithm,
         from the checksums M(pgops.online_backup.pg_backup_copy) recorded during the copy when they match.
+      - V(auto) takes the algorithm the copy step recorded, else V(CRC32C) when this node's Python has a C
+        implementation of it, else V(SHA256).
       - Unset writes no manifest. A manifest that cannot be written fails the task and the backup is not marked complete.
     type: str
-    choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+    choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
   keeper_local:
     description:
       - With O(state=running), whether the backup's session keeper runs on this host and holds the lock's flock (a
@@ -123,35 +125,23 @@ removed:
 """
 
 import os
-import socket
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import ENTRIES_FILE as COPY_ENTRIES_FILE
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError, read_json, write_json
-from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
-    LayoutError,
-    ManifestError,
-    write_backup_manifest,
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError
+from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import LayoutError, ManifestError
+from ansible_collections.pgops.online_backup.plugins.module_utils._record import (
+    caller_fields,
+    complete_backup,
+    fail_backup,
+    open_backup,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
-    COLLECTION_VERSION,
-    SCHEMA,
     RepositoryError,
-    acquire_lock,
     backup_json_path,
-    create_backup_dir,
-    dir_size,
-    release_lock,
-    remove_payload,
-    retention,
     update_backup,
-    utcnow,
     validate_repository,
 )
-
-# Set by this module alone: a caller's fields never override them.
-RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest")
 
 
 def main():
@@ -166,7 +156,7 @@ def main():
             lock_grace=dict(type="float", default=120),
             keeper_local=dict(type="bool", default=True),
             keep=dict(type="int", default=0),
-            manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+            manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
         ),
@@ -186,64 +176,20 @@ def main():
         module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=p["backup_id"], path=None)
     try:
         if state == "running":
-            # The repository may be a shared mount point: create it private, accept it as it is.
-            os.makedirs(repo, mode=0o700, exist_ok=True)
-            bid, path = create_backup_dir(repo)
-            try:
-                lock, note = acquire_lock(repo, p["cluster"], bid, p["lock_grace"], p["keeper_local"])
-            except RepositoryError:
-                os.rmdir(path)
-                raise
-            if note:
-                module.warn(note)
-            info = {
-                "schema": SCHEMA,
-                "id": bid,
-                "status": "running",
-                "host": socket.gethostname(),
-                "collection_version": COLLECTION_VERSION,
-                "created_at": utcnow(),
-                "system_identifier": p["cluster"],
-            }
-            info.update({k: v for k, v in p["fields"].items() if k not in RESERVED})
-            write_json(os.path.join(path, "backup.json"), info)
-            module.exit_json(changed=True, backup_id=bid, path=path, lock=lock, backup=info)
+            out = open_backup(repo, p["cluster"], p["fields"], p["lock_grace"], p["keeper_local"], module.warn)
+            module.exit_json(changed=True, **out)
         bid = p["backup_id"]
-        path = os.path.dirname(backup_json_path(repo, bid))
-        fields = {k: v for k, v in p["fields"].items() if k not in RESERVED}
         if state == "updated":
-            info = update_backup(repo, bid, **fields)
-            module.exit_json(changed=True, backup_id=bid, path=path, backup=info)
+            info = update_backup(repo, bid, **caller_fields(p["fields"]))
+            module.exit_json(changed=True, backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)), backup=info)
         if state == "complete":
-            info = update_backup(repo, bid, **fields)
-            manifest = None
-            if p["manifest_checksum"]:
-                manifest = write_backup_manifest(path, info, p["manifest_checksum"], os.path.join(path, COPY_ENTRIES_FILE))
-            info = update_backup(
-                repo, bid, status="complete", completed_at=utcnow(), size_on_disk=dir_size(path), manifest=manifest
-            )
-            # The backup is complete now: housekeeping problems are warnings, never a
-            # failure that would make the caller's rescue discard a good backup.
-            released, removed = False, []
-            try:
-                released = release_lock(repo, p["cluster"], bid)
-            except OSError as e:
-                module.warn(f"backup {bid} is complete but its lock could not be released: {e}")
-            try:
-                removed = retention(repo, p["keep"], info.get("system_identifier"))
-            except (OSError, RepositoryError) as e:
-                module.warn(f"backup {bid} is complete but retention failed: {e}")
-            module.exit_json(
-                changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released, manifest=manifest
-            )
-        # failed: never leave anything that looks usable, and never touch a complete backup
-        current = read_json(backup_json_path(repo, bid)) or {}
-        if current.get("status") == "complete":
-            module.fail_json(msg=f"backup {bid} is complete: refusing to mark it failed", backup_id=bid, path=path)
-        info = update_backup(repo, bid, status="failed", error=p["error"], failed_at=utcnow(), **fields)
-        removed = [] if p["keep_failed_files"] else remove_payload(path)
-        released = release_lock(repo, p["cluster"], bid)
-        module.exit_json(changed=True, backup_id=bid, path=path, backup=info, removed=removed, lock_released=released)
+            out = complete_backup(repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn)
+            module.exit_json(changed=True, **out)
+        try:
+            out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"])
+        except RepositoryError as e:
+            module.fail_json(msg=str(e), backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)))
+        module.exit_json(changed=True, **out)
     except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
         module.fail_json(msg=str(e))
 

@@ -72,9 +72,12 @@ options:
       - Record every copied file's size, modification time and checksum while the data passes by (tar, cpio) or
         right after the copy (rsync), in C(.pgops-copy-entries.json) in O(dest), for
         M(pgops.online_backup.pg_backup_manifest) to use instead of reading the whole backup again.
-      - Unset records nothing. V(CRC32C) is left to the manifest module.
+      - V(auto) is V(CRC32C) (pg_basebackup's default) when the node's Python has a C implementation of it (the
+        C(crc32c) package, hardware-accelerated from PyPI, or Debian's C(python3-crc32c); or C(google-crc32c)), else
+        V(SHA256). The result's RV(manifest_checksum) says which.
+      - Unset records nothing.
     type: str
-    choices: [SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+    choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
   repository_host:
     description:
       - Write the backup on this host instead, reached with ssh as C([user@]host) from the database host (by the OS
@@ -138,6 +141,16 @@ seconds:
   description: Time the copy took.
   returned: always
   type: float
+manifest_checksum:
+  description: The checksum algorithm recorded during the copy (O(manifest_checksum=auto) resolved), or null.
+  returned: when not in check mode
+  type: str
+crc32c_implementation:
+  description:
+    - Which CRC-32C implementation this node's Python has, C(crc32c (hardware)), C(crc32c (software)),
+      C(google-crc32c) or C(python).
+  returned: when not in check mode
+  type: str
 """
 
 import json
@@ -146,6 +159,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.pgops.online_backup.plugins.module_utils._checksum import CRC32C_IMPLEMENTATION, default_algorithm
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
     CONTROL,
     ENTRIES_FILE,
@@ -155,6 +169,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
     hash_tree,
     rsync_tree,
     suffix_of,
+    sync_filesystem,
     tablespace_subdir,
     walk,
 )
@@ -190,7 +205,7 @@ def main():
             ssh_options=dict(type="list", elements="str", default=[]),
             session_id=dict(type="str"),
             runtime_dir=dict(type="path"),
-            manifest_checksum=dict(type="str", choices=["SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+            manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
         supports_check_mode=True,
     )
@@ -238,7 +253,7 @@ def main():
             file_count=count,
             seconds=0.0,
         )
-    algorithm = p["manifest_checksum"] if p["manifest_checksum"] != "CRC32C" else None
+    algorithm = default_algorithm() if p["manifest_checksum"] == "auto" else p["manifest_checksum"]
     if remote and method == "rsync":
         algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
     entries = [] if algorithm else None
@@ -271,6 +286,8 @@ def main():
                 rsync_tree(data, [CONTROL], out, remote)
             if algorithm:
                 entries += hash_tree(out, files, "", algorithm, threads)
+            # On disk before the backup can be marked complete, as pg_basebackup does.
+            sync_filesystem(dest, remote)
             written.append({"name": "data", "bytes": total_source})
             total = total_source
         else:
@@ -316,6 +333,8 @@ def main():
         source_bytes=total_source,
         file_count=count,
         seconds=seconds,
+        manifest_checksum=algorithm,
+        crc32c_implementation=CRC32C_IMPLEMENTATION,
     )
 
 

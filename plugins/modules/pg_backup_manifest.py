@@ -256,8 +256,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import format_lsn, parse_lsn
 from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import CatalogError, update_backup_json
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import ENTRIES_FILE as COPY_ENTRIES_FILE
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import read_json, write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import COPY_ENTRIES_FILE, read_json, write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
     INFO_NAME,
     LayoutError,

@@ -25,6 +25,11 @@ description:
     for the required WAL to be archived for at most O(archive_timeout) seconds. A wait that runs
     out fails with the missing WAL file and the archiver's state, and keeps the label; running
     O(state=stopped) again for the same session resumes the wait.
+  - Optionally the start also runs the pre-flight of M(pgops.online_backup.pg_archiving_info) (O(preflight)) and
+    opens the backup's record in a repository on this host (O(repository)), and the stop finishes that record
+    (O(backup_id)) by writing C(backup_manifest) and marking it complete, as M(pgops.online_backup.pg_backup_catalog)
+    does in tasks of its own. Each task an Ansible run saves is a fifth of a second or more; the role
+    M(pgops.online_backup.pg_backup) uses these options when the repository is on the database host.
 extends_documentation_fragment:
   - pgops.online_backup.connection
   - pgops.online_backup.attributes
@@ -130,6 +135,75 @@ options:
       login_db:
         description: Database on the primary.
         type: str
+  preflight:
+    description:
+      - With O(state=started), first run the checks of M(pgops.online_backup.pg_archiving_info) (settings, privileges,
+        the archive proof of O(prove), the destination O(repository)) and refuse to start, naming every problem with
+        its fix, before anything changes. The facts come back in RV(preflight).
+      - Implied by O(repository).
+    type: bool
+    default: false
+  prove:
+    description:
+      - With O(preflight), prove that archiving works (switch WAL, wait until the segment is archived), as
+        M(pgops.online_backup.pg_archiving_info) does.
+    type: bool
+    default: true
+  prove_timeout:
+    description:
+      - Seconds the proof waits for its segment to be archived.
+    type: float
+    default: 60
+  space_margin:
+    description:
+      - With O(repository), the free space it needs, as a multiple of the expected backup size.
+    type: float
+    default: 1.1
+  source:
+    description:
+      - With O(preflight), the kind of server this must be; the start is refused when it is not.
+    type: str
+    choices: [any, primary, standby]
+    default: any
+  repository:
+    description:
+      - With O(state=started), a backup repository on this host (absolute, outside the data directory and every
+        tablespace). Before the backup starts, a new backup directory, its C(backup.json) (status C(running)) and
+        the cluster's lock are made there, as M(pgops.online_backup.pg_backup_catalog) O(state=running) does; the
+        keeper holds the lock. A start that fails after that marks the backup failed and releases the lock.
+      - With O(state=stopped) and O(backup_id), the repository of the backup to finish.
+    type: path
+  record:
+    description:
+      - With O(repository), fields stored in C(backup.json) (at the start, and with O(state=stopped) at the end,
+        together with the stop's LSNs, WAL range and times).
+    type: dict
+    default: {}
+  data_directory:
+    description:
+      - With O(repository), the data directory recorded and kept out of the repository; found from the server when unset.
+    type: path
+  lock_grace:
+    description:
+      - With O(repository), seconds a fresh lock counts as taken before its keeper holds it.
+    type: float
+    default: 120
+  backup_id:
+    description:
+      - With O(state=stopped) and O(repository), the backup (RV(backup_id) of the start) to finish after the stop
+        and the archive wait - O(dest) should be its directory - writing C(backup_manifest) when
+        O(manifest_checksum) is set, marking it complete, releasing the lock and applying O(keep).
+    type: str
+  manifest_checksum:
+    description:
+      - With O(backup_id), the manifest's checksum algorithm, as in M(pgops.online_backup.pg_backup_catalog).
+    type: str
+    choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+  keep:
+    description:
+      - With O(backup_id), complete backups of this cluster to keep (0 keeps all).
+    type: int
+    default: 0
   lock_file:
     description:
       - With O(state=started), an existing file the keeper holds a shared C(flock) on for as long as it lives, so that a
@@ -288,6 +362,35 @@ files:
   returned: state is stopped and dest is set
   type: list
   elements: str
+preflight:
+  description: With O(preflight) or O(repository), the facts and RV(problems) of M(pgops.online_backup.pg_archiving_info).
+  returned: state is started and preflight ran
+  type: dict
+backup_id:
+  description: With O(repository), the backup's id in the repository.
+  returned: state is started or stopped with repository
+  type: str
+path:
+  description: With O(repository), the backup's directory.
+  returned: state is started or stopped with repository
+  type: str
+backup:
+  description: With O(repository), the backup's C(backup.json).
+  returned: state is started or stopped with repository
+  type: dict
+manifest:
+  description: With O(backup_id) and O(manifest_checksum), what the manifest holds (files, bytes, version, algorithm, seconds).
+  returned: state is stopped with backup_id
+  type: dict
+lock_released:
+  description: With O(backup_id), whether the cluster's lock was released.
+  returned: state is stopped with backup_id
+  type: bool
+removed:
+  description: With O(backup_id) and O(keep), backups removed by retention.
+  returned: state is stopped with backup_id
+  type: list
+  elements: str
 sessions:
   description: Sessions known to O(runtime_dir), each with status, alive and stale flags.
   returned: state is status
@@ -324,6 +427,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._files import 
     write_json,
     write_private_file,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._inspect import inspect_for_module
+from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import LayoutError, ManifestError
 from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
     cluster_key,
     connect,
@@ -332,6 +437,12 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
     parse_conninfo,
     postgres_common_argument_spec,
     query_one,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._record import complete_backup, fail_backup, open_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
+    RepositoryError,
+    valid_backup_id,
+    validate_repository,
 )
 
 START_KEYS = (
@@ -352,6 +463,53 @@ def _public(state: dict) -> dict:
     return {k: state.get(k) for k in START_KEYS}
 
 
+def run_preflight(module) -> dict:
+    """pg_archiving_info's checks, before anything starts: the facts, or a
+    failure that names every problem with its fix."""
+    p = module.params
+    facts = inspect_for_module(module, p["repository"], "pgops.online_backup pre-flight", "nothing was started: ")
+    changed = facts["proof"]["switched"]
+    standby = facts["in_recovery"]
+    if (p["source"] == "primary" and standby) or (p["source"] == "standby" and not standby):
+        kind = "a standby (in recovery)" if standby else "a primary"
+        fix = "back up a standby with source=standby" if standby else "point the task at a standby"
+        module.fail_json(msg=f"nothing was started: source is {p['source']} but this server is {kind}: {fix}", preflight=facts)
+    problems = facts["problems"]
+    if problems:
+        listed = " ".join(f"[{pr['code']}] {pr['message']} Fix: {pr['hint']}" for pr in problems)
+        module.fail_json(
+            msg=f"nothing was started: {len(problems)} problem(s) on {cluster_key(p)}: {listed}",
+            changed=changed,
+            preflight=facts,
+        )
+    return facts
+
+
+def open_record(module, facts: dict) -> dict:
+    """The backup's directory, backup.json (running) and the cluster's lock."""
+    p = module.params
+    repo = p["repository"]
+    data_dir = p["data_directory"] or facts["data_directory"]
+    if not data_dir:
+        module.fail_json(msg="nothing was started: the role may not read data_directory; set the data_directory option")
+    if not facts.get("system_identifier"):
+        module.fail_json(msg="nothing was started: the role may not read the system identifier (pg_control_system())")
+    problem = validate_repository(repo, [data_dir] + [t["location"] for t in facts["tablespaces"]])
+    if problem:
+        module.fail_json(msg=f"nothing was started: {problem}")
+    fields = dict(p["record"])
+    fields.update(
+        data_directory=data_dir,
+        tablespaces=facts["tablespaces"],
+        pg_version=facts["server_version_num"],
+        pg_version_text=facts["server_version"],
+    )
+    try:
+        return open_backup(repo, facts["system_identifier"], fields, p["lock_grace"], True, module.warn)
+    except (RepositoryError, UnsafePathError, OSError) as e:
+        module.fail_json(msg=f"nothing was started: {e}")
+
+
 def started(module, runtime_dir):
     p = module.params
     problem = validate_label(p["label"] or "")
@@ -363,13 +521,52 @@ def started(module, runtime_dir):
         module.fail_json(msg="max_duration must be at least 1 second")
     if p["lock_file"] and not os.path.isfile(p["lock_file"]):
         module.fail_json(msg=f"lock_file {p['lock_file']} does not exist")
+    if p["repository"] and not os.path.isabs(p["repository"]):
+        module.fail_json(msg=f"repository {p['repository']!r} must be an absolute path")
+    if p["repository"] and p["lock_file"]:
+        module.fail_json(msg="repository and lock_file exclude each other: the repository's own lock is held")
+    facts = run_preflight(module) if p["preflight"] or p["repository"] else None
     if module.check_mode:
-        module.exit_json(changed=True, msg=f"would start backup {p['label']!r} on {cluster_key(p)}", session_id=None)
+        module.exit_json(
+            changed=True,
+            msg=f"would start backup {p['label']!r} on {cluster_key(p)}"
+            + (f" and record it in {p['repository']}" if p["repository"] else ""),
+            session_id=None,
+            **({"preflight": facts} if facts else {}),
+        )
     ensure_driver(module)
     try:
         _keeper.sweep(runtime_dir)
     except OSError:
         pass
+    record = open_record(module, facts) if p["repository"] else None
+    try:
+        out = start_keeper(module, runtime_dir, record["lock"] if record else p["lock_file"])
+    except StartFailed as e:
+        if record:
+            # Nothing may look usable, and the lock goes: the run failed before its copy.
+            try:
+                fail_backup(p["repository"], record["backup_id"], facts["system_identifier"], e.msg, keep_files=False)
+            except (RepositoryError, OSError) as err:
+                module.warn(f"could not mark backup {record['backup_id']} failed: {err}")
+        module.fail_json(msg=e.msg, **e.extra)
+    if facts:
+        out["preflight"] = facts
+    if record:
+        out.update(backup_id=record["backup_id"], path=record["path"], lock=record["lock"], backup=record["backup"])
+    module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
+
+
+class StartFailed(Exception):
+    def __init__(self, msg: str, **extra):
+        super().__init__(msg)
+        self.msg = msg
+        self.extra = extra
+
+
+def start_keeper(module, runtime_dir, lock_file) -> dict:
+    """Launch the keeper and have it start the backup; StartFailed says why not."""
+    p = module.params
     spec = {
         "session_id": _keeper.new_session_id(),
         "label": p["label"],
@@ -377,22 +574,22 @@ def started(module, runtime_dir):
         "max_duration": p["max_duration"],
         "keepalive_interval": max(1, p["keepalive_interval"]),
         "cluster": cluster_key(p),
-        "lock_file": p["lock_file"],
+        "lock_file": lock_file,
         "lease": p["lease"],
     }
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {spec['session_id']}")
     try:
         report = _keeper.launch(kw, spec, runtime_dir, p["start_timeout"])
     except (_keeper.KeeperError, UnsafePathError, OSError) as e:
-        module.fail_json(msg=f"cannot start the session keeper: {e}")
+        raise StartFailed(f"cannot start the session keeper: {e}") from None
     if not report.get("ok"):
         stage = report.get("stage")
         err = report.get("error", "unknown error")
         if stage == "connect":
-            module.fail_json(msg=f"unable to connect to database: {err}")
+            raise StartFailed(f"unable to connect to database: {err}")
         major = major_of(report.get("version_num") or 150000)
-        module.fail_json(
-            msg=f"could not start the backup: {explain_start_error(report.get('sqlstate'), err, major, p['login_user'])}",
+        raise StartFailed(
+            f"could not start the backup: {explain_start_error(report.get('sqlstate'), err, major, p['login_user'])}",
             sqlstate=report.get("sqlstate"),
         )
     state = report["state"]
@@ -404,7 +601,7 @@ def started(module, runtime_dir):
         keeper_pid_starttime=state.get("pid_starttime"),
         wal_segment_size=state.get("wal_segment_size"),
     )
-    module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {state['start_lsn']}", **out)
+    return out
 
 
 def find_session(module, runtime_dir):
@@ -459,6 +656,10 @@ def _forget(sdir):
 
 def stopped(module, runtime_dir):
     p = module.params
+    if p["backup_id"] and not p["repository"]:
+        module.fail_json(msg="backup_id needs repository: the repository of the backup to finish")
+    if p["backup_id"] and not valid_backup_id(p["backup_id"]):
+        module.fail_json(msg=f"invalid backup_id {p['backup_id']!r}")
     if module.check_mode and not (p["session_id"] or p["label"]):
         module.exit_json(changed=True, msg="would stop the backup session")
     sdir, state = find_session(module, runtime_dir)
@@ -505,7 +706,36 @@ def stopped(module, runtime_dir):
     # Kept (0600, swept after 7 days): the label stays retrievable until the caller has stored it.
     state["delivered"] = True
     write_json(os.path.join(sdir, _keeper.STATE_FILE), state)
-    module.exit_json(changed=True, msg=f"backup {state['label']!r} stopped at {result['stop_lsn']}", **out)
+    msg = f"backup {state['label']!r} stopped at {result['stop_lsn']}"
+    if p["backup_id"]:
+        out.update(finish_record(module, state, out))
+        msg += f"; backup {p['backup_id']} is complete"
+    module.exit_json(changed=True, msg=msg, **out)
+
+
+STOP_FIELDS = (
+    "session_id", "start_lsn", "start_wal", "started_at", "stop_requested_at", "stopped_at", "stop_lsn", "stop_wal",
+    "timeline", "backup_from", "wal_files", "wal_archived", "duration", "archive_wait_seconds",
+)  # fmt: skip
+
+
+def finish_record(module, state: dict, out: dict) -> dict:
+    """backup.json gets the stop's facts, the manifest is written, the backup
+    is marked complete and the lock released (pg_backup_catalog state=complete)."""
+    p = module.params
+    fields = dict(p["record"])
+    fields.update({k: out.get(k) for k in STOP_FIELDS})
+    try:
+        done = complete_backup(
+            p["repository"], p["backup_id"], state["system_identifier"], fields, p["manifest_checksum"], p["keep"], module.warn
+        )
+    except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
+        module.fail_json(
+            msg=f"the backup stopped, but backup {p['backup_id']} could not be marked complete: {e}",
+            changed=True,
+            **{k: v for k, v in out.items() if k != "failed"},
+        )
+    return {k: done[k] for k in ("backup_id", "path", "backup", "manifest", "lock_released", "removed")}
 
 
 def wait_archive(module, state, result) -> dict:
@@ -700,6 +930,18 @@ def main():
         dest=dict(type="path"),
         lock_file=dict(type="path"),
         runtime_dir=dict(type="path"),
+        preflight=dict(type="bool", default=False),
+        prove=dict(type="bool", default=True),
+        prove_timeout=dict(type="float", default=60),
+        space_margin=dict(type="float", default=1.1),
+        source=dict(type="str", default="any", choices=["any", "primary", "standby"]),
+        repository=dict(type="path"),
+        record=dict(type="dict", default={}),
+        data_directory=dict(type="path"),
+        lock_grace=dict(type="float", default=120),
+        backup_id=dict(type="str"),
+        manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+        keep=dict(type="int", default=0),
         primary=dict(
             type="dict",
             options=dict(

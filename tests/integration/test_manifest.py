@@ -20,6 +20,7 @@ from harness.ansible import collections_workspace, local_inventory, run_playbook
 from harness.pg import TOOLS17, Cluster, make_pg_dir
 
 sys.path.insert(0, collections_workspace())
+from ansible_collections.pgops.online_backup.plugins.module_utils import _checksum  # noqa: E402
 from ansible_collections.pgops.online_backup.plugins.module_utils import _manifest as mf  # noqa: E402
 
 MANIFEST = "pgops.online_backup.pg_backup_manifest"
@@ -294,7 +295,7 @@ def test_plain_backup_manifest_accepted_and_corruption_found_by_both(major, back
     assert direct.returncode == 0, direct.stderr
     crc_manifest = mf.parse_manifest(crc_text)
     with open(os.path.join(crc, "data", "PG_VERSION"), "rb") as f:
-        assert crc_manifest.files["PG_VERSION"].checksum == mf.Crc32c(f.read()).hexdigest()
+        assert crc_manifest.files["PG_VERSION"].checksum == _checksum.Crc32c(f.read()).hexdigest()
 
 
 DECOMPRESS = {"gz": ["gzip", "-dc"], "zst": ["zstd", "-dcq"], "lz4": ["lz4", "-dcq"]}

@@ -380,3 +380,75 @@ def test_lease_ends_a_backup_whose_run_went_silent(make_cluster, playbook):
     assert mine[0]["status"] == "expired" and "(lease)" in mine[0]["reason"], mine
     bad = playbook(play(session_task("start", label="x", lease=2, **cv)))
     assert "lease must be 0 (off) or at least 5 seconds" in bad.task("start")["msg"]
+
+
+def _entries(repo: str) -> list:
+    return sorted(n for n in os.listdir(repo) if n[0].isdigit())
+
+
+def test_start_with_a_repository_records_the_backup_and_the_stop_completes_it(make_cluster, playbook, tmp_path):
+    """The role's path when the repository is on the database host: one start task runs
+    the pre-flight, opens the record and takes the lock; one stop task completes it."""
+    c = make_cluster(16)
+    repo = str(tmp_path / "repo")
+    cv = c.conn_vars()
+    run = playbook(
+        play(
+            session_task("start", "b", label="recorded", fast=True, repository=repo, record={"method": "tar"}, **cv),
+            session_task(
+                "stop",
+                "s",
+                session_id="{{ b.session_id }}",
+                dest="{{ b.path }}",
+                repository=repo,
+                backup_id="{{ b.backup_id }}",
+                record={"copy_seconds": 1.5},
+                **cv,
+            ),
+        )
+    )
+    assert run.rc == 0, run
+    start, stop = run.task("start"), run.task("stop")
+    assert start["preflight"]["problems"] == [] and start["preflight"]["proof"]["archived"] is True
+    assert start["preflight"]["data_directory"] == c.data
+    (bid,) = _entries(repo)
+    assert start["backup_id"] == stop["backup_id"] == bid
+    info = json.load(open(os.path.join(repo, bid, "backup.json")))
+    assert info["status"] == "complete" and info["method"] == "tar" and info["copy_seconds"] == 1.5
+    assert info["data_directory"] == c.data and info["pg_version"] == start["server_version_num"]
+    assert (info["start_lsn"], info["stop_lsn"], info["wal_archived"]) == (stop["start_lsn"], stop["stop_lsn"], True)
+    assert open(os.path.join(repo, bid, "backup_label")).read() == stop["labelfile"]
+    assert stop["lock_released"] is True and os.listdir(os.path.join(repo, ".locks")) == []
+    assert c.backups_in_progress() == 0
+
+
+def test_a_start_that_fails_after_opening_the_record_marks_it_failed_and_frees_the_lock(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    repo = str(tmp_path / "repo")
+    # No keeper reports within a millisecond: the start gives up after the record was opened.
+    run = playbook(play(session_task("start", label="too-slow", repository=repo, start_timeout=0.001, **c.conn_vars())))
+    assert run.rc != 0
+    assert "did not start within" in run.task("start")["msg"], run.task("start")["msg"]
+    (bid,) = _entries(repo)
+    info = json.load(open(os.path.join(repo, bid, "backup.json")))
+    assert info["status"] == "failed" and "did not start within" in info["error"]
+    assert os.listdir(os.path.join(repo, ".locks")) == []
+    wait_until(lambda: c.backups_in_progress() == 0, what="the killed keeper's backend to go")
+    status = playbook(play(session_task("status", state="status")))
+    assert not [s for s in status.task("status")["sessions"] if s.get("label") == "too-slow" and s.get("alive")]
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        ("relative/repo", "must be an absolute path"),
+        ("{data}/inside", "destination_inside_data_directory"),
+    ],
+)
+def test_a_bad_repository_is_refused_before_anything_starts(where, expected, make_cluster, playbook):
+    c = make_cluster(15)
+    repo = where.format(data=c.data)
+    msg = _start_fails(playbook, c, label="x", repository=repo, **c.conn_vars())
+    assert expected in msg, msg
+    assert not os.path.exists(os.path.join(c.data, "inside"))
+    assert c.backups_in_progress() == 0

@@ -22,65 +22,6 @@ mf = importlib.import_module("ansible_collections.pgops.online_backup.plugins.mo
 NOT_UTF8 = os.fsdecode(b"base/1/caf\xe9")  # a Latin-1 name: no valid UTF-8
 
 
-# -- checksums
-
-
-@pytest.mark.parametrize(
-    "data, crc",
-    [(b"", 0), (b"123456789", 0xE3069283), (b"\x00" * 32, 0x8A9136AA), (b"\xff" * 32, 0x62A8AB43)],
-)
-def test_crc32c_known_values(data, crc):
-    # RFC 3720 B.4 vectors and the classic check value.
-    assert mf._crc32c_extend_py(0, data) == crc
-    assert mf.crc32c_extend(0, data) == crc
-
-
-def test_crc32c_digest_is_little_endian_like_postgres():
-    # PostgreSQL memcpy()s the uint32 into the manifest: 0xE3069283 is written "839206e3".
-    assert mf.Crc32c(b"123456789").hexdigest() == "839206e3"
-
-
-def test_crc32c_in_pieces_equals_whole():
-    data = os.urandom(100_003)
-    h = mf.Crc32c()
-    for i in range(0, len(data), 4097):
-        h.update(data[i : i + 4097])
-    assert h.value == mf._crc32c_extend_py(0, data)
-
-
-def crc32c_bytewise(data: bytes) -> int:
-    """The textbook definition, one bit at a time: the reference for the fast paths."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    return crc ^ 0xFFFFFFFF
-
-
-@pytest.mark.parametrize("zeros", [0, 7, 63, 64, 65, 511, 512, 4097, 32768, 32768 * 3 + 129])
-def test_crc32c_zero_runs_match_the_definition(zeros):
-    # Zero runs take the precomputed-operator path; everything else slicing-by-8.
-    data = os.urandom(13) + b"\0" * zeros + os.urandom(9) + b"\0" * (zeros // 2) + b"\1"
-    assert mf._crc32c_extend_py(0, data) == crc32c_bytewise(data)
-    assert mf._crc32c_extend_py(mf._crc32c_extend_py(0, data[:100]), data[100:]) == crc32c_bytewise(data)
-
-
-@pytest.mark.parametrize("algo", ["SHA224", "SHA256", "SHA384", "SHA512"])
-def test_sha_hashers(algo):
-    h = mf.new_hasher(algo)
-    h.update(b"abc")
-    assert h.hexdigest() == hashlib.new(algo.lower(), b"abc").hexdigest()
-    assert len(h.digest()) == mf.DIGEST_SIZES[algo]
-
-
-def test_none_and_unknown_algorithms():
-    assert mf.new_hasher("NONE") is None
-    assert mf.new_hasher(None) is None
-    with pytest.raises(ValueError, match="unknown checksum algorithm"):
-        mf.new_hasher("MD5")
-
-
 # -- manifest text
 
 

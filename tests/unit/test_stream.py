@@ -82,3 +82,64 @@ def test_truncated_stream_is_not_done(tree):
     scanner = TarScanner("", "NONE")
     scanner.feed(stream[:1500])
     assert not scanner.done
+
+
+def _archiver(method: str, root, names, big: bool) -> list:
+    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import _archive_command
+
+    return _archive_command(method, str(root), big_records=big)
+
+
+@pytest.mark.parametrize("method", ["tar", "cpio"])
+@pytest.mark.parametrize("sink_kind", ["pipe", "file"])
+def test_tee_passes_the_archive_on_with_standard_padding(tree, tmp_path, method, sink_kind):
+    """1 MiB records in, byte for byte what the archiver writes with its default
+    records out (through tee(2) into a pipe, or read and written into a file),
+    with every file's checksum seen on the way."""
+    from ansible_collections.pgops.online_backup.plugins.module_utils import _copy
+
+    root, files, names = tree
+    listing = b"\0".join(n.encode() for n in names) + b"\0"
+    expected = subprocess.run(_archiver(method, root, names, False), cwd=root, input=listing, capture_output=True, check=True)
+    archiver = subprocess.Popen(
+        _archiver(method, root, names, True), cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    archiver.stdin.write(listing)
+    archiver.stdin.close()
+    out = tmp_path / "out"
+    scanner = (TarScanner if method == "tar" else CpioScanner)("", "CRC32C")
+    with open(out, "wb") as f:
+        if sink_kind == "pipe":
+            cat = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=f)
+            _copy._tee(archiver.stdout.fileno(), cat.stdin.fileno(), scanner)
+            cat.stdin.close()
+            assert cat.wait() == 0
+        else:
+            _copy._tee(archiver.stdout.fileno(), f.fileno(), scanner)
+    assert archiver.wait() == 0, archiver.stderr.read()
+    assert scanner.done
+    got = out.read_bytes()
+    # The big records really were bigger: the archiver padded to 1 MiB.
+    assert len(got) < 1 << 20
+    assert got == expected.stdout
+    from ansible_collections.pgops.online_backup.plugins.module_utils._checksum import Crc32c
+
+    # Our archivers dereference links: "link" is stored as a copy of PG_VERSION.
+    want = {k: Crc32c(v).hexdigest() for k, v in {**files, "link": files["PG_VERSION"]}.items()}
+    assert {e["path"]: e["checksum"] for e in scanner.entries} == want
+
+
+def test_tee_stops_at_a_stream_that_ends_early(tree, tmp_path):
+    from ansible_collections.pgops.online_backup.plugins.module_utils import _copy
+
+    root, _, names = tree
+    stream = subprocess.run(["tar", "-C", str(root), "-cf", "-", "--format=gnu", *names[:5]], capture_output=True, check=True)
+    r, w = os.pipe()
+    os.write(w, stream.stdout[:1500])
+    os.close(w)
+    scanner = TarScanner("", "NONE")
+    with open(tmp_path / "out", "wb") as f:
+        _copy._tee(r, f.fileno(), scanner)
+    os.close(r)
+    assert not scanner.done
+    assert (tmp_path / "out").read_bytes() == stream.stdout[:1500]

@@ -126,7 +126,7 @@ def _candidates() -> list:
 
         # Its pure-Python fallback is slower than ours: only the C library counts.
         if getattr(google_crc32c, "implementation", "") == "c":
-            found.append((False, "google-crc32c", lambda crc, data: google_crc32c.extend(crc, data)))
+            found.append((False, "google-crc32c", google_crc32c.extend))
     except Exception:  # noqa: BLE001 - optional accelerator
         pass
     return [(name, fn) for _slow, name, fn in sorted(found, key=lambda c: c[0])]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -24,8 +25,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ._checksum import new_hasher
-from ._files import COPY_ENTRIES_FILE, fsync_dir
+from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
+from ._files import COPY_ENTRIES_FILE, fsync_dir, write_json
+from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).
 EXCLUDE_CONTENTS = (
@@ -234,6 +236,7 @@ def archive(
     threads: int,
     remote: list | None = None,
     scanner=None,
+    cancel: Cancel | None = None,
 ) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
@@ -279,6 +282,8 @@ def archive(
             if i > 0 and not tee_here:
                 upstream.close()  # only the next stage holds the read end
             procs.append((name, p, err))
+            if cancel is not None:
+                cancel.track(p)
             upstream = p.stdout
         archiver = procs[0][1]
         # The file list goes in from a thread: the archiver reads it while we read its output.
@@ -311,6 +316,12 @@ def archive(
             feeder.join()
         if out_f is not None:
             os.close(out_f)
+        if cancel is not None:
+            for _name, proc, _err in procs:
+                cancel.untrack(proc)
+    if cancel is not None and cancel.fired:
+        _cleanup(tmp, remote)
+        raise CopyError("the copy was cancelled (the backup was aborted)")
     rc, err = results["archive"]
     serious = _serious(err)
     if tee_error is not None:
@@ -523,7 +534,7 @@ def sync_filesystem(path: str, remote: Remote | None = None) -> None:
         raise CopyError(f"cannot flush {path} to disk: {proc.stderr.decode(errors='replace').strip()}")
 
 
-def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None) -> dict:
+def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None, cancel: Cancel | None = None) -> dict:
     """Copy the listed files of root into dest (a directory, here or on remote) with rsync."""
     t0 = time.monotonic()
     target = f"{remote.target}:{dest.rstrip('/')}/" if remote else dest.rstrip("/") + "/"
@@ -533,8 +544,190 @@ def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None) 
     if remote:
         cmd += ["-e", " ".join(shlex.quote(a) for a in remote.ssh)]
     cmd += [root.rstrip("/") + "/", target]
-    proc = subprocess.run(cmd, input="\0".join(files).encode() + b"\0", capture_output=True, check=False)
-    err = proc.stderr.decode(errors="replace")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if cancel is not None:
+        cancel.track(proc)
+    try:
+        _out, err_bytes = proc.communicate("\0".join(files).encode() + b"\0")
+    finally:
+        if cancel is not None:
+            cancel.untrack(proc)
+    if cancel is not None and cancel.fired:
+        raise CopyError("the copy was cancelled (the backup was aborted)")
+    err = err_bytes.decode(errors="replace")
     if proc.returncode not in (0, 23, 24) or (proc.returncode == 23 and _serious(err)):
         raise CopyError(f"rsync failed (exit {proc.returncode}): {' | '.join(_serious(err)) or err.strip()}")
     return {"path": dest, "seconds": round(time.monotonic() - t0, 3), "warnings": err.strip()[:2000]}
+
+
+class Cancel:
+    """Stops a copy from another thread (the session keeper's, when the backup
+    is aborted or the run is gone): kills the processes the copy runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._procs = set()
+        self.fired = False
+
+    def track(self, proc) -> None:
+        with self._lock:
+            self._procs.add(proc)
+            if self.fired:
+                proc.kill()
+
+    def untrack(self, proc) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for proc in self._procs:
+                try:
+                    proc.kill()
+                except OSError:
+                    pass
+
+
+# What a copy needs besides data_directory, tablespaces and dest (pg_backup_copy's options).
+COPY_DEFAULTS = {
+    "method": "tar",
+    "compression": "none",
+    "compression_level": None,
+    "threads": 0,
+    "server_version_num": 150000,
+    "exclude_directories": [],
+    "repository_host": None,
+    "ssh_port": 22,
+    "ssh_options": [],
+    "manifest_checksum": None,
+}
+
+
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _remote_of(spec: dict):
+    return Remote(spec["repository_host"], spec["ssh_port"], spec["ssh_options"]) if spec["repository_host"] else None
+
+
+def check_copy(spec: dict) -> str | None:
+    """Why this copy cannot run (None when it can): checked before anything starts."""
+    data, dest = spec["data_directory"], spec["dest"]
+    if not data or not os.path.isfile(os.path.join(data, "PG_VERSION")):
+        return f"{data} is not a PostgreSQL data directory (no PG_VERSION)"
+    remote = _remote_of(spec)
+    if not (remote.is_dir(dest) if remote else os.path.isdir(dest)):
+        where = f" on {spec['repository_host']}" if remote else ""
+        return f"dest {dest} is not a directory{where} (or the host cannot be reached with ssh)"
+    for ts in spec["tablespaces"]:
+        if "oid" not in ts or "location" not in ts:
+            return f"each tablespace needs oid and location, got {ts}"
+    for root in [data] + [ts["location"] for ts in spec["tablespaces"]]:
+        if _inside(dest, root):
+            return f"dest {dest} is inside {root}: the backup would copy itself"
+    if spec["method"] == "rsync" and spec["compression"] != "none":
+        return "rsync copies a plain data directory: compression must be none"
+    return None
+
+
+def plan_copy(spec: dict) -> dict:
+    """Every file to copy, walked before the copy starts (CopyError when a directory cannot be read)."""
+    major = spec["server_version_num"] // 10000
+    extra = tuple(d.strip("/") for d in spec["exclude_directories"])
+    files, source_bytes = walk(spec["data_directory"], major, True, extra)
+    spaces = []
+    for ts in spec["tablespaces"]:
+        loc = ts["location"]
+        # Only the cluster's own PG_<major>_<catversion> directory, named as in the archive.
+        sub = tablespace_subdir(loc, major)
+        tfiles, tsize = walk(os.path.join(loc, sub), 0, False)
+        spaces.append((str(ts["oid"]), loc, [sub] + [os.path.join(sub, f) for f in tfiles], tsize))
+    return {
+        "files": files,
+        "spaces": spaces,
+        "count": len(files) + sum(len(t[2]) for t in spaces),
+        "source_bytes": source_bytes + sum(t[3] for t in spaces),
+    }
+
+
+def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None) -> dict:
+    """Copy the data directory and tablespaces into dest with the spec's method;
+    the result pg_backup_copy returns. Raises CopyError or OSError."""
+    t0 = time.monotonic()
+    plan = plan or plan_copy(spec)
+    data, dest, method = spec["data_directory"], spec["dest"], spec["method"]
+    remote = _remote_of(spec)
+    threads = spec["threads"] or os.cpu_count() or 1
+    algorithm = default_algorithm() if spec["manifest_checksum"] == "auto" else spec["manifest_checksum"]
+    if remote and method == "rsync":
+        algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
+    entries = [] if algorithm else None
+    written = []
+    if method == "rsync":
+        out = os.path.join(dest, "data")
+        mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
+        link = remote.symlink if remote else os.symlink
+        mkdirs(out)
+        mkdirs(os.path.join(out, "pg_tblspc"))
+        for oid, loc, tfiles, _size in plan["spaces"]:
+            tdir = os.path.join(dest, "tablespaces", oid)
+            mkdirs(tdir)
+            rsync_tree(loc, tfiles, tdir, remote, cancel)
+            # Relative link: the backup directory can move as a whole.
+            link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
+            if algorithm:
+                entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
+        # rsync sorts its list: pg_control goes in a second run so it is copied last.
+        files = plan["files"]
+        rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel)
+        if CONTROL in files:
+            rsync_tree(data, [CONTROL], out, remote, cancel)
+        if algorithm:
+            entries += hash_tree(out, files, "", algorithm, threads)
+        # On disk before the backup can be marked complete, as pg_basebackup does.
+        sync_filesystem(dest, remote)
+        written.append({"name": "data", "bytes": plan["source_bytes"]})
+        total = plan["source_bytes"]
+    else:
+        suffix = f".{method}{suffix_of(spec['compression'])}"
+        # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
+        jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
+        total = 0
+        for name, root, flist in jobs:
+            scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
+            r = archive(
+                method,
+                root,
+                flist,
+                os.path.join(dest, name + suffix),
+                spec["compression"],
+                spec["compression_level"],
+                threads,
+                remote=remote.prefix if remote else None,
+                scanner=scanner,
+                cancel=cancel,
+            )
+            if scanner is not None:
+                entries += scanner.entries
+            written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
+            total += r["bytes"]
+    if entries is not None:
+        record = {"algorithm": algorithm, "entries": entries}
+        if remote:
+            remote.write(os.path.join(dest, ENTRIES_FILE), json.dumps(record).encode())
+        else:
+            write_json(os.path.join(dest, ENTRIES_FILE), record)
+    seconds = round(time.monotonic() - t0, 3)
+    return {
+        "msg": f"copied {plan['count']} entries, {plan['source_bytes']} bytes in {seconds}s with {method}",
+        "files": written,
+        "bytes": total,
+        "source_bytes": plan["source_bytes"],
+        "file_count": plan["count"],
+        "seconds": seconds,
+        "manifest_checksum": algorithm,
+        "crc32c_implementation": CRC32C_IMPLEMENTATION,
+    }

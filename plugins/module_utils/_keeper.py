@@ -33,8 +33,10 @@ import threading
 import time
 
 from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
+from ._copy import Cancel, run_copy
 from ._files import ensure_private_dir, read_json, write_json
 from ._postgres import connect, error_text, psycopg2, query_one, server_version
+from ._repository import backup_json_path, fail_backup
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"
@@ -327,6 +329,31 @@ def _detach(keep_fd: int) -> None:
         pass
 
 
+class _CopyJob(threading.Thread):
+    """The copy the start asked for, run by the keeper right after the backup
+    started (no task round trip in between); the stop waits for it."""
+
+    def __init__(self, spec: dict):
+        super().__init__(daemon=True)
+        self.spec = spec
+        self.cancel = Cancel()
+        self.result = None
+        self.error = None
+        self.done_r, self.done_w = os.pipe()  # readable once the copy ended: wakes the keeper's select
+
+    def run(self) -> None:
+        try:
+            self.result = run_copy(self.spec, cancel=self.cancel)
+        except BaseException as e:  # noqa: BLE001 - reported to the stop, never raised in a thread
+            self.error = str(e) or repr(e)
+        finally:
+            os.write(self.done_w, b"x")
+
+    def stop(self) -> None:
+        self.cancel.fire()
+        self.join(60)
+
+
 class _Keeper:
     def __init__(self, wfd, conn_kwargs, spec, sdir):
         self.wfd = wfd
@@ -336,6 +363,7 @@ class _Keeper:
         self.conn = None
         self.sock = None
         self.state = {}
+        self.copy = None
 
     # -- reporting
 
@@ -384,11 +412,14 @@ class _Keeper:
         except _NobodyListening:
             self._end("aborted", "the module that started the backup was gone before it learned the session id")
         finally:
+            if self.copy is not None and self.copy.is_alive():
+                self.copy.stop()  # whatever ended the session: no tar or zstd left writing
             if self.conn is not None:
                 try:
                     self.conn.close()
                 except psycopg2.Error:
                     pass
+            self._fail_record()
             if self.sock is not None:
                 self.sock.close()
                 try:
@@ -453,9 +484,29 @@ class _Keeper:
         self.sock.bind(path)
         os.chmod(path, 0o600)
         self.sock.listen(8)
+        if spec.get("copy"):
+            self.state["copy"] = {"status": "running"}
         self._save()
         self._report({"ok": True, "state": self.state})
+        if spec.get("copy"):
+            self.copy = _CopyJob(spec["copy"])
+            self.copy.start()
         return True
+
+    def _fail_record(self) -> None:
+        """A backup that ended any other way than its stop can never be used: its record
+        says so now, its data goes and the cluster's lock is free for the next run."""
+        record = self.spec.get("record")
+        if not record or not self.state.get("session_id") or self.state.get("status") == "stopped":
+            return
+        reason = self.state.get("reason") or "the session keeper ended before the backup was stopped"
+        try:
+            # Only a record still "running": its run may have marked it failed already, with the cause.
+            if (read_json(backup_json_path(record["repository"], record["backup_id"])) or {}).get("status") != "running":
+                return
+            fail_backup(record["repository"], record["backup_id"], record["cluster"], f"session keeper: {reason}", False)
+        except Exception:  # noqa: BLE001 - best effort; the next run's lock check covers the rest
+            pass
 
     def _session_settings(self, major: int) -> None:
         # The session must outlive any idle or statement limit set by the DBA.
@@ -522,35 +573,89 @@ class _Keeper:
             except OSError:
                 continue
             self.last_contact = time.monotonic()
-            # No SIGTERM between the stop call and its reply: the label must reach the caller.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            try:
-                with client:
-                    done = self._handle(client)
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+            with client:
+                op = self._read_request(client)
+                if op == "stop" and self.copy is not None and self.copy.is_alive() and not self._await_copy(client):
+                    return
+                # No SIGTERM between the stop call and its reply: the label must reach the caller.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    done = self._handle(client, op)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             if done:
                 return
 
-    def _handle(self, client) -> bool:
-        """Serve one request; True when the keeper should exit."""
+    def _read_request(self, client):
+        """The request's op from the keeper's own user (or root); None otherwise."""
         client.settimeout(30)
         try:
             creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
             if uid not in (0, os.geteuid()):
                 client.sendall(b'{"ok": false, "error": "permission denied"}\n')
-                return False
+                return None
             req = json.loads(_recv_line(client) or b"{}")
         except (OSError, ValueError):
+            return None
+        return (req.get("op") or "?") if isinstance(req, dict) else "?"
+
+    def _await_copy(self, client) -> bool:
+        """Wait for the copy while the stop request stays open: False when the
+        backup had to end meanwhile (the run went away, max_duration, session lost)."""
+        interval = self.spec["keepalive_interval"]
+        while self.copy.is_alive():
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.copy.stop()
+                self._end("expired", f"max_duration of {self.spec['max_duration']}s passed during the copy; backup aborted")
+                return False
+            ready, _w, _x = select.select([self.copy.done_r, client], [], [], min(interval, left))
+            if client in ready:
+                try:
+                    # EOF: the client is gone; anything else it sends is not for us (read, dropped).
+                    gone = client.recv(4096, socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                if gone:
+                    # The task that waits for the stop died with its run (Ctrl-C, lost controller).
+                    self.copy.stop()
+                    self.conn.close()
+                    self._end("aborted", "the run that asked for the stop went away during the copy; backup aborted")
+                    return False
+            if not ready:
+                try:
+                    query_one(self.conn, "SELECT 1")
+                except psycopg2.Error as e:
+                    self.copy.stop()
+                    self._end("lost", f"the database session was lost ({error_text(e)}); the backup is unusable")
+                    return False
+            if self.copy.done_r in ready:
+                self.copy.join()  # it wrote its last byte: ending now
+        return True
+
+    def _handle(self, client, op) -> bool:
+        """Serve one request; True when the keeper should exit."""
+        if op is None:
             return False
-        op = req.get("op") if isinstance(req, dict) else None
         try:
             if op == "ping":
                 reply, done = {"ok": True, "state": self.state}, False
+            elif op == "stop" and self.copy is not None and self.copy.error is not None:
+                # The copy failed: nothing can be usable, end the backup on the server.
+                self.conn.close()
+                self.state["copy"] = {"status": "failed", "error": self.copy.error}
+                self._end("failed", f"the copy failed: {self.copy.error}; the backup was aborted")
+                reply, done = {"ok": False, "copy_failed": True, "error": self.state["reason"], "state": self.state}, True
             elif op == "stop":
+                if self.copy is not None:
+                    self.state["copy"] = {"status": "done", **self.copy.result}
                 reply, done = self._stop(), True
             elif op == "abort":
+                if self.copy is not None and self.copy.is_alive():
+                    self.copy.stop()
                 self.conn.close()  # ending the session aborts the backup on the server
                 self._end("aborted", "aborted on request")
                 reply, done = {"ok": True, "state": self.state}, True

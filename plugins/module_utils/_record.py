@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-from ._files import COPY_ENTRIES_FILE, read_json, write_json
+from ._files import COPY_ENTRIES_FILE, write_json
 from ._manifest import write_backup_manifest
 from ._repository import (
     COLLECTION_VERSION,
@@ -17,21 +17,14 @@ from ._repository import (
     RepositoryError,
     acquire_lock,
     backup_json_path,
+    caller_fields,
     create_backup_dir,
     dir_size,
     release_lock,
-    remove_payload,
     retention,
     update_backup,
     utcnow,
 )
-
-# Set by these functions alone: a caller's fields never override them.
-RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest")
-
-
-def caller_fields(fields: dict | None) -> dict:
-    return {k: v for k, v in (fields or {}).items() if k not in RESERVED}
 
 
 def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, keeper_local: bool, warn) -> dict:
@@ -90,15 +83,3 @@ def complete_backup(repository: str, backup_id: str, cluster: str, fields: dict,
         "lock_released": released,
         "manifest": manifest,
     }
-
-
-def fail_backup(repository: str, backup_id: str, cluster: str, error: str, keep_files: bool, fields: dict | None = None) -> dict:
-    """Never leave anything that looks usable, and never touch a complete backup."""
-    path = os.path.dirname(backup_json_path(repository, backup_id))
-    current = read_json(backup_json_path(repository, backup_id)) or {}
-    if current.get("status") == "complete":
-        raise RepositoryError(f"backup {backup_id} is complete: refusing to mark it failed")
-    info = update_backup(repository, backup_id, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
-    removed = [] if keep_files else remove_payload(path)
-    released = release_lock(repository, cluster, backup_id)
-    return {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}

@@ -243,3 +243,23 @@ def retention(repository: str, keep: int, system_identifier: str) -> list:
     for name in doomed:
         shutil.rmtree(os.path.join(repository, name), ignore_errors=True)
     return doomed
+
+
+# Set by this module's callers alone (_record, pg_backup_catalog): a caller's fields never override them.
+RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest")
+
+
+def caller_fields(fields: dict | None) -> dict:
+    return {k: v for k, v in (fields or {}).items() if k not in RESERVED}
+
+
+def fail_backup(repository: str, backup_id: str, cluster: str, error: str, keep_files: bool, fields: dict | None = None) -> dict:
+    """Never leave anything that looks usable, and never touch a complete backup."""
+    path = os.path.dirname(backup_json_path(repository, backup_id))
+    current = read_json(backup_json_path(repository, backup_id)) or {}
+    if current.get("status") == "complete":
+        raise RepositoryError(f"backup {backup_id} is complete: refusing to mark it failed")
+    info = update_backup(repository, backup_id, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
+    removed = [] if keep_files else remove_payload(path)
+    released = release_lock(repository, cluster, backup_id)
+    return {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}

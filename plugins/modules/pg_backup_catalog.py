@@ -130,15 +130,12 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError
 from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import LayoutError, ManifestError
-from ansible_collections.pgops.online_backup.plugins.module_utils._record import (
-    caller_fields,
-    complete_backup,
-    fail_backup,
-    open_backup,
-)
+from ansible_collections.pgops.online_backup.plugins.module_utils._record import complete_backup, open_backup
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     RepositoryError,
     backup_json_path,
+    caller_fields,
+    fail_backup,
     update_backup,
     validate_repository,
 )

@@ -153,39 +153,15 @@ crc32c_implementation:
   type: str
 """
 
-import json
-import os
-import time
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._checksum import CRC32C_IMPLEMENTATION, default_algorithm
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
-    CONTROL,
-    ENTRIES_FILE,
-    CopyError,
-    Remote,
-    archive,
-    hash_tree,
-    rsync_tree,
-    suffix_of,
-    sync_filesystem,
-    tablespace_subdir,
-    walk,
-)
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_json
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import CopyError, check_copy, plan_copy, run_copy
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
     KeeperError,
     LeaseRenewer,
     default_runtime_dir,
     session_dir,
 )
-from ansible_collections.pgops.online_backup.plugins.module_utils._stream import scanner_for
-
-
-def _inside(path: str, parent: str) -> bool:
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 def main():
@@ -210,54 +186,23 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
-    data, dest, method = p["data_directory"], p["dest"], p["method"]
-    if not os.path.isfile(os.path.join(data, "PG_VERSION")):
-        module.fail_json(msg=f"{data} is not a PostgreSQL data directory (no PG_VERSION)")
-    remote = Remote(p["repository_host"], p["ssh_port"], p["ssh_options"]) if p["repository_host"] else None
-    if not (remote.is_dir(dest) if remote else os.path.isdir(dest)):
-        where = f" on {p['repository_host']}" if remote else ""
-        module.fail_json(msg=f"dest {dest} is not a directory{where} (or the host cannot be reached with ssh)")
-    spaces = []
-    for ts in p["tablespaces"]:
-        if "oid" not in ts or "location" not in ts:
-            module.fail_json(msg=f"each tablespace needs oid and location, got {ts}")
-        spaces.append((str(ts["oid"]), ts["location"]))
-    for root in [data] + [loc for _oid, loc in spaces]:
-        if _inside(dest, root):
-            module.fail_json(msg=f"dest {dest} is inside {root}: the backup would copy itself")
-    if method == "rsync" and p["compression"] != "none":
-        module.fail_json(msg="rsync copies a plain data directory: compression must be none")
-    threads = p["threads"] or os.cpu_count() or 1
-    extra = tuple(d.strip("/") for d in p["exclude_directories"])
-
-    t0 = time.monotonic()
-    ts_lists = []
+    problem = check_copy(p)
+    if problem:
+        module.fail_json(msg=problem)
     try:
-        files, source_bytes = walk(data, p["server_version_num"] // 10000, True, extra)
-        for oid, loc in spaces:
-            # Only the cluster's own PG_<major>_<catversion> directory, named as in the archive.
-            sub = tablespace_subdir(loc, p["server_version_num"] // 10000)
-            tfiles, tsize = walk(os.path.join(loc, sub), 0, False)
-            ts_lists.append((oid, loc, [sub] + [os.path.join(sub, f) for f in tfiles], tsize))
+        plan = plan_copy(p)
     except CopyError as e:
         module.fail_json(msg=f"nothing copied: {e}")
-    count = len(files) + sum(len(t[2]) for t in ts_lists)
-    total_source = source_bytes + sum(t[3] for t in ts_lists)
     if module.check_mode:
         module.exit_json(
             changed=True,
-            msg=f"would copy {count} entries ({total_source} bytes) with {method}",
+            msg=f"would copy {plan['count']} entries ({plan['source_bytes']} bytes) with {p['method']}",
             files=[],
             bytes=0,
-            source_bytes=total_source,
-            file_count=count,
+            source_bytes=plan["source_bytes"],
+            file_count=plan["count"],
             seconds=0.0,
         )
-    algorithm = default_algorithm() if p["manifest_checksum"] == "auto" else p["manifest_checksum"]
-    if remote and method == "rsync":
-        algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
-    entries = [] if algorithm else None
-    written = []
     renewer = None
     if p["session_id"]:
         try:
@@ -266,76 +211,13 @@ def main():
             module.fail_json(msg=str(e))
         renewer.start()  # the keeper's lease stays fresh however long the copy takes
     try:
-        if method == "rsync":
-            out = os.path.join(dest, "data")
-            mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
-            link = remote.symlink if remote else os.symlink
-            mkdirs(out)
-            mkdirs(os.path.join(out, "pg_tblspc"))
-            for oid, loc, tfiles, _size in ts_lists:
-                tdir = os.path.join(dest, "tablespaces", oid)
-                mkdirs(tdir)
-                rsync_tree(loc, tfiles, tdir, remote)
-                # Relative link: the backup directory can move as a whole.
-                link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
-                if algorithm:
-                    entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
-            # rsync sorts its list: pg_control goes in a second run so it is copied last.
-            rsync_tree(data, [f for f in files if f != CONTROL], out, remote)
-            if CONTROL in files:
-                rsync_tree(data, [CONTROL], out, remote)
-            if algorithm:
-                entries += hash_tree(out, files, "", algorithm, threads)
-            # On disk before the backup can be marked complete, as pg_basebackup does.
-            sync_filesystem(dest, remote)
-            written.append({"name": "data", "bytes": total_source})
-            total = total_source
-        else:
-            suffix = f".{method}{suffix_of(p['compression'])}"
-            # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
-            jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in ts_lists] + [("base", data, files)]
-            total = 0
-            for name, root, flist in jobs:
-                scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
-                out_path = os.path.join(dest, name + suffix)
-                r = archive(
-                    method,
-                    root,
-                    flist,
-                    out_path,
-                    p["compression"],
-                    p["compression_level"],
-                    threads,
-                    remote=remote.prefix if remote else None,
-                    scanner=scanner,
-                )
-                if scanner is not None:
-                    entries += scanner.entries
-                written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
-                total += r["bytes"]
-        if entries is not None:
-            record = {"algorithm": algorithm, "entries": entries}
-            if remote:
-                remote.write(os.path.join(dest, ENTRIES_FILE), json.dumps(record).encode())
-            else:
-                write_json(os.path.join(dest, ENTRIES_FILE), record)
+        result = run_copy(p, plan)
     except (CopyError, OSError) as e:
-        module.fail_json(msg=f"copy failed: {e}", files=written)
+        module.fail_json(msg=f"copy failed: {e}")
     finally:
         if renewer is not None:
             renewer.stop()
-    seconds = round(time.monotonic() - t0, 3)
-    module.exit_json(
-        changed=True,
-        msg=f"copied {count} entries, {total_source} bytes in {seconds}s with {method}",
-        files=written,
-        bytes=total,
-        source_bytes=total_source,
-        file_count=count,
-        seconds=seconds,
-        manifest_checksum=algorithm,
-        crc32c_implementation=CRC32C_IMPLEMENTATION,
-    )
+    module.exit_json(changed=True, **result)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,59 @@ options:
       - With O(backup_id), complete backups of this cluster to keep (0 keeps all).
     type: int
     default: 0
+  copy:
+    description:
+      - With O(state=started), have the keeper copy the data directory and every tablespace right after the backup
+        started, exactly as M(pgops.online_backup.pg_backup_copy) does (same code, same options), while this task
+        returns. O(state=stopped) then waits for the copy to finish (however long it takes) before it stops the
+        backup, and returns its result in RV(copy). A copy that fails ends the backup and fails the stop.
+      - If the task waiting for the stop goes away (Ctrl-C, lost controller), the keeper kills the copy and ends
+        the backup; so do O(state=aborted), O(max_duration) and O(lease).
+      - Implies O(preflight) (the copy takes the data directory and tablespaces from it). Saves the copy task's
+        round trip, and the stop task starts while the copy still runs.
+    type: dict
+    suboptions:
+      dest:
+        description: Directory the backup is written to; defaults to the backup's directory in O(repository).
+        type: path
+      method:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: str
+        choices: [tar, cpio, rsync]
+        default: tar
+      compression:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: str
+        choices: [none, gzip, zstd, lz4]
+        default: none
+      compression_level:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: int
+      threads:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: int
+        default: 0
+      exclude_directories:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: list
+        elements: str
+        default: []
+      manifest_checksum:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: str
+        choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
+      repository_host:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: str
+      ssh_port:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: int
+        default: 22
+      ssh_options:
+        description: As in M(pgops.online_backup.pg_backup_copy).
+        type: list
+        elements: str
+        default: []
   lock_file:
     description:
       - With O(state=started), an existing file the keeper holds a shared C(flock) on for as long as it lives, so that a
@@ -362,8 +415,15 @@ files:
   returned: state is stopped and dest is set
   type: list
   elements: str
+copy:
+  description:
+    - With O(copy), C(status) (V(running) after the start; V(done) or V(failed) after the stop) and, when done,
+      what M(pgops.online_backup.pg_backup_copy) returns (files, bytes, source_bytes, file_count, seconds,
+      manifest_checksum, crc32c_implementation).
+  returned: state is started or stopped with copy
+  type: dict
 preflight:
-  description: With O(preflight) or O(repository), the facts and RV(problems) of M(pgops.online_backup.pg_archiving_info).
+  description: With O(preflight) or O(repository), the facts and C(problems) of M(pgops.online_backup.pg_archiving_info).
   returned: state is started and preflight ran
   type: dict
 backup_id:
@@ -422,6 +482,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api im
     wal_file_name,
     wal_segment_count,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import COPY_DEFAULTS, check_copy
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import (
     UnsafePathError,
     write_json,
@@ -438,9 +499,10 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
     postgres_common_argument_spec,
     query_one,
 )
-from ansible_collections.pgops.online_backup.plugins.module_utils._record import complete_backup, fail_backup, open_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._record import complete_backup, open_backup
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     RepositoryError,
+    fail_backup,
     valid_backup_id,
     validate_repository,
 )
@@ -525,7 +587,7 @@ def started(module, runtime_dir):
         module.fail_json(msg=f"repository {p['repository']!r} must be an absolute path")
     if p["repository"] and p["lock_file"]:
         module.fail_json(msg="repository and lock_file exclude each other: the repository's own lock is held")
-    facts = run_preflight(module) if p["preflight"] or p["repository"] else None
+    facts = run_preflight(module) if p["preflight"] or p["repository"] or p["copy"] else None
     if module.check_mode:
         module.exit_json(
             changed=True,
@@ -541,7 +603,8 @@ def started(module, runtime_dir):
         pass
     record = open_record(module, facts) if p["repository"] else None
     try:
-        out = start_keeper(module, runtime_dir, record["lock"] if record else p["lock_file"])
+        copy = copy_spec(module, facts, record)
+        out = start_keeper(module, runtime_dir, record, copy, facts)
     except StartFailed as e:
         if record:
             # Nothing may look usable, and the lock goes: the run failed before its copy.
@@ -554,7 +617,30 @@ def started(module, runtime_dir):
         out["preflight"] = facts
     if record:
         out.update(backup_id=record["backup_id"], path=record["path"], lock=record["lock"], backup=record["backup"])
+    if copy:
+        out["copy"] = {"status": "running", "dest": copy["dest"], "method": copy["method"]}
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
+
+
+def copy_spec(module, facts: dict | None, record: dict | None) -> dict | None:
+    """What the keeper copies right after the start (pg_backup_copy's options), checked now."""
+    p = module.params
+    if not p["copy"]:
+        return None
+    spec = dict(COPY_DEFAULTS)
+    spec.update({k: v for k, v in p["copy"].items() if v is not None})
+    spec.update(
+        data_directory=p["data_directory"] or facts["data_directory"],
+        tablespaces=facts["tablespaces"],
+        server_version_num=facts["server_version_num"],
+        dest=p["copy"]["dest"] or (record["path"] if record else None),
+    )
+    if not spec["dest"]:
+        raise StartFailed("nothing was started: copy needs dest, or repository for the backup's own directory")
+    problem = check_copy(spec)
+    if problem:
+        raise StartFailed(f"nothing was started: {problem}")
+    return spec
 
 
 class StartFailed(Exception):
@@ -564,7 +650,7 @@ class StartFailed(Exception):
         self.extra = extra
 
 
-def start_keeper(module, runtime_dir, lock_file) -> dict:
+def start_keeper(module, runtime_dir, record: dict | None, copy: dict | None = None, facts: dict | None = None) -> dict:
     """Launch the keeper and have it start the backup; StartFailed says why not."""
     p = module.params
     spec = {
@@ -574,8 +660,18 @@ def start_keeper(module, runtime_dir, lock_file) -> dict:
         "max_duration": p["max_duration"],
         "keepalive_interval": max(1, p["keepalive_interval"]),
         "cluster": cluster_key(p),
-        "lock_file": lock_file,
+        "lock_file": record["lock"] if record else p["lock_file"],
         "lease": p["lease"],
+        "copy": copy,
+        # A backup the keeper has to end by itself (its run gone, max_duration, a failed
+        # copy) is marked failed in its record at once, which frees the cluster's lock.
+        "record": {
+            "repository": p["repository"],
+            "backup_id": record["backup_id"],
+            "cluster": facts["system_identifier"],
+        }
+        if record
+        else None,
     }
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {spec['session_id']}")
     try:
@@ -670,7 +766,13 @@ def stopped(module, runtime_dir):
         module.exit_json(changed=True, msg=f"would stop backup session {state['session_id']}", **_public(state))
     ensure_driver(module)
     if state["status"] == "running":
-        reply = _keeper.request(sdir, {"op": "stop"}, timeout=120)
+        # A copy the keeper runs is waited for, however long it takes (the keeper
+        # ends the backup if this task goes away meanwhile).
+        copying = (state.get("copy") or {}).get("status") == "running"
+        reply = _keeper.request(sdir, {"op": "stop"}, timeout=None if copying else 120)
+        if reply.get("copy_failed"):
+            _forget(sdir)
+            module.fail_json(msg=reply["error"], session_id=state["session_id"], copy=reply["state"].get("copy"))
         if not reply.get("ok"):
             if reply.get("unreachable"):
                 state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
@@ -686,6 +788,8 @@ def stopped(module, runtime_dir):
     result = state["result"]
     out = _public(state)
     out.update(result)
+    if state.get("copy"):
+        out["copy"] = state["copy"]
     out["duration"] = _seconds_between(state["started_at"], result["stopped_at"])
     out["wal_files"] = wal_segment_count(state["start_wal"], result["stop_wal"], state["wal_segment_size"])
     files = []
@@ -724,6 +828,14 @@ def finish_record(module, state: dict, out: dict) -> dict:
     is marked complete and the lock released (pg_backup_catalog state=complete)."""
     p = module.params
     fields = dict(p["record"])
+    copy = out.get("copy")
+    if copy:  # the keeper copied: what the role would have recorded from its copy task
+        fields.update(
+            copy_seconds=copy["seconds"],
+            files=[f["name"] for f in copy["files"]],
+            bytes=copy["bytes"],
+            source_bytes=copy["source_bytes"],
+        )
     fields.update({k: out.get(k) for k in STOP_FIELDS})
     try:
         done = complete_backup(
@@ -942,6 +1054,21 @@ def main():
         backup_id=dict(type="str"),
         manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         keep=dict(type="int", default=0),
+        copy=dict(
+            type="dict",
+            options=dict(
+                dest=dict(type="path"),
+                method=dict(type="str", default="tar", choices=["tar", "cpio", "rsync"]),
+                compression=dict(type="str", default="none", choices=["none", "gzip", "zstd", "lz4"]),
+                compression_level=dict(type="int"),
+                threads=dict(type="int", default=0),
+                exclude_directories=dict(type="list", elements="str", default=[]),
+                manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+                repository_host=dict(type="str"),
+                ssh_port=dict(type="int", default=22),
+                ssh_options=dict(type="list", elements="str", default=[]),
+            ),
+        ),
         primary=dict(
             type="dict",
             options=dict(

@@ -79,7 +79,10 @@ def test_backup_streams_to_a_repository_host(method, compression, make_cluster, 
             assert st.st_uid == pwd.getpwnam(ADMIN_USER).pw_uid, name
             assert stat.S_IMODE(st.st_mode) & 0o077 == 0, name
         label = os.path.join(bdir, "data/backup_label" if method == "rsync" else "backup_label")
-        assert open(label).read() == run.task("Stop the backup and write backup_label into the backup")["labelfile"]
+        assert (
+            open(label).read()
+            == run.task("Stop the backup when the copy is done, and write backup_label into the backup")["labelfile"]
+        )
         assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))
         assert not glob.glob(os.path.join(repo, ".locks", "*.lock"))
         restored = restore_backup(bdir, c.archive, 15)

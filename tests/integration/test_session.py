@@ -131,6 +131,86 @@ def test_copy_task_between_start_and_stop_in_one_play(make_cluster, playbook, tm
     restored.destroy()
 
 
+def test_pg_backup_copy_task_between_start_and_stop_restores_with_rows_written_during(make_cluster, playbook, tmp_path):
+    """The copy module on its own (the role has the keeper copy): it renews the lease and
+    records every file's checksum as the archive streams past."""
+    c = make_cluster(17)
+    c.sql("CREATE TABLE t (id int, phase text)")
+    c.sql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 1000) g")
+    cv = c.conn_vars()
+    dest = tmp_path / "b"
+    dest.mkdir()
+    run = playbook(
+        play(
+            session_task("start", "b", label="copy-module", lease=5, keepalive_interval=1, **cv),
+            {
+                "name": "write during",
+                # Debian's psql: the relocatable server builds have no client.
+                "ansible.builtin.command": f"/usr/lib/postgresql/15/bin/psql -h {c.sock} "
+                f"-p {c.port} -U postgres -c \"INSERT INTO t SELECT g, 'during' FROM generate_series(1, 1000) g\" postgres",
+                "changed_when": True,
+            },
+            {
+                "name": "copy",
+                "pgops.online_backup.pg_backup_copy": {
+                    "data_directory": c.data,
+                    "dest": str(dest),
+                    "server_version_num": 170000,
+                    "session_id": "{{ b.session_id }}",
+                    "manifest_checksum": "auto",
+                },
+            },
+            session_task("stop", session_id="{{ b.session_id }}", dest=str(dest), **cv),
+        )
+    )
+    assert run.rc == 0, run
+    copy = run.task("copy")
+    assert [f["name"] for f in copy["files"]] == ["base.tar"] and copy["manifest_checksum"] == "CRC32C"
+    entries = json.load(open(dest / ".pgops-copy-entries.json"))
+    assert entries["algorithm"] == "CRC32C" and any(e["path"] == "global/pg_control" for e in entries["entries"])
+    restored = restore_tar_backup(17, str(dest / "base.tar"), str(dest), c.archive)
+    try:
+        rows = dict(restored.sql("SELECT phase, count(*) FROM t GROUP BY phase"))
+        assert rows == {"before": 1000, "during": 1000}, rows
+    finally:
+        restored.destroy()
+
+
+def _copy_processes(dest: str) -> list:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if (cmd.startswith(("tar ", "gzip ", "pigz ")) and cwd.startswith(dest)) or dest in cmd:
+            found.append((pid, cmd))
+    return found
+
+
+def test_abort_during_the_keepers_copy_kills_it_and_ends_the_backup(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    c.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1500000) g")
+    cv = c.conn_vars()
+    dest = tmp_path / "b"
+    dest.mkdir()
+    # gzip -9 on one thread: the copy is still running when the abort comes.
+    copy = {"dest": str(dest), "method": "tar", "compression": "gzip", "compression_level": 9, "threads": 1}
+    run = playbook(play(session_task("start", "b", label="keeper-copy", fast=True, copy=copy, **cv)))
+    assert run.rc == 0, run
+    started = run.task("start")
+    assert started["copy"]["status"] == "running"
+    wait_until(lambda: (dest / "base.tar.gz.partial").exists(), what="the keeper's copy to begin")
+    abort = playbook(play(session_task("abort", session_id=started["session_id"], **cv)))
+    assert abort.rc == 0, abort
+    assert abort.task("abort")["changed"] is True
+    wait_until(lambda: c.backups_in_progress() == 0, what="the backup to end")
+    wait_until(lambda: not _copy_processes(str(dest)), what="tar and gzip to be gone")
+    assert not (dest / "base.tar.gz").exists()
+    wait_until(lambda: not (dest / "base.tar.gz.partial").exists(), what="the partial archive to be removed")
+
+
 def test_abort_ends_the_backup_and_a_later_start_works(make_cluster, playbook):
     c = make_cluster(15)
     cv = c.conn_vars()

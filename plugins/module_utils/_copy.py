@@ -309,8 +309,6 @@ def archive(
             err.seek(0)
             results[name] = (p.returncode, err.read().decode(errors="replace"))
             err.close()
-        if out_f is not None and not any(r[0] not in (0, 1) for r in results.values()):
-            os.fsync(out_f)  # on disk before the backup can be marked complete, as pg_basebackup does
     finally:
         if feeder is not None:
             feeder.join()
@@ -354,6 +352,12 @@ def archive(
             raise CopyError(f"cannot finish {out_path} on the repository host: {done.stderr.decode(errors='replace').strip()}")
         size = int(done.stdout)
     else:
+        # Accepted: on disk before the backup can be marked complete, as pg_basebackup does.
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, out_path)
         fsync_dir(os.path.dirname(out_path))
         size = os.path.getsize(out_path)
@@ -424,7 +428,13 @@ def _tee(src: int, sink: int, scanner) -> None:
     while not scanner.done:
         ahead = min(scanner.passable(), _CHUNK)
         if ahead and zero_copy:
-            n = _tee_some(src, sink, ahead)
+            try:
+                n = _tee_some(src, sink, ahead)
+            except OSError as e:
+                if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+                    raise
+                zero_copy = False  # refused here (a sandbox, seccomp): read and write instead
+                continue
             got = 0
             while got < n:
                 got += os.readv(src, [buf[got:n]])

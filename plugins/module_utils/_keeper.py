@@ -412,6 +412,7 @@ class _Keeper:
         except _NobodyListening:
             self._end("aborted", "the module that started the backup was gone before it learned the session id")
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
             if self.copy is not None and self.copy.is_alive():
                 self.copy.stop()  # whatever ended the session: no tar or zstd left writing
             if self.conn is not None:
@@ -504,7 +505,9 @@ class _Keeper:
             # Only a record still "running": its run may have marked it failed already, with the cause.
             if (read_json(backup_json_path(record["repository"], record["backup_id"])) or {}).get("status") != "running":
                 return
-            fail_backup(record["repository"], record["backup_id"], record["cluster"], f"session keeper: {reason}", False)
+            fail_backup(
+                record["repository"], record["backup_id"], record["cluster"], f"session keeper: {reason}", record["keep_files"]
+            )
         except Exception:  # noqa: BLE001 - best effort; the next run's lock check covers the rest
             pass
 
@@ -543,6 +546,10 @@ class _Keeper:
         self.last_contact = time.monotonic()
         while True:
             now = time.monotonic()
+            if self.copy is not None and self.copy.is_alive():
+                # Our own copy is word enough: the lease counts from its end (a run with more
+                # hosts than forks reaches this host's stop only when a fork is free).
+                self.last_contact = now
             left = self.deadline - now
             if left <= 0:
                 self._end(
@@ -610,7 +617,9 @@ class _Keeper:
                 self.copy.stop()
                 self._end("expired", f"max_duration of {self.spec['max_duration']}s passed during the copy; backup aborted")
                 return False
-            ready, _w, _x = select.select([self.copy.done_r, client], [], [], min(interval, left))
+            ready, _w, _x = select.select([self.copy.done_r, client, self.sock], [], [], min(interval, left))
+            if self.sock in ready and self._serve_during_copy():
+                return False
             if client in ready:
                 try:
                     # EOF: the client is gone; anything else it sends is not for us (read, dropped).
@@ -635,6 +644,30 @@ class _Keeper:
             if self.copy.done_r in ready:
                 self.copy.join()  # it wrote its last byte: ending now
         return True
+
+    def _serve_during_copy(self) -> bool:
+        """Another request while a stop waits for the copy: ping, or abort (True: the backup ended)."""
+        try:
+            other, _address = self.sock.accept()
+        except OSError:
+            return False
+        with other:
+            op = self._read_request(other)
+            if op == "abort":
+                self.copy.stop()
+                self.conn.close()  # ending the session aborts the backup on the server
+                self._end("aborted", "aborted on request during the copy")
+                reply, ended = {"ok": True, "state": self.state}, True
+            elif op == "ping":
+                reply, ended = {"ok": True, "state": self.state}, False
+            else:
+                reply, ended = {"ok": False, "error": f"{op!r} must wait: a stop is waiting for the copy"}, False
+            if op is not None:
+                try:
+                    other.sendall(json.dumps(reply, default=str).encode() + b"\n")
+                except OSError:
+                    pass
+        return ended
 
     def _handle(self, client, op) -> bool:
         """Serve one request; True when the keeper should exit."""

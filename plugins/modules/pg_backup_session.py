@@ -188,6 +188,12 @@ options:
       - With O(repository), seconds a fresh lock counts as taken before its keeper holds it.
     type: float
     default: 120
+  keep_failed_files:
+    description:
+      - With O(repository), keep the files of a backup the keeper has to end by itself (its run gone, a failed
+        copy, O(max_duration)) when it marks it failed, as O(pgops.online_backup.pg_backup_catalog#module:keep_failed_files) does.
+    type: bool
+    default: false
   backup_id:
     description:
       - With O(state=stopped) and O(repository), the backup (RV(backup_id) of the start) to finish after the stop
@@ -629,6 +635,8 @@ def copy_spec(module, facts: dict | None, record: dict | None) -> dict | None:
         return None
     spec = dict(COPY_DEFAULTS)
     spec.update({k: v for k, v in p["copy"].items() if v is not None})
+    if not (p["data_directory"] or facts["data_directory"]):
+        raise StartFailed("nothing was started: the role may not read data_directory; set the data_directory option")
     spec.update(
         data_directory=p["data_directory"] or facts["data_directory"],
         tablespaces=facts["tablespaces"],
@@ -669,6 +677,7 @@ def start_keeper(module, runtime_dir, record: dict | None, copy: dict | None = N
             "repository": p["repository"],
             "backup_id": record["backup_id"],
             "cluster": facts["system_identifier"],
+            "keep_files": p["keep_failed_files"],
         }
         if record
         else None,
@@ -988,7 +997,7 @@ def aborted(module, runtime_dir):
         module.exit_json(changed=state["status"] == "running", msg=f"would abort session {state['session_id']}")
     changed = False
     if state["status"] == "running":
-        reply = _keeper.request(sdir, {"op": "abort"}, timeout=30)
+        reply = _keeper.request(sdir, {"op": "abort"}, timeout=90)  # longer than the keeper takes to stop a copy (60 s)
         changed = bool(reply.get("ok"))
         if not changed:
             state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
@@ -1054,6 +1063,7 @@ def main():
         backup_id=dict(type="str"),
         manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         keep=dict(type="int", default=0),
+        keep_failed_files=dict(type="bool", default=False),
         copy=dict(
             type="dict",
             options=dict(

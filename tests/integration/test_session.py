@@ -211,6 +211,33 @@ def test_abort_during_the_keepers_copy_kills_it_and_ends_the_backup(make_cluster
     wait_until(lambda: not (dest / "base.tar.gz.partial").exists(), what="the partial archive to be removed")
 
 
+def test_abort_while_a_stop_waits_for_the_keepers_copy(make_cluster, playbook, tmp_path):
+    """The keeper serves an abort while a stop task waits for its copy: both answer, nothing is left."""
+    import threading
+
+    c = make_cluster(16)
+    c.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1500000) g")
+    cv = c.conn_vars()
+    dest = tmp_path / "b"
+    dest.mkdir()
+    copy = {"dest": str(dest), "method": "tar", "compression": "gzip", "compression_level": 9, "threads": 1}
+    started = playbook(play(session_task("start", "b", label="stop-waits", fast=True, copy=copy, **cv))).task("start")
+    stopped = {}
+    waiter = threading.Thread(
+        target=lambda: stopped.update(run=playbook(play(session_task("stop", session_id=started["session_id"], **cv))))
+    )
+    waiter.start()
+    time.sleep(3)  # the stop task is waiting for the copy (gzip -9 of ~150 MB takes far longer)
+    assert waiter.is_alive()
+    abort = playbook(play(session_task("abort", session_id=started["session_id"], **cv)))
+    waiter.join(60)
+    assert abort.rc == 0 and abort.task("abort")["changed"] is True, abort
+    assert stopped["run"].rc != 0
+    assert "aborted" in stopped["run"].task("stop")["msg"], stopped["run"].task("stop")["msg"]
+    wait_until(lambda: c.backups_in_progress() == 0, what="the backup to end")
+    wait_until(lambda: not _copy_processes(str(dest)), what="tar and gzip to be gone")
+
+
 def test_abort_ends_the_backup_and_a_later_start_works(make_cluster, playbook):
     c = make_cluster(15)
     cv = c.conn_vars()

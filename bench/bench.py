@@ -29,12 +29,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from harness.ansible import local_inventory, run_playbook  # noqa: E402
+from harness.ansible import run_playbook  # noqa: E402
 from harness.pg import Cluster, make_pg_dir  # noqa: E402
 from harness.workload import pgbench_init  # noqa: E402
 
 PG15 = "/usr/lib/postgresql/15/bin"
 PGBR_ROW = "pgbackrest full zst (process-max 2)"
+# Managed-node Pythons: Debian's (python3-crc32c, a software CRC-32C) and the one setup.sh
+# makes with the hardware-accelerated crc32c from PyPI.
+NODE_PYTHON = "/usr/bin/python3"
+FAST_NODE_PYTHON = "/var/cache/pgops-online-backup/node-python/bin/python"
 
 
 def du(path: str) -> int:
@@ -88,12 +92,12 @@ def main() -> int:
             cmd = f"tar -C {c.data} -cf - --exclude=./pg_wal/* . | zstd -q -T2 > {d}/base.tar.zst"
             subprocess.run(cmd, shell=True, check=True)
 
-        def ours(method: str, compression: str, **more):
+        def ours(method: str, compression: str, python: str = NODE_PYTHON, **more):
             def run():
                 repo = fresh(f"ours-{method}-{compression}")
                 r = run_playbook(
                     os.path.join(REPO, "playbooks", "backup.yml"),
-                    local_inventory(),
+                    f"[postgresql]\nlocalhost ansible_connection=local ansible_python_interpreter={python}\n",
                     extra_vars={
                         "pg_backup_repository": repo,
                         "pg_backup_login_unix_socket": c.sock,
@@ -113,6 +117,8 @@ def main() -> int:
                 run.copy_seconds = float(info["copy_seconds"])
                 run.manifest_seconds = float((info.get("manifest") or {}).get("seconds") or 0)
                 run.checksum = (info.get("manifest") or {}).get("checksum_algorithm") or "none"
+                if run.checksum == "CRC32C":
+                    run.checksum += f" {info.get('crc32c_implementation')}"
 
             return run
 
@@ -120,6 +126,7 @@ def main() -> int:
             ("pg_basebackup -Ft client-zstd -c fast", basebackup),
             ("raw tar | zstd -T2", raw_tar),
             ("playbook tar+zstd", ours("tar", "zstd")),
+            ("playbook tar+zstd, hardware crc32c", ours("tar", "zstd", python=FAST_NODE_PYTHON)),
             ("playbook tar+zstd, manifest SHA256", ours("tar", "zstd", pg_backup_manifest_checksum="SHA256")),
             ("playbook tar+zstd, manifest NONE", ours("tar", "zstd", pg_backup_manifest_checksum="NONE")),
             ("playbook tar (none)", ours("tar", "none")),

@@ -844,6 +844,7 @@ def finish_record(module, state: dict, out: dict) -> dict:
             files=[f["name"] for f in copy["files"]],
             bytes=copy["bytes"],
             source_bytes=copy["source_bytes"],
+            crc32c_implementation=copy.get("crc32c_implementation"),
         )
     fields.update({k: out.get(k) for k in STOP_FIELDS})
     try:

@@ -44,10 +44,15 @@ def ensure_private_dir(path: str) -> str:
 
 def write_private_file(path: str, data: bytes) -> None:
     """Write bytes exactly, mode 0600, atomically (a reader never sees half a file)."""
+    write_file_atomically(path, data, 0o600)
+
+
+def write_file_atomically(path: str, data: bytes, mode: int) -> None:
+    """Write bytes exactly with this mode (whatever the umask), atomically and durably."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

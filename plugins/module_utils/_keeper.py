@@ -506,7 +506,12 @@ class _Keeper:
             if (read_json(backup_json_path(record["repository"], record["backup_id"])) or {}).get("status") != "running":
                 return
             fail_backup(
-                record["repository"], record["backup_id"], record["cluster"], f"session keeper: {reason}", record["keep_files"]
+                record["repository"],
+                record["backup_id"],
+                record["cluster"],
+                f"session keeper: {reason}",
+                record["keep_files"],
+                metrics_file=record.get("metrics_file"),
             )
         except Exception:  # noqa: BLE001 - best effort; the next run's lock check covers the rest
             pass

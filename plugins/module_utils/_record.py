@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import socket
 
+from ._catalog import CatalogError
 from ._files import COPY_ENTRIES_FILE, write_json
 from ._manifest import write_backup_manifest
+from ._metrics import publish
 from ._repository import (
     COLLECTION_VERSION,
     SCHEMA,
@@ -53,7 +55,16 @@ def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, 
     return {"backup_id": bid, "path": path, "lock": lock, "backup": info}
 
 
-def complete_backup(repository: str, backup_id: str, cluster: str, fields: dict, manifest_checksum, keep: int, warn) -> dict:
+def complete_backup(
+    repository: str,
+    backup_id: str,
+    cluster: str,
+    fields: dict,
+    manifest_checksum,
+    keep: int,
+    warn,
+    metrics_file: str | None = None,
+) -> dict:
     """Record fields, write the manifest (when manifest_checksum), mark the backup
     complete, then release the lock and apply retention."""
     path = os.path.dirname(backup_json_path(repository, backup_id))
@@ -75,6 +86,11 @@ def complete_backup(repository: str, backup_id: str, cluster: str, fields: dict,
         removed = retention(repository, keep, info.get("system_identifier"))
     except (OSError, RepositoryError) as e:
         warn(f"backup {backup_id} is complete but retention failed: {e}")
+    if metrics_file:
+        try:
+            publish(metrics_file, repository)
+        except (OSError, CatalogError) as e:
+            warn(f"backup {backup_id} is complete but the metrics file {metrics_file} could not be written: {e}")
     return {
         "backup_id": backup_id,
         "path": path,

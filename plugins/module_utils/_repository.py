@@ -13,7 +13,9 @@ import shutil
 import socket
 import time
 
+from ._catalog import CatalogError
 from ._files import ensure_private_dir, read_json, write_json
+from ._metrics import publish
 
 SCHEMA = 1
 COLLECTION_VERSION = "0.1.0"
@@ -253,7 +255,15 @@ def caller_fields(fields: dict | None) -> dict:
     return {k: v for k, v in (fields or {}).items() if k not in RESERVED}
 
 
-def fail_backup(repository: str, backup_id: str, cluster: str, error: str, keep_files: bool, fields: dict | None = None) -> dict:
+def fail_backup(
+    repository: str,
+    backup_id: str,
+    cluster: str,
+    error: str,
+    keep_files: bool,
+    fields: dict | None = None,
+    metrics_file: str | None = None,
+) -> dict:
     """Never leave anything that looks usable, and never touch a complete backup."""
     path = os.path.dirname(backup_json_path(repository, backup_id))
     current = read_json(backup_json_path(repository, backup_id)) or {}
@@ -262,4 +272,10 @@ def fail_backup(repository: str, backup_id: str, cluster: str, error: str, keep_
     info = update_backup(repository, backup_id, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
     removed = [] if keep_files else remove_payload(path)
     released = release_lock(repository, cluster, backup_id)
-    return {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}
+    out = {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}
+    if metrics_file:
+        try:
+            publish(metrics_file, repository)
+        except (OSError, CatalogError) as e:
+            out["metrics_error"] = f"the metrics file {metrics_file} could not be written: {e}"
+    return out

@@ -88,6 +88,14 @@ options:
     description: With O(state=failed), keep the partial data for inspection.
     type: bool
     default: false
+  metrics_file:
+    description:
+      - With O(state=complete) or O(state=failed), then write the repository's backup metrics to this file in
+        Prometheus' text format (for node_exporter's textfile collector, e.g.
+        C(/var/lib/prometheus/node-exporter/pgops_backup.prom)), atomically, mode 0644. Per cluster - last complete
+        backup's time, duration, copy time, sizes and WAL files, complete and failed backups, last failure's time.
+      - The directory must exist. A file that cannot be written is a warning, never a failed backup.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -156,6 +164,7 @@ def main():
             manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
+            metrics_file=dict(type="path"),
         ),
         required_if=[
             ("state", "updated", ["backup_id"]),
@@ -180,12 +189,16 @@ def main():
             info = update_backup(repo, bid, **caller_fields(p["fields"]))
             module.exit_json(changed=True, backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)), backup=info)
         if state == "complete":
-            out = complete_backup(repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn)
+            out = complete_backup(
+                repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn, p["metrics_file"]
+            )
             module.exit_json(changed=True, **out)
         try:
-            out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"])
+            out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"], p["metrics_file"])
         except RepositoryError as e:
             module.fail_json(msg=str(e), backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)))
+        if out.get("metrics_error"):
+            module.warn(out["metrics_error"])
         module.exit_json(changed=True, **out)
     except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
         module.fail_json(msg=str(e))

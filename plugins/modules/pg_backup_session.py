@@ -194,6 +194,12 @@ options:
         copy, O(max_duration)) when it marks it failed, as O(pgops.online_backup.pg_backup_catalog#module:keep_failed_files) does.
     type: bool
     default: false
+  metrics_file:
+    description:
+      - With O(backup_id), once the backup is complete (and for a backup the keeper has to mark failed), write the
+        repository's backup metrics to this file in Prometheus' text format, as
+        M(pgops.online_backup.pg_backup_catalog) does (its O(pgops.online_backup.pg_backup_catalog#module:metrics_file)).
+    type: path
   backup_id:
     description:
       - With O(state=stopped) and O(repository), the backup (RV(backup_id) of the start) to finish after the stop
@@ -615,7 +621,9 @@ def started(module, runtime_dir):
         if record:
             # Nothing may look usable, and the lock goes: the run failed before its copy.
             try:
-                fail_backup(p["repository"], record["backup_id"], facts["system_identifier"], e.msg, keep_files=False)
+                fail_backup(
+                    p["repository"], record["backup_id"], facts["system_identifier"], e.msg, False, metrics_file=p["metrics_file"]
+                )
             except (RepositoryError, OSError) as err:
                 module.warn(f"could not mark backup {record['backup_id']} failed: {err}")
         module.fail_json(msg=e.msg, **e.extra)
@@ -678,6 +686,7 @@ def start_keeper(module, runtime_dir, record: dict | None, copy: dict | None = N
             "backup_id": record["backup_id"],
             "cluster": facts["system_identifier"],
             "keep_files": p["keep_failed_files"],
+            "metrics_file": p["metrics_file"],
         }
         if record
         else None,
@@ -849,7 +858,14 @@ def finish_record(module, state: dict, out: dict) -> dict:
     fields.update({k: out.get(k) for k in STOP_FIELDS})
     try:
         done = complete_backup(
-            p["repository"], p["backup_id"], state["system_identifier"], fields, p["manifest_checksum"], p["keep"], module.warn
+            p["repository"],
+            p["backup_id"],
+            state["system_identifier"],
+            fields,
+            p["manifest_checksum"],
+            p["keep"],
+            module.warn,
+            p["metrics_file"],
         )
     except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
         module.fail_json(
@@ -1065,6 +1081,7 @@ def main():
         manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         keep=dict(type="int", default=0),
         keep_failed_files=dict(type="bool", default=False),
+        metrics_file=dict(type="path"),
         copy=dict(
             type="dict",
             options=dict(

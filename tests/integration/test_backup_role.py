@@ -378,6 +378,71 @@ def test_repository_inside_data_directory_is_refused(make_cluster, playbook):
     assert c.backups_in_progress() == 0
 
 
+def _metrics(path: str) -> dict:
+    out = {}
+    for line in open(path).read().splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series.split("{")[0]] = float(value)
+    return out
+
+
+def test_metrics_file_follows_complete_and_failed_backups(make_cluster, playbook, tmp_path):
+    c = make_cluster(16)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    prom_dir = make_pg_dir("pgops-prom-")
+    prom = os.path.join(prom_dir, "pgops_backup.prom")
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_compression="zstd", pg_backup_metrics_file=prom))
+    assert run.rc == 0, run
+    (info,) = backups(repo)
+    got = _metrics(prom)
+    assert oct(os.stat(prom).st_mode & 0o777) == "0o644"  # node_exporter reads it as another user
+    assert got["pgops_backup_complete_backups"] == 1 and got["pgops_backup_failed_backups"] == 0
+    completed = datetime.datetime.fromisoformat(info["completed_at"]).timestamp()
+    assert got["pgops_backup_last_complete_timestamp_seconds"] == completed
+    assert got["pgops_backup_last_complete_bytes"] == info["bytes"] > 0
+    assert got["pgops_backup_last_complete_wal_files"] == info["wal_files"]
+    assert got["pgops_backup_last_failure_timestamp_seconds"] == 0
+    # A failure (here: the catalog module, as the role's rescue calls it) updates the same file.
+    fail = playbook(
+        [
+            {
+                "hosts": "postgresql",
+                "gather_facts": False,
+                "become": True,
+                "become_user": "postgres",
+                "tasks": [
+                    {
+                        "name": "open",
+                        "pgops.online_backup.pg_backup_catalog": {
+                            "repository": repo,
+                            "state": "running",
+                            "cluster": info["system_identifier"],
+                        },
+                        "register": "r",
+                    },
+                    {
+                        "name": "fail",
+                        "pgops.online_backup.pg_backup_catalog": {
+                            "repository": repo,
+                            "state": "failed",
+                            "backup_id": "{{ r.backup_id }}",
+                            "cluster": info["system_identifier"],
+                            "error": "test",
+                            "metrics_file": prom,
+                        },
+                    },
+                ],
+            }
+        ]
+    )
+    assert fail.rc == 0, fail
+    got = _metrics(prom)
+    assert got["pgops_backup_complete_backups"] == 1 and got["pgops_backup_failed_backups"] == 1
+    assert got["pgops_backup_last_failure_timestamp_seconds"] > 0
+    assert got["pgops_backup_last_complete_timestamp_seconds"] == completed
+
+
 def test_check_mode_runs_preflight_and_starts_nothing(make_cluster, playbook):
     c = make_cluster(15)
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")

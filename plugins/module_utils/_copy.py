@@ -319,7 +319,7 @@ def archive(
                 cancel.untrack(proc)
     if cancel is not None and cancel.fired:
         _cleanup(tmp, remote)
-        raise CopyError("the copy was cancelled (the backup was aborted)")
+        raise CopyError(CANCELLED)
     rc, err = results["archive"]
     serious = _serious(err)
     if tee_error is not None:
@@ -338,6 +338,9 @@ def archive(
     if scanner is not None and not scanner.done:
         _cleanup(tmp, remote)
         raise CopyError(f"the {method} stream ended early: the archive is incomplete")
+    if cancel is not None and cancel.fired:
+        _cleanup(tmp, remote)
+        raise CopyError(CANCELLED)
     if remote:
         done = subprocess.run(
             remote
@@ -451,11 +454,12 @@ def _tee(src: int, sink: int, scanner) -> None:
         pass  # the archiver's own padding: zeros
 
 
-def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int = 2) -> list:
+def hash_tree(root: str, files: list, prefix: str, algorithm: str, workers: int = 2, cancel: Cancel | None = None) -> list:
     """Entries for files already copied to root (method rsync), hashed in parallel
     (hashlib releases the GIL on large buffers)."""
 
     def one(rel: str):
+        _check(cancel)
         path = os.path.join(root, rel)
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -562,8 +566,7 @@ def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None, 
     finally:
         if cancel is not None:
             cancel.untrack(proc)
-    if cancel is not None and cancel.fired:
-        raise CopyError("the copy was cancelled (the backup was aborted)")
+    _check(cancel)
     err = err_bytes.decode(errors="replace")
     if proc.returncode not in (0, 23, 24) or (proc.returncode == 23 and _serious(err)):
         raise CopyError(f"rsync failed (exit {proc.returncode}): {' | '.join(_serious(err)) or err.strip()}")
@@ -597,6 +600,16 @@ class Cancel:
                     proc.kill()
                 except OSError:
                     pass
+
+
+CANCELLED = "the copy was cancelled (the backup was aborted)"
+CPIO_TRAILER = "TRAILER!!!"
+
+
+def _check(cancel: Cancel | None) -> None:
+    """Between steps of a copy: stop at once when it was cancelled."""
+    if cancel is not None and cancel.fired:
+        raise CopyError(CANCELLED)
 
 
 # What a copy needs besides data_directory, tablespaces and dest (pg_backup_copy's options).
@@ -648,6 +661,9 @@ def plan_copy(spec: dict) -> dict:
     major = spec["server_version_num"] // 10000
     extra = tuple(d.strip("/") for d in spec["exclude_directories"])
     files, source_bytes = walk(spec["data_directory"], major, True, extra)
+    if spec["method"] == "cpio" and CPIO_TRAILER in files:
+        # cpio -i (and our scanner) would take it for the end of the archive.
+        raise CopyError(f"{spec['data_directory']}/{CPIO_TRAILER} cannot be copied with cpio: use tar or rsync")
     spaces = []
     for ts in spec["tablespaces"]:
         loc = ts["location"]
@@ -689,14 +705,15 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
             # Relative link: the backup directory can move as a whole.
             link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
             if algorithm:
-                entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads)
+                entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads, cancel)
         # rsync sorts its list: pg_control goes in a second run so it is copied last.
         files = plan["files"]
         rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel)
         if CONTROL in files:
             rsync_tree(data, [CONTROL], out, remote, cancel)
         if algorithm:
-            entries += hash_tree(out, files, "", algorithm, threads)
+            entries += hash_tree(out, files, "", algorithm, threads, cancel)
+        _check(cancel)
         # On disk before the backup can be marked complete, as pg_basebackup does.
         sync_filesystem(dest, remote)
         written.append({"name": "data", "bytes": plan["source_bytes"]})
@@ -724,6 +741,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
                 entries += scanner.entries
             written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
             total += r["bytes"]
+    _check(cancel)
     if entries is not None:
         record = {"algorithm": algorithm, "entries": entries}
         if remote:

@@ -118,3 +118,36 @@ def test_unreadable_directory_is_an_error_not_a_silent_gap(tmp_path):
     with pytest.raises(CopyError, match="cannot read /d/base/1: Permission denied"):
         walk_error(PermissionError(13, "Permission denied", "/d/base/1"))
     walk_error(FileNotFoundError(2, "No such file or directory", "/d/base/dropped"))  # dropped during the walk: fine
+
+
+def _spec(root, method: str) -> dict:
+    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import COPY_DEFAULTS
+
+    return {**COPY_DEFAULTS, "data_directory": root, "tablespaces": [], "dest": root + ".out", "method": method}
+
+
+def test_a_file_named_like_the_cpio_trailer_is_refused_for_cpio_only(tmp_path):
+    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import plan_copy
+
+    root = str(tmp_path / "data")
+    for rel in ("PG_VERSION", "global/pg_control", "TRAILER!!!"):
+        touch(root, rel)
+    with pytest.raises(CopyError, match="cannot be copied with cpio"):
+        plan_copy(_spec(root, "cpio"))
+    assert "TRAILER!!!" in plan_copy(_spec(root, "tar"))["files"]
+
+
+def test_a_cancelled_copy_stops_between_steps(tmp_path):
+    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, hash_tree, run_copy
+
+    root = str(tmp_path / "data")
+    for rel in ("PG_VERSION", "global/pg_control", "base/1/1259"):
+        touch(root, rel, 5000)
+    os.makedirs(root + ".out")
+    cancel = Cancel()
+    cancel.fire()
+    with pytest.raises(CopyError, match="cancelled"):
+        hash_tree(root, ["PG_VERSION", "base/1/1259"], "", "SHA256", 2, cancel)
+    with pytest.raises(CopyError, match="cancelled"):
+        run_copy({**_spec(root, "tar"), "manifest_checksum": "SHA256"}, cancel=cancel)
+    assert os.listdir(root + ".out") == []  # no archive, no .partial left

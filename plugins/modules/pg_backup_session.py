@@ -95,7 +95,7 @@ options:
     description:
       - With O(state=started), seconds the keeper waits for word from the run (any request, such as the renewals
         M(pgops.online_backup.pg_backup_copy) sends while it copies) before it decides the run is gone (Ctrl-C, lost
-        controller) and ends the backup.
+        controller) and ends the backup. A copy the keeper runs itself (O(copy)) counts as word while it runs.
       - V(0) (the default) trusts the run until O(max_duration), for copy steps of your own that do not renew it.
     type: int
     default: 0
@@ -796,7 +796,13 @@ def stopped(module, runtime_dir):
                 state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
                 if state["status"] != "running":
                     fail_ended(module, sdir, state)
-            fresh = _keeper.read_state(sdir) or state
+            fresh = _keeper.read_state(sdir)
+            if fresh is None:
+                # Its session directory went while we waited: an abort (which forgets it) got there first.
+                module.fail_json(
+                    msg=f"the session was aborted while this stop waited ({reply.get('error')}): backup unusable",
+                    session_id=state["session_id"],
+                )
             if fresh.get("status") in ("lost", "expired", "aborted", "failed"):
                 fail_ended(module, sdir, fresh)
             module.fail_json(msg=f"could not stop the backup: {reply.get('error')}", session_id=state["session_id"])

@@ -587,8 +587,12 @@ class _Keeper:
             self.last_contact = time.monotonic()
             with client:
                 op = self._read_request(client)
-                if op == "stop" and self.copy is not None and self.copy.is_alive() and not self._await_copy(client):
-                    return
+                if op == "stop" and self.copy is not None and self.copy.is_alive():
+                    # Seen by state=status (and the tests): a stop task waits for the copy.
+                    self.state["copy"]["stop_waiting_since"] = utcnow()
+                    self._save()
+                    if not self._await_copy(client):
+                        return
                 # No SIGTERM between the stop call and its reply: the label must reach the caller.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 try:

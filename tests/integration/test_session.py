@@ -227,8 +227,13 @@ def test_abort_while_a_stop_waits_for_the_keepers_copy(make_cluster, playbook, t
         target=lambda: stopped.update(run=playbook(play(session_task("stop", session_id=started["session_id"], **cv))))
     )
     waiter.start()
-    time.sleep(3)  # the stop task is waiting for the copy (gzip -9 of ~150 MB takes far longer)
-    assert waiter.is_alive()
+    state_file = pathlib.Path.home() / ".pgops_online_backup" / "sessions" / started["session_id"] / "state.json"
+    wait_until(
+        lambda: "stop_waiting_since" in (json.loads(state_file.read_text()).get("copy") or {}),
+        timeout=60,
+        what="the stop task to wait for the keeper's copy",
+    )
+    assert waiter.is_alive()  # gzip -9 of ~150 MB on one thread takes far longer
     abort = playbook(play(session_task("abort", session_id=started["session_id"], **cv)))
     waiter.join(60)
     assert abort.rc == 0 and abort.task("abort")["changed"] is True, abort

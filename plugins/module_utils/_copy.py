@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
-from ._files import COPY_ENTRIES_FILE, fsync_dir, write_json
+from ._files import COPY_ENTRIES_FILE, fsync_dir, resolves_inside, write_json
 from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).
@@ -627,11 +627,6 @@ COPY_DEFAULTS = {
 }
 
 
-def _inside(path: str, parent: str) -> bool:
-    path, parent = os.path.realpath(path), os.path.realpath(parent)
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
 def _remote_of(spec: dict):
     return Remote(spec["repository_host"], spec["ssh_port"], spec["ssh_options"]) if spec["repository_host"] else None
 
@@ -649,7 +644,7 @@ def check_copy(spec: dict) -> str | None:
         if "oid" not in ts or "location" not in ts:
             return f"each tablespace needs oid and location, got {ts}"
     for root in [data] + [ts["location"] for ts in spec["tablespaces"]]:
-        if _inside(dest, root):
+        if resolves_inside(dest, root):
             return f"dest {dest} is inside {root}: the backup would copy itself"
     if spec["method"] == "rsync" and spec["compression"] != "none":
         return "rsync copies a plain data directory: compression must be none"

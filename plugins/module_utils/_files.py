@@ -16,6 +16,17 @@ class UnsafePathError(Exception):
     pass
 
 
+def path_inside(path: str, parent: str) -> bool:
+    """path is parent or below it (both already resolved and absolute)."""
+    parent = parent.rstrip(os.sep) or os.sep
+    return path == parent or path.startswith(parent if parent == os.sep else parent + os.sep)
+
+
+def resolves_inside(path: str, parent: str) -> bool:
+    """path is parent or below it once symlinks are resolved."""
+    return path_inside(os.path.realpath(path), os.path.realpath(parent))
+
+
 def ensure_private_dir(path: str) -> str:
     """Create path (0700; missing parents as makedirs makes them) or accept an existing one only
     if no other user could tamper with it. Never changes an existing directory's

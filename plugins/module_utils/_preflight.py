@@ -13,6 +13,7 @@ import datetime
 import os
 
 from ._backup_api import MIN_MAJOR, backup_function_signatures, grant_statements, major_of, quote_ident
+from ._files import path_inside
 
 # Stable problem codes: playbooks and monitoring match on them.
 CODES = (
@@ -259,12 +260,6 @@ def evaluate(facts: dict, prove: bool = True, require_privileges: bool = True) -
 
 
 # -- destination
-
-
-def path_inside(path: str, parent: str) -> bool:
-    """path is parent or below it (both already resolved and absolute)."""
-    parent = parent.rstrip(os.sep) or os.sep
-    return path == parent or path.startswith(parent if parent == os.sep else parent + os.sep)
 
 
 def nearest_existing(path: str) -> str:

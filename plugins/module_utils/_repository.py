@@ -14,7 +14,7 @@ import socket
 import time
 
 from ._catalog import CatalogError
-from ._files import ensure_private_dir, read_json, write_json
+from ._files import ensure_private_dir, read_json, resolves_inside, write_json
 from ._metrics import publish
 
 SCHEMA = 1
@@ -40,12 +40,8 @@ def validate_repository(path: str, forbidden_roots: list) -> str | None:
     """Why path cannot be a repository (None when it can)."""
     if not path or not os.path.isabs(path):
         return f"repository {path!r} must be an absolute path"
-    real = os.path.realpath(path)
     for root in forbidden_roots:
-        if not root:
-            continue
-        r = os.path.realpath(root)
-        if real == r or real.startswith(r.rstrip("/") + "/"):
+        if root and resolves_inside(path, root):
             return f"repository {path} is inside {root} (the data directory or a tablespace): the backup would copy itself"
     return None
 

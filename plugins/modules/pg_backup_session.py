@@ -559,15 +559,26 @@ def run_preflight(module) -> dict:
     return facts
 
 
-def open_record(module, facts: dict) -> dict:
+def data_directory(module, facts: dict) -> str:
+    """The data directory to record and copy: the option, else the server's setting."""
+    found = module.params["data_directory"] or facts["data_directory"]
+    if not found:
+        module.fail_json(
+            msg=f"nothing was started: database role {facts['privileges']['role']} may not read the data_directory setting "
+            "(needs superuser or pg_read_all_settings): grant that, or set the data_directory option"
+        )
+    return found
+
+
+def open_record(module, facts: dict, data_dir: str) -> dict:
     """The backup's directory, backup.json (running) and the cluster's lock."""
     p = module.params
     repo = p["repository"]
-    data_dir = p["data_directory"] or facts["data_directory"]
-    if not data_dir:
-        module.fail_json(msg="nothing was started: the role may not read data_directory; set the data_directory option")
     if not facts.get("system_identifier"):
-        module.fail_json(msg="nothing was started: the role may not read the system identifier (pg_control_system())")
+        module.fail_json(
+            msg=f"nothing was started: database role {facts['privileges']['role']} may not run pg_control_system() "
+            "to read the cluster's system identifier, which names the backup's lock: grant EXECUTE on it, or use a superuser"
+        )
     problem = validate_repository(repo, [data_dir] + [t["location"] for t in facts["tablespaces"]])
     if problem:
         module.fail_json(msg=f"nothing was started: {problem}")
@@ -613,9 +624,10 @@ def started(module, runtime_dir):
         _keeper.sweep(runtime_dir)
     except OSError:
         pass
-    record = open_record(module, facts) if p["repository"] else None
+    data_dir = data_directory(module, facts) if p["repository"] or p["copy"] else None
+    record = open_record(module, facts, data_dir) if p["repository"] else None
     try:
-        copy = copy_spec(module, facts, record)
+        copy = copy_spec(module, facts, record, data_dir)
         out = start_keeper(module, runtime_dir, record, copy, facts)
     except StartFailed as e:
         if record:
@@ -636,17 +648,15 @@ def started(module, runtime_dir):
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
 
 
-def copy_spec(module, facts: dict | None, record: dict | None) -> dict | None:
+def copy_spec(module, facts: dict | None, record: dict | None, data_dir: str | None) -> dict | None:
     """What the keeper copies right after the start (pg_backup_copy's options), checked now."""
     p = module.params
     if not p["copy"]:
         return None
     spec = dict(COPY_DEFAULTS)
     spec.update({k: v for k, v in p["copy"].items() if v is not None})
-    if not (p["data_directory"] or facts["data_directory"]):
-        raise StartFailed("nothing was started: the role may not read data_directory; set the data_directory option")
     spec.update(
-        data_directory=p["data_directory"] or facts["data_directory"],
+        data_directory=data_dir,
         tablespaces=facts["tablespaces"],
         server_version_num=facts["server_version_num"],
         dest=p["copy"]["dest"] or (record["path"] if record else None),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ._postgres import PgopsError
+
 MIN_MAJOR = 12
 MAX_LABEL_BYTES = 1024  # server refuses longer: "backup label too long (max 1024 bytes)"
 
@@ -16,8 +18,24 @@ _LSN_RE = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
 _START_RE = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+) \(file ([0-9A-F]{24})\)$", re.M)
 
 
-def major_of(version_num: int) -> int:
-    return version_num // 10000
+class BackupApiError(PgopsError, ValueError):
+    """A value that is not what PostgreSQL would accept (an LSN, a version, a WAL name)."""
+
+
+def major_of(version) -> int:
+    """Major version from server_version_num (150020, "150020") or a version text ("15.2", "17beta1")."""
+    text = str(version).strip()
+    if text.isdigit():
+        num = int(text)
+        if num >= 100000:
+            return num // 10000
+        if 10 <= num < 100:
+            return num
+    else:
+        m = re.match(r"^(\d+)", text)
+        if m:
+            return int(m.group(1))
+    raise BackupApiError(f"cannot tell the PostgreSQL major version from {version!r}")
 
 
 def start_sql(major: int) -> str:
@@ -68,10 +86,10 @@ def validate_label(label: str) -> str | None:
     return None
 
 
-def parse_lsn(text: str) -> int:
-    m = _LSN_RE.match(text.strip())
+def parse_lsn(text) -> int:
+    m = _LSN_RE.match(str(text if text is not None else "").strip())
     if not m:
-        raise ValueError(f"not an LSN: {text!r}")
+        raise BackupApiError(f"{text!r} is not an LSN like 0/3000060")
     return (int(m.group(1), 16) << 32) | int(m.group(2), 16)
 
 
@@ -84,19 +102,38 @@ def wal_file_name(timeline: int, lsn: int, seg_size: int, previous: bool = False
     server's XLByteToPrevSeg does for a stop location)."""
     if previous:
         lsn -= 1
-    segno = lsn // seg_size
+    return wal_segment_name(timeline, lsn // seg_size, seg_size)
+
+
+WAL_NAME_RE = re.compile(r"^[0-9A-F]{24}$")
+
+
+def wal_segno(name: str, seg_size: int) -> int:
+    """Position of a WAL segment on its timeline."""
+    if not WAL_NAME_RE.match(name or ""):
+        raise BackupApiError(f"{name!r} is not a WAL segment name like 000000010000000000000003")
+    return int(name[8:16], 16) * (0x100000000 // seg_size) + int(name[16:24], 16)
+
+
+def wal_segment_name(timeline: int, segno: int, seg_size: int) -> str:
     per_id = 0x100000000 // seg_size
     return f"{timeline:08X}{segno // per_id:08X}{segno % per_id:08X}"
 
 
 def wal_segment_count(first: str, last: str, seg_size: int) -> int:
     """Segments from first to last inclusive (same timeline)."""
-    per_id = 0x100000000 // seg_size
+    return wal_segno(last, seg_size) - wal_segno(first, seg_size) + 1
 
-    def segno(name: str) -> int:
-        return int(name[8:16], 16) * per_id + int(name[16:24], 16)
 
-    return segno(last) - segno(first) + 1
+def wal_segment_names(first: str, last: str, seg_size: int) -> list:
+    """Every segment name from first to last inclusive, on first's timeline
+    (a backup's WAL range: the stop segment may be on a later timeline after a
+    standby's promotion, and is then named as it is)."""
+    tli = int(first[:8], 16)
+    names = [wal_segment_name(tli, n, seg_size) for n in range(wal_segno(first, seg_size), wal_segno(last, seg_size) + 1)]
+    if names and last[:8] != first[:8]:
+        names[-1] = last
+    return names
 
 
 def backup_history_file_name(start_wal: str, start_lsn: int, seg_size: int) -> str:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import stat
 import subprocess
 import tempfile
@@ -26,7 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
-from ._files import COPY_ENTRIES_FILE, fsync_dir, resolves_inside, write_json
+from ._files import fsync_dir, resolves_inside, write_json
+from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor
+from ._postgres import PgopsError
 from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).
@@ -57,19 +58,9 @@ EXCLUDE_FILES = {
 _TEMP_REL = re.compile(r"^t\d+_\d+")
 _REL_FILE = re.compile(r"^(\d+)(_(fsm|vm|init))?(\.\d+)?$")
 CONTROL = "global/pg_control"
-# Written by the copy step beside the backup for the manifest step (then removed).
-ENTRIES_FILE = COPY_ENTRIES_FILE
-
-COMPRESSORS = {
-    # name: (file suffix, list of candidate commands (first found wins))
-    "gzip": (".gz", [["pigz", "-p", "{threads}", "-{level}"], ["gzip", "-{level}"]]),
-    "zstd": (".zst", [["zstd", "-q", "-T{threads}", "-{level}"]]),
-    "lz4": (".lz4", [["lz4", "-q", "-{level}"]]),
-}
-DEFAULT_LEVEL = {"gzip": 6, "zstd": 3, "lz4": 1}
 
 
-class CopyError(Exception):
+class CopyError(PgopsError):
     pass
 
 
@@ -97,7 +88,7 @@ def walk_error(err: OSError) -> None:
         raise CopyError(f"cannot read {err.filename}: {err.strerror}")
 
 
-def walk(root: str, major: int, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
+def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
     """Relative paths to copy under root (directories included, each before its
     contents), and the total bytes of regular files. pg_control comes last.
 
@@ -162,20 +153,10 @@ def tablespace_subdir(location: str, major: int) -> str:
 
 
 def compressor_command(name: str, level: int | None, threads: int) -> list:
-    if name == "none":
-        return []
-    suffix, candidates = COMPRESSORS[name]
-    lvl = level if level is not None else DEFAULT_LEVEL[name]
-    for cand in candidates:
-        if shutil.which(cand[0]):
-            return [part.format(threads=threads, level=lvl) for part in cand]
-    raise CopyError(
-        f"compression {name} needs {' or '.join(c[0] for c in candidates)} on this host (install it, or choose another)"
-    )
-
-
-def suffix_of(compression: str) -> str:
-    return "" if compression == "none" else COMPRESSORS[compression][0]
+    try:
+        return compressor(name, level, threads)
+    except LayoutError as e:
+        raise CopyError(str(e)) from None
 
 
 _BENIGN = (
@@ -655,7 +636,7 @@ def plan_copy(spec: dict) -> dict:
     """Every file to copy, walked before the copy starts (CopyError when a directory cannot be read)."""
     major = spec["server_version_num"] // 10000
     extra = tuple(d.strip("/") for d in spec["exclude_directories"])
-    files, source_bytes = walk(spec["data_directory"], major, True, extra)
+    files, source_bytes = walk(spec["data_directory"], True, extra)
     if spec["method"] == "cpio" and CPIO_TRAILER in files:
         # cpio -i (and our scanner) would take it for the end of the archive.
         raise CopyError(f"{spec['data_directory']}/{CPIO_TRAILER} cannot be copied with cpio: use tar or rsync")
@@ -664,7 +645,7 @@ def plan_copy(spec: dict) -> dict:
         loc = ts["location"]
         # Only the cluster's own PG_<major>_<catversion> directory, named as in the archive.
         sub = tablespace_subdir(loc, major)
-        tfiles, tsize = walk(os.path.join(loc, sub), 0, False)
+        tfiles, tsize = walk(os.path.join(loc, sub), False)
         spaces.append((str(ts["oid"]), loc, [sub] + [os.path.join(sub, f) for f in tfiles], tsize))
     return {
         "files": files,
@@ -688,17 +669,17 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
     entries = [] if algorithm else None
     written = []
     if method == "rsync":
-        out = os.path.join(dest, "data")
+        out = os.path.join(dest, RSYNC_DATA)
         mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
         link = remote.symlink if remote else os.symlink
         mkdirs(out)
         mkdirs(os.path.join(out, "pg_tblspc"))
         for oid, loc, tfiles, _size in plan["spaces"]:
-            tdir = os.path.join(dest, "tablespaces", oid)
+            tdir = os.path.join(dest, RSYNC_TABLESPACES, oid)
             mkdirs(tdir)
             rsync_tree(loc, tfiles, tdir, remote, cancel)
             # Relative link: the backup directory can move as a whole.
-            link(os.path.join("..", "..", "tablespaces", oid), os.path.join(out, "pg_tblspc", oid))
+            link(os.path.join("..", "..", RSYNC_TABLESPACES, oid), os.path.join(out, "pg_tblspc", oid))
             if algorithm:
                 entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads, cancel)
         # rsync sorts its list: pg_control goes in a second run so it is copied last.
@@ -711,20 +692,20 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         _check(cancel)
         # On disk before the backup can be marked complete, as pg_basebackup does.
         sync_filesystem(dest, remote)
-        written.append({"name": "data", "bytes": plan["source_bytes"]})
+        written.append({"name": RSYNC_DATA, "bytes": plan["source_bytes"]})
         total = plan["source_bytes"]
     else:
-        suffix = f".{method}{suffix_of(spec['compression'])}"
         # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
         jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
         total = 0
         for name, root, flist in jobs:
+            out_name = archive_name(name, method, spec["compression"])
             scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
             r = archive(
                 method,
                 root,
                 flist,
-                os.path.join(dest, name + suffix),
+                os.path.join(dest, out_name),
                 spec["compression"],
                 spec["compression_level"],
                 threads,
@@ -734,15 +715,15 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
             )
             if scanner is not None:
                 entries += scanner.entries
-            written.append({"name": name + suffix, "bytes": r["bytes"], "seconds": r["seconds"]})
+            written.append({"name": out_name, "bytes": r["bytes"], "seconds": r["seconds"]})
             total += r["bytes"]
     _check(cancel)
     if entries is not None:
         record = {"algorithm": algorithm, "entries": entries}
         if remote:
-            remote.write(os.path.join(dest, ENTRIES_FILE), json.dumps(record).encode())
+            remote.write(os.path.join(dest, COPY_ENTRIES), json.dumps(record).encode())
         else:
-            write_json(os.path.join(dest, ENTRIES_FILE), record)
+            write_json(os.path.join(dest, COPY_ENTRIES), record)
     seconds = round(time.monotonic() - t0, 3)
     return {
         "msg": f"copied {plan['count']} entries, {plan['source_bytes']} bytes in {seconds}s with {method}",

@@ -8,11 +8,10 @@ import json
 import os
 import stat
 
-# Checksums the copy step took as the data passed by, for the manifest (in the backup's directory).
-COPY_ENTRIES_FILE = ".pgops-copy-entries.json"
+from ._postgres import PgopsError
 
 
-class UnsafePathError(Exception):
+class UnsafePathError(PgopsError):
     pass
 
 

@@ -1,24 +1,26 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The session keeper: one detached process per backup that holds the
-database session PostgreSQL requires between start and stop.
+database session PostgreSQL requires between start and stop, and nothing else.
 
 An Ansible task is a short-lived process, and a non-exclusive backup dies
 with the session that started it. The keeper is double-forked from the
-module, detached from everything the task owns, opens its own connection,
-starts the backup, reports through a pipe, then serves stop/abort/ping
-requests on a Unix socket in a private directory until it is told to stop,
-its session is lost, or max_duration passes.
+module, detached from everything the task owns, and addressable from the
+moment it exists: its state file and socket are there before it connects, so
+a start that waits minutes for its checkpoint can be listed and aborted. It
+opens its own connection, starts the backup, reports through a pipe, then
+serves ping / stop / abort on a Unix socket until it is told to stop, its
+session is lost, its run goes silent (lease) or max_duration passes.
 
-Everything the keeper uses is imported at module load: the module's payload
-is deleted by Ansible when the task ends, so nothing can be imported later.
+Core decides (a state machine with no sockets, processes or server, unit
+tested); Keeper does the I/O. Everything the keeper uses is imported at module
+load: Ansible deletes the module's payload when the task ends.
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime
-import fcntl
 import json
 import os
 import pwd
@@ -33,30 +35,24 @@ import threading
 import time
 
 from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
-from ._copy import Cancel, run_copy
 from ._files import ensure_private_dir, read_json, write_json
-from ._postgres import connect, error_text, psycopg2, query_one, server_version
-from ._repository import backup_json_path, fail_backup
+from ._postgres import PgopsError, connect, error_text, psycopg2, query_one, server_version
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"
 PROC_NAME = b"pgops-keeper"
-RUNNING = "running"
-TERMINAL = ("stopped", "aborted", "expired", "lost", "failed")
-_SID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+STARTING, RUNNING, STOPPED = "starting", "running", "stopped"
+LIVE = (STARTING, RUNNING)
+TERMINAL = (STOPPED, "aborted", "expired", "lost", "failed")
+_SID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_MESSAGE = 16 * 1024 * 1024
+# A ping checks the database session at most this often: a copy that pings every
+# couple of seconds learns within seconds that a restarted server ended the backup.
+PING_CHECK_INTERVAL = 1.0
 
 
-class KeeperError(Exception):
+class KeeperError(PgopsError):
     pass
-
-
-class _Terminate(BaseException):
-    """Raised by the SIGTERM handler to unwind the keeper cleanly."""
-
-
-class _NobodyListening(BaseException):
-    """The module that started us is gone before learning the session id: nobody could ever stop it."""
 
 
 def utcnow() -> str:
@@ -72,17 +68,23 @@ def new_session_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
-def valid_session_id(sid: str) -> bool:
-    return bool(sid) and bool(_SID_RE.match(sid))
+def valid_session_id(sid) -> bool:
+    return isinstance(sid, str) and bool(_SID_RE.match(sid)) and sid not in (".", "..")
 
 
 def session_dir(runtime_dir: str, sid: str) -> str:
     if not valid_session_id(sid):
-        raise KeeperError(f"invalid session id {sid!r}: expected the form 20261129T101500Z-0123abcd")
+        raise KeeperError(
+            f"invalid session id {sid!r}: letters, digits, '_', '.' and '-' only (at most 64), e.g. 20261129T101500Z-0123abcd"
+        )
     return os.path.join(runtime_dir, sid)
 
 
-def _proc_stat(pid: int):
+# --------------------------------------------------------------------------
+# reading sessions: any process of the keeper's user (or root) on its host
+
+
+def proc_stat(pid: int):
     """(state, starttime) of a process, or None when it does not exist."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
@@ -93,50 +95,130 @@ def _proc_stat(pid: int):
     return fields[0], int(fields[19])
 
 
-def keeper_alive(state: dict) -> bool:
-    """The recorded keeper still runs (same pid and start time, not a zombie)."""
-    pid = state.get("pid")
+def process_alive(pid, starttime) -> bool:
+    """The process still runs: same pid and start time, not a zombie."""
     if not pid:
         return False
-    st = _proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X") and st[1] == state.get("pid_starttime")
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X") and st[1] == starttime
+
+
+def keeper_alive(state: dict) -> bool:
+    return process_alive(state.get("pid"), state.get("pid_starttime"))
 
 
 def read_state(sdir: str):
-    return read_json(os.path.join(sdir, STATE_FILE))
+    state = read_json(os.path.join(sdir, STATE_FILE))
+    return state if isinstance(state, dict) else None
 
 
-def list_sessions(runtime_dir: str) -> list:
-    """Every session the directory knows, with liveness; changes nothing."""
+def write_state(sdir: str, state: dict) -> None:
+    write_json(os.path.join(sdir, STATE_FILE), state)
+
+
+def waiter_alive(state: dict) -> bool:
+    """A stop task still waits for the archive of this stopped session."""
+    wait = state.get("archive_wait") or {}
+    return not state.get("delivered") and process_alive(wait.get("pid"), wait.get("pid_starttime"))
+
+
+def describe(state: dict, now: float | None = None) -> dict:
+    """alive, stale and what the session waits for (for listing; changes nothing)."""
+    now = time.time() if now is None else now
+    status = state.get("status")
+    alive = keeper_alive(state)
+    out = dict(state)
+    out.pop("result", None)  # never list label contents
+    out["alive"] = alive
+    out["stale"] = status in LIVE and not alive
+    if status == STARTING:
+        out["waiting_for"] = "the start: PostgreSQL's checkpoint (fast=false spreads it over checkpoint_timeout)"
+    elif status == RUNNING:
+        out["waiting_for"] = "the stop (the copy runs meanwhile)"
+        contact = state.get("last_contact_at")
+        if contact:
+            out["seconds_since_contact"] = round(now - _epoch(contact), 1)
+    elif status == STOPPED and not state.get("delivered"):
+        out["waiting_for"] = (
+            "the WAL archive" if waiter_alive(state) else "nobody: the stop task that waited for the archive is gone"
+        )
+    else:
+        out["waiting_for"] = None
+    if out["stale"]:
+        out["waiting_for"] = "nobody: the keeper process is gone"
+    return out
+
+
+def _epoch(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+def list_sessions(runtime_dir: str, ask: bool = False) -> list:
+    """Every session the directory knows, with liveness; changes nothing.
+    ask: live keepers are asked for their state (fresher than the file)."""
     out = []
     try:
         names = sorted(os.listdir(runtime_dir))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return out
     for name in names:
         if not valid_session_id(name):
             continue
-        state = read_state(os.path.join(runtime_dir, name))
+        sdir = os.path.join(runtime_dir, name)
+        state = read_state(sdir)
         if state is None:
             continue
-        alive = keeper_alive(state)
-        state["alive"] = alive
-        state["stale"] = state.get("status") == RUNNING and not alive
-        state.pop("result", None)  # never list label contents
-        out.append(state)
+        if ask and state.get("status") in LIVE and keeper_alive(state):
+            reply = request(sdir, {"op": "status"}, timeout=5)
+            if reply.get("ok") and isinstance(reply.get("state"), dict):
+                state = reply["state"]
+        out.append(describe(state))
     return out
 
 
+def liveness(runtime_dir: str, sid: str, grace: float, now: float | None = None) -> tuple:
+    """(live, why) of a session a repository lock names: True while its keeper
+    or its archive wait runs, False once both are gone, None when this process
+    cannot see it (no such session, another user's directory)."""
+    now = time.time() if now is None else now
+    try:
+        sdir = session_dir(runtime_dir, sid)
+    except KeeperError:
+        return None, f"invalid session id {sid!r}"
+    try:
+        os.stat(sdir)
+    except FileNotFoundError:
+        return None, f"no session {sid} in {runtime_dir}"
+    except OSError as e:
+        return None, f"cannot see session {sid}: {e.strerror}"
+    state = read_state(sdir)
+    if state is None:
+        return None, f"session {sid} has no readable state"
+    status = state.get("status")
+    if status in LIVE:
+        if keeper_alive(state):
+            return True, f"its keeper (pid {state.get('pid')}) is {status}"
+        return False, f"its session keeper (pid {state.get('pid')}) is gone"
+    if status == STOPPED:
+        if waiter_alive(state):
+            return True, "its stop task waits for the WAL archive"
+        delivered = state.get("delivered_at")
+        if delivered and now - _epoch(delivered) <= grace:
+            return True, "it stopped moments ago (its run is finishing the backup)"
+        return False, "its backup stopped but the run that was finishing it is gone"
+    return False, f"its session ended ({status}: {state.get('reason')})"
+
+
 def mark_lost_if_dead(sdir: str, state: dict, write: bool = True) -> dict:
-    """A running session whose keeper is gone is lost (recorded unless write is false: check mode)."""
-    if state.get("status") == RUNNING and not keeper_alive(state):
+    """A live session whose keeper is gone is lost (recorded unless write is false: check mode)."""
+    if state.get("status") in LIVE and not keeper_alive(state):
         state["status"] = "lost"
         state["reason"] = (
             f"keeper process {state.get('pid')} is gone (killed or crashed); the server ended the backup with its session"
         )
         state["ended_at"] = utcnow()
         if write:
-            write_json(os.path.join(sdir, STATE_FILE), state)
+            write_state(sdir, state)
     return state
 
 
@@ -166,11 +248,14 @@ def sweep(runtime_dir: str, keep_seconds: float = 7 * 86400) -> list:
 def launch(conn_kwargs: dict, spec: dict, runtime_dir: str, timeout: float) -> dict:
     """Start a keeper; return its report once the start function has returned.
 
-    spec: session_id, label, fast, max_duration, keepalive_interval, cluster.
+    spec: session_id, label, fast, max_duration, keepalive_interval, lease, cluster.
     """
     ensure_private_dir(runtime_dir)
     sdir = session_dir(runtime_dir, spec["session_id"])
-    os.mkdir(sdir, 0o700)
+    try:
+        os.mkdir(sdir, 0o700)
+    except FileExistsError:
+        raise KeeperError(f"session {spec['session_id']} already exists in {runtime_dir}: choose another session_id") from None
     sock_path = os.path.join(sdir, SOCKET_FILE)
     if len(sock_path.encode()) > 107:
         os.rmdir(sdir)
@@ -209,49 +294,23 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
             buf = lines[-1]
             left = deadline - time.monotonic()
             if left <= 0:
-                if keeper_pid:
-                    # The backend notices the lost client and aborts the backup.
+                # Cancel the start in its session (the backend may wait for a checkpoint and not
+                # notice a dead client until it ends); kill the keeper if it does not answer.
+                reply = request(sdir, {"op": "abort", "reason": f"the start did not return within {timeout:g}s"}, 30)
+                if not reply.get("ok") and keeper_pid:
                     os.kill(keeper_pid, signal.SIGKILL)
-                shutil.rmtree(sdir, ignore_errors=True)
-                return {"ok": False, "error": f"the backup did not start within {timeout:g}s; the keeper was stopped"}
+                return {"ok": False, "error": f"the backup did not start within {timeout:g}s; the start was cancelled"}
             ready, _writable, _errors = select.select([rfd], [], [], left)
             if ready:
                 chunk = os.read(rfd, 65536)
                 if not chunk:
-                    shutil.rmtree(sdir, ignore_errors=True)
                     return {"ok": False, "error": "the session keeper exited before reporting the start"}
                 buf += chunk
     finally:
         os.close(rfd)
 
 
-class LeaseRenewer:
-    """Pings a keeper from a thread while a long task runs (the copy), so that
-    a keeper started with a lease outlives the task but not a dead run."""
-
-    def __init__(self, sdir: str, every: float = 15.0):
-        self.sdir = sdir
-        lease = (read_state(sdir) or {}).get("lease") or 0
-        # Three renewals per lease at least: one lost ping never ends a backup.
-        self.every = min(every, lease / 3) if lease else every
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._halt.wait(self.every):
-            request(self.sdir, {"op": "ping"}, timeout=10)
-
-    def start(self) -> None:
-        request(self.sdir, {"op": "ping"}, timeout=10)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self._thread.join(15)
-        request(self.sdir, {"op": "ping"}, timeout=10)  # the stop task follows: a fresh lease for it
-
-
-def request(sdir: str, payload: dict, timeout: float) -> dict:
+def request(sdir: str, payload: dict, timeout: float | None) -> dict:
     """Send one request to a keeper and return its answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -275,33 +334,250 @@ def _recv_line(s) -> bytes:
     return buf.split(b"\n", 1)[0]
 
 
+class LeaseRenewer:
+    """Pings a keeper from a thread while a long task runs (the copy): a keeper
+    with a lease outlives the task but not a dead run, and the task learns
+    within seconds when the backup ended (on_gone is called once, from the thread)."""
+
+    def __init__(self, sdir: str, on_gone=None, every: float = 2.0):
+        self.sdir = sdir
+        self.on_gone = on_gone
+        lease = (read_state(sdir) or {}).get("lease") or 0
+        # Three renewals per lease at least: one lost ping never ends a backup.
+        self.every = min(every, lease / 3) if lease else every
+        self.gone = None
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def ping(self) -> dict:
+        reply = request(self.sdir, {"op": "ping"}, timeout=10)
+        status = (reply.get("state") or {}).get("status")
+        if reply.get("ok") and status != RUNNING:
+            self._gone(f"the backup session is {status}: {(reply.get('state') or {}).get('reason')}")
+        elif not reply.get("ok"):
+            state = read_state(self.sdir) or {}
+            if state.get("status") not in LIVE or not keeper_alive(state):
+                self._gone(f"the session keeper is gone ({state.get('status')}: {state.get('reason') or reply.get('error')})")
+        return reply
+
+    def _gone(self, why: str) -> None:
+        if self.gone is None:
+            self.gone = why
+            if self.on_gone is not None:
+                self.on_gone()
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.every):
+            self.ping()
+
+    def start(self) -> None:
+        self.ping()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._thread.join(15)
+        self.ping()  # the stop task follows: a fresh lease for it
+
+
+# --------------------------------------------------------------------------
+# the decisions (pure: unit tests drive them with a fake clock)
+
+
+class Core:
+    """What each event does to the session. Times are monotonic seconds; the
+    I/O layer carries out the returned actions:
+
+    - on_request(op) -> (action, reply): action None (send reply), "stop" (run
+      the stop, then reply), "abort" (cancel the start or end the session, then reply)
+    - due(now) -> (action, wait): "expire" / "lease" (end the session now),
+      "keepalive" (check the session now), or None and how long to sleep
+    """
+
+    def __init__(self, spec: dict, now: float):
+        self.spec = spec
+        self.status = STARTING
+        self.reason = None
+        self.deadline = now + spec["max_duration"]
+        self.lease = spec.get("lease") or 0
+        self.interval = max(1, spec.get("keepalive_interval") or 30)
+        self.last_contact = now
+        self.last_check = now
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def end(self, status: str, reason: str) -> None:
+        if not self.ended:
+            self.status = status
+            self.reason = reason
+
+    def started(self, now: float) -> None:
+        if self.status == STARTING:
+            self.status = RUNNING
+            self.last_contact = now
+            self.last_check = now
+
+    def on_request(self, op, now: float) -> tuple:
+        if op == "status":  # a look from pg_backup_session_info: not word from the run
+            return None, None
+        self.last_contact = now
+        if op == "ping":
+            check = self.status == RUNNING and now - self.last_check >= PING_CHECK_INTERVAL
+            return ("keepalive" if check else None), None
+        if op == "abort":
+            if self.ended:
+                return None, {"ok": False, "error": f"the session already ended ({self.status})"}
+            return "abort", None
+        if op == "stop":
+            if self.status == STARTING:
+                return None, {
+                    "ok": False,
+                    "error": "the backup has not started yet: the start still waits for its checkpoint",
+                }
+            if self.status != RUNNING:
+                return None, {"ok": False, "error": f"the session ended ({self.status}: {self.reason})"}
+            return "stop", None
+        return None, {"ok": False, "error": f"unknown request {op!r}"}
+
+    def on_launcher_gone(self) -> str | None:
+        """The module that launched us died before learning the session id: nobody can stop this backup."""
+        if self.status == STARTING:
+            return "abort"
+        return None
+
+    def on_keepalive(self, error, now: float) -> None:
+        self.last_check = now
+        if error is not None and not self.ended:
+            self.end("lost", f"the database session was lost ({error}); the backup is unusable")
+
+    def due(self, now: float) -> tuple:
+        if self.ended:
+            return None, 0.0
+        left = self.deadline - now
+        if left <= 0:
+            self.end(
+                "expired",
+                f"max_duration of {self.spec['max_duration']}s passed at {utcnow()}; the keeper "
+                "ended the session and the server aborted the backup",
+            )
+            return "expire", 0.0
+        wait = left
+        if self.lease and self.status == RUNNING:
+            lease_left = self.lease - (now - self.last_contact)
+            if lease_left <= 0:
+                # The run that started us stopped calling (killed, Ctrl-C): nobody will stop this backup.
+                self.end(
+                    "expired",
+                    f"no word from the run for {self.lease}s (lease) at {utcnow()}: it is gone; the keeper ended "
+                    "the session and the server aborted the backup",
+                )
+                return "lease", 0.0
+            wait = min(wait, lease_left)
+        if self.status == RUNNING:
+            check_left = self.interval - (now - self.last_check)
+            if check_left <= 0:
+                return "keepalive", 0.0
+            wait = min(wait, check_left)
+        return None, max(0.0, wait)
+
+
+# --------------------------------------------------------------------------
+# the database session (the keeper's only connection)
+
+
+class Session:
+    """The keeper's connection: opened in the keeper (never across a fork)."""
+
+    def __init__(self, conn_kwargs: dict):
+        self.kw = conn_kwargs
+        self.conn = None
+
+    def open(self) -> tuple:
+        self.conn = connect(self.kw)
+        num, text = server_version(self.conn)
+        return num, text
+
+    def settings(self, major: int) -> None:
+        # The session must outlive any idle or statement limit set by the DBA.
+        names = ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"]
+        if major >= 14:
+            names.append("idle_session_timeout")
+        if major >= 17:
+            names.append("transaction_timeout")
+        with self.conn.cursor() as cur:
+            for name in names:
+                cur.execute("SELECT set_config(%s, '0', false)", (name,))
+
+    def start(self, major: int, label: str, fast: bool) -> tuple:
+        backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
+        t0 = time.monotonic()
+        lsn_text = query_one(self.conn, start_sql(major), (label, fast))[0]
+        return backend_pid, lsn_text, time.monotonic() - t0
+
+    def facts(self) -> dict:
+        row = query_one(
+            self.conn,
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()),"
+            " (SELECT system_identifier::text FROM pg_control_system()),"
+            " pg_is_in_recovery(),"
+            " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
+        )
+        return {"timeline": row[0], "system_identifier": row[1], "in_recovery": row[2], "wal_segment_size": row[3]}
+
+    def ping(self):
+        """None when the session is healthy, else the driver's error."""
+        try:
+            query_one(self.conn, "SELECT 1")
+            return None
+        except psycopg2.Error as e:
+            return error_text(e)
+
+    def stop(self, major: int) -> tuple:
+        return query_one(self.conn, stop_sql(major))
+
+    def min_recovery_timeline(self):
+        try:
+            return query_one(self.conn, "SELECT min_recovery_end_timeline FROM pg_control_recovery()")[0]
+        except psycopg2.Error:
+            return None
+
+    def cancel(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.cancel()
+            except psycopg2.Error:
+                pass
+
+    def close(self) -> None:
+        """Ending the session makes the server abort a backup that was not stopped."""
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+
+
 # --------------------------------------------------------------------------
 # keeper side (runs only in the detached grandchild)
 
 
+class _Terminate(BaseException):
+    """Raised by the SIGTERM handler to unwind the keeper cleanly."""
+
+
 def _keeper_main(wfd: int, conn_kwargs: dict, spec: dict, sdir: str) -> None:
     code = 0
-    keeper = None
     try:
         _detach(wfd)
-        if spec.get("lock_file"):
-            # Held until the keeper exits: a repository lock whose flock nobody
-            # holds belongs to a dead run (see _repository).
-            lock_fd = os.open(spec["lock_file"], os.O_RDONLY)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)
-        keeper = _Keeper(wfd, conn_kwargs, spec, sdir)
-        keeper.run()
+        Keeper(wfd, Session(conn_kwargs), spec, sdir).run()
     except BaseException as e:  # noqa: BLE001 - nothing may escape into the module wrapper
         code = 1
-        # Tell the waiting module why, if it still waits (never write to a closed, maybe reused, fd).
-        fd = wfd if keeper is None else keeper.wfd
-        if fd is not None:
-            try:
-                os.write(
-                    fd, json.dumps({"ok": False, "stage": "keeper", "error": f"session keeper failed: {e!r}"}).encode() + b"\n"
-                )
-            except OSError:
-                pass
+        try:
+            os.write(wfd, json.dumps({"ok": False, "stage": "keeper", "error": f"session keeper failed: {e!r}"}).encode() + b"\n")
+        except OSError:
+            pass
     finally:
         os._exit(code)
 
@@ -329,70 +605,55 @@ def _detach(keep_fd: int) -> None:
         pass
 
 
-class _CopyJob(threading.Thread):
-    """The copy the start asked for, run by the keeper right after the backup
-    started (no task round trip in between); the stop waits for it."""
+class Keeper:
+    """One poll loop: requests, the start's completion, the launcher going
+    away, keepalives, lease and max_duration all pass through Core."""
 
-    def __init__(self, spec: dict):
-        super().__init__(daemon=True)
-        self.spec = spec
-        self.cancel = Cancel()
-        self.result = None
-        self.error = None
-        self.done_r, self.done_w = os.pipe()  # readable once the copy ended: wakes the keeper's select
-
-    def run(self) -> None:
-        try:
-            self.result = run_copy(self.spec, cancel=self.cancel)
-        except BaseException as e:  # noqa: BLE001 - reported to the stop, never raised in a thread
-            self.error = str(e) or repr(e)
-        finally:
-            os.write(self.done_w, b"x")
-
-    def stop(self) -> None:
-        self.cancel.fire()
-        self.join(60)
-
-
-class _Keeper:
-    def __init__(self, wfd, conn_kwargs, spec, sdir):
+    def __init__(self, wfd, db: Session, spec: dict, sdir: str):
         self.wfd = wfd
-        self.kw = conn_kwargs
+        self.db = db
         self.spec = spec
         self.sdir = sdir
-        self.conn = None
+        self.core = Core(spec, time.monotonic())
         self.sock = None
-        self.state = {}
-        self.copy = None
+        self.start_outcome = None
+        self.start_r, self.start_w = os.pipe()  # readable once the start thread is done
+        self.state = {
+            "session_id": spec["session_id"],
+            "label": spec["label"],
+            "cluster": spec["cluster"],
+            "status": STARTING,
+            "pid": os.getpid(),
+            "pid_starttime": proc_stat(os.getpid())[1],
+            "fast": spec["fast"],
+            "launched_at": utcnow(),
+            "max_duration": spec["max_duration"],
+            "lease": spec.get("lease") or 0,
+        }
 
-    # -- reporting
+    # -- reporting to the module that launched us
 
-    def _report(self, msg: dict) -> None:
+    def _report(self, msg: dict) -> bool:
+        """False when nobody reads the pipe any more."""
         if self.wfd is None:
-            return
+            return False
         try:
             os.write(self.wfd, json.dumps(msg, default=str).encode() + b"\n")
+            ok = True
         except OSError:
-            if msg.get("ok"):
-                raise _NobodyListening() from None
-        if "ok" in msg:
+            ok = False
+        if "ok" in msg or not ok:
             os.close(self.wfd)
             self.wfd = None
+        return ok
 
     def _save(self) -> None:
-        write_json(os.path.join(self.sdir, STATE_FILE), self.state)
-
-    def _fail_start(self, stage: str, exc) -> None:
-        self._report(
-            {
-                "ok": False,
-                "stage": stage,
-                "error": error_text(exc),
-                "sqlstate": getattr(exc, "pgcode", None),
-                "version_num": self.state.get("server_version_num"),
-            }
-        )
-        shutil.rmtree(self.sdir, ignore_errors=True)
+        self.state["status"] = self.core.status
+        if self.core.reason:
+            self.state["reason"] = self.core.reason
+        if self.core.ended:
+            self.state.setdefault("ended_at", utcnow())
+        write_state(self.sdir, self.state)
 
     def _on_term(self, signum, frame):
         raise _Terminate()
@@ -400,27 +661,18 @@ class _Keeper:
     # -- lifecycle
 
     def run(self) -> None:
-        self._report({"pid": os.getpid()})
         signal.signal(signal.SIGTERM, self._on_term)
         try:
-            if not self._start():
-                return
-            self._serve()
+            self._listen()
+            self._save()
+            self._report({"pid": os.getpid()})
+            threading.Thread(target=self._start_thread, daemon=True).start()
+            self._loop()
         except _Terminate:
-            if self.state.get("status") == RUNNING:
-                self._end("aborted", "the keeper received SIGTERM; the backup was aborted")
-        except _NobodyListening:
-            self._end("aborted", "the module that started the backup was gone before it learned the session id")
+            self._finish("aborted", "the keeper received SIGTERM; the backup was aborted")
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
-            if self.copy is not None and self.copy.is_alive():
-                self.copy.stop()  # whatever ended the session: no tar or zstd left writing
-            if self.conn is not None:
-                try:
-                    self.conn.close()
-                except psycopg2.Error:
-                    pass
-            self._fail_record()
+            self.db.close()
             if self.sock is not None:
                 self.sock.close()
                 try:
@@ -428,182 +680,159 @@ class _Keeper:
                 except OSError:
                     pass
 
-    def _start(self) -> bool:
-        spec = self.spec
-        try:
-            self.conn = connect(self.kw)
-        except psycopg2.Error as e:
-            self._fail_start("connect", e)
-            return False
-        try:
-            num, text = server_version(self.conn)
-            self.state["server_version_num"] = num
-            major = major_of(num)
-            if major < MIN_MAJOR:
-                self._report({"ok": False, "stage": "version", "error": f"PostgreSQL {text} is not supported (12 or newer)"})
-                shutil.rmtree(self.sdir, ignore_errors=True)
-                return False
-            self._session_settings(major)
-            backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
-            t0 = time.monotonic()
-            lsn_text = query_one(self.conn, start_sql(major), (spec["label"], spec["fast"]))[0]
-            start_seconds = time.monotonic() - t0
-            facts = self._facts()
-        except psycopg2.Error as e:
-            self._fail_start("start", e)
-            return False
-        lsn = parse_lsn(lsn_text)
-        started = time.time()
-        self.state = {
-            "session_id": spec["session_id"],
-            "label": spec["label"],
-            "cluster": spec["cluster"],
-            "status": RUNNING,
-            "pid": os.getpid(),
-            "pid_starttime": _proc_stat(os.getpid())[1],
-            "backend_pid": backend_pid,
-            "server_version_num": num,
-            "server_version": text,
-            "start_lsn": lsn_text,
-            "start_wal": wal_file_name(facts["timeline"], lsn, facts["wal_segment_size"]),
-            "timeline": facts["timeline"],
-            "wal_segment_size": facts["wal_segment_size"],
-            "system_identifier": facts["system_identifier"],
-            "backup_from": "standby" if facts["in_recovery"] else "primary",
-            "fast": spec["fast"],
-            "started_at": utcnow(),
-            "start_seconds": round(start_seconds, 3),
-            "max_duration": spec["max_duration"],
-            "lease": spec.get("lease") or 0,
-            "expires_at": datetime.datetime.fromtimestamp(started + spec["max_duration"], datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
-        }
-        self.deadline = time.monotonic() + spec["max_duration"]
+    def _listen(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = os.path.join(self.sdir, SOCKET_FILE)
         self.sock.bind(path)
         os.chmod(path, 0o600)
         self.sock.listen(8)
-        if spec.get("copy"):
-            self.state["copy"] = {"status": "running"}
-        self._save()
-        self._report({"ok": True, "state": self.state})
-        if spec.get("copy"):
-            self.copy = _CopyJob(spec["copy"])
-            self.copy.start()
-        return True
 
-    def _fail_record(self) -> None:
-        """A backup that ended any other way than its stop can never be used: its record
-        says so now, its data goes and the cluster's lock is free for the next run."""
-        record = self.spec.get("record")
-        if not record or not self.state.get("session_id") or self.state.get("status") == "stopped":
-            return
-        reason = self.state.get("reason") or "the session keeper ended before the backup was stopped"
+    def _start_thread(self) -> None:
+        """Connect and run the start function (it may wait minutes for a checkpoint)."""
+        spec = self.spec
         try:
-            # Only a record still "running": its run may have marked it failed already, with the cause.
-            if (read_json(backup_json_path(record["repository"], record["backup_id"])) or {}).get("status") != "running":
+            stage = "connect"
+            num, text = self.db.open()
+            self.state.update(server_version_num=num, server_version=text)
+            stage = "version"
+            major = major_of(num)
+            if major < MIN_MAJOR:
+                raise KeeperError(f"PostgreSQL {text} is not supported (12 or newer)")
+            stage = "start"
+            self.db.settings(major)
+            backend_pid, lsn_text, seconds = self.db.start(major, spec["label"], spec["fast"])
+            facts = self.db.facts()
+            self.start_outcome = ("ok", backend_pid, lsn_text, seconds, facts)
+        except (psycopg2.Error, KeeperError) as e:
+            self.start_outcome = ("error", stage, e)
+        except BaseException as e:  # noqa: BLE001 - reported to the module, never raised in a thread
+            self.start_outcome = ("error", "keeper", e)
+        finally:
+            os.write(self.start_w, b"x")
+
+    def _started(self) -> None:
+        outcome = self.start_outcome
+        if outcome[0] == "error":
+            _kind, stage, exc = outcome
+            if self.core.ended:  # aborted while starting: the cancel made the start fail
+                self._save()
                 return
-            fail_backup(
-                record["repository"],
-                record["backup_id"],
-                record["cluster"],
-                f"session keeper: {reason}",
-                record["keep_files"],
-                metrics_file=record.get("metrics_file"),
+            err = error_text(exc) if isinstance(exc, psycopg2.Error) else str(exc)
+            self.core.end("failed", f"the start failed: {err}")
+            self._save()
+            self._report(
+                {
+                    "ok": False,
+                    "stage": stage,
+                    "error": err,
+                    "sqlstate": getattr(exc, "pgcode", None),
+                    "version_num": self.state.get("server_version_num"),
+                }
             )
-        except Exception:  # noqa: BLE001 - best effort; the next run's lock check covers the rest
-            pass
-
-    def _session_settings(self, major: int) -> None:
-        # The session must outlive any idle or statement limit set by the DBA.
-        sets = ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"]
-        if major >= 14:
-            sets.append("idle_session_timeout")
-        if major >= 17:
-            sets.append("transaction_timeout")
-        with self.conn.cursor() as cur:
-            for name in sets:
-                cur.execute("SELECT set_config(%s, '0', false)", (name,))
-
-    def _facts(self) -> dict:
-        row = query_one(
-            self.conn,
-            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()),"
-            " (SELECT system_identifier::text FROM pg_control_system()),"
-            " pg_is_in_recovery(),"
-            " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')",
+            shutil.rmtree(self.sdir, ignore_errors=True)  # nothing to stop, list or abort
+            return
+        _kind, backend_pid, lsn_text, seconds, facts = outcome
+        if self.core.ended:  # an abort won the race: the session is closed, the backup gone
+            self._save()
+            return
+        now = time.monotonic()
+        self.core.started(now)
+        lsn = parse_lsn(lsn_text)
+        self.state.update(
+            backend_pid=backend_pid,
+            start_lsn=lsn_text,
+            start_wal=wal_file_name(facts["timeline"], lsn, facts["wal_segment_size"]),
+            timeline=facts["timeline"],
+            wal_segment_size=facts["wal_segment_size"],
+            system_identifier=facts["system_identifier"],
+            backup_from="standby" if facts["in_recovery"] else "primary",
+            started_at=utcnow(),
+            start_seconds=round(seconds, 3),
+            last_contact_at=utcnow(),
+            expires_at=datetime.datetime.fromtimestamp(time.time() + (self.core.deadline - now), datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
         )
-        return {"timeline": row[0], "system_identifier": row[1], "in_recovery": row[2], "wal_segment_size": row[3]}
-
-    def _end(self, status: str, reason: str, result: dict | None = None) -> None:
-        self.state["status"] = status
-        self.state["reason"] = reason
-        self.state["ended_at"] = utcnow()
-        if result is not None:
-            self.state["result"] = result
         self._save()
+        if not self._report({"ok": True, "state": self.state}):
+            # The module died between the start and its report: nobody knows this session.
+            self.db.close()
+            self.core.end("aborted", "the module that started the backup was gone before it learned the session id")
+            self._save()
 
-    def _serve(self) -> None:
-        interval = self.spec["keepalive_interval"]
-        lease = self.spec.get("lease") or 0
-        self.last_contact = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if self.copy is not None and self.copy.is_alive():
-                # Our own copy is word enough: the lease counts from its end (a run with more
-                # hosts than forks reaches this host's stop only when a fork is free).
-                self.last_contact = now
-            left = self.deadline - now
-            if left <= 0:
-                self._end(
-                    "expired",
-                    f"max_duration of {self.spec['max_duration']}s passed at {utcnow()}; the keeper "
-                    "ended the session and the server aborted the backup",
-                )
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.start_r, select.POLLIN)
+        if self.wfd is not None:
+            poller.register(self.wfd, 0)  # POLLERR once the launcher's end of the pipe is closed
+        while not self.core.ended:
+            action, wait = self.core.due(time.monotonic())
+            if action in ("expire", "lease"):
+                self.db.close()
+                self._save()
                 return
-            lease_left = lease - (now - self.last_contact) if lease else left
-            if lease_left <= 0:
-                # The run that started us stopped calling (killed, Ctrl-C): nobody will stop this backup.
-                self._end(
-                    "expired",
-                    f"no word from the run for {lease}s (lease) at {utcnow()}: it is gone; the keeper ended the "
-                    "session and the server aborted the backup",
-                )
-                return
-            ready, _writable, _errors = select.select([self.sock], [], [], min(interval, left, lease_left))
-            if not ready:
-                try:
-                    query_one(self.conn, "SELECT 1")
-                except psycopg2.Error as e:
-                    self._end("lost", f"the database session was lost ({error_text(e)}); the backup is unusable")
+            if action == "keepalive":
+                self.core.on_keepalive(self.db.ping(), time.monotonic())
+                if self.core.ended:
+                    self._save()
                     return
                 continue
-            try:
-                client, _address = self.sock.accept()
-            except OSError:
-                continue
-            self.last_contact = time.monotonic()
-            with client:
-                op = self._read_request(client)
-                if op == "stop" and self.copy is not None and self.copy.is_alive():
-                    # Seen by state=status (and the tests): a stop task waits for the copy.
-                    self.state["copy"]["stop_waiting_since"] = utcnow()
-                    self._save()
-                    if not self._await_copy(client):
-                        return
+            if self.core.status == STARTING:
+                wait = min(wait, 1.0)
+            for fd, events in poller.poll(max(0, int(wait * 1000)) + 1):
+                if fd == self.start_r:
+                    poller.unregister(self.start_r)
+                    if self.wfd is not None:
+                        poller.unregister(self.wfd)
+                    self._started()
+                elif fd == self.sock.fileno():
+                    self._accept()
+                elif self.wfd is not None and fd == self.wfd and events & (select.POLLERR | select.POLLHUP):
+                    poller.unregister(self.wfd)
+                    if self.core.on_launcher_gone() == "abort":
+                        self._abort("the module that started the backup went away while the start waited; aborted")
+                if self.core.ended:
+                    return
+
+    def _accept(self) -> None:
+        try:
+            client, _address = self.sock.accept()
+        except OSError:
+            return
+        with client:
+            req = self._read_request(client)
+            if req is None:
+                return
+            op = req.get("op") or "?"
+            action, reply = self.core.on_request(op, time.monotonic())
+            if op != "status":
+                self.state["last_contact_at"] = utcnow()
+            if action == "keepalive":
+                self.core.on_keepalive(self.db.ping(), time.monotonic())
+            elif action == "abort":
+                self._abort(req.get("reason") or "aborted on request")
+            elif action == "stop":
                 # No SIGTERM between the stop call and its reply: the label must reach the caller.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 try:
-                    done = self._handle(client, op)
+                    reply = self._stop()
+                    self._send(client, reply)
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            if done:
                 return
+            if self.core.ended and action != "abort":
+                self._save()  # a keepalive found the session lost
+            self._send(client, reply or {"ok": True, "state": self.state})
+
+    def _send(self, client, reply: dict) -> None:
+        try:
+            client.sendall(json.dumps(reply, default=str).encode() + b"\n")
+        except OSError:
+            pass
 
     def _read_request(self, client):
-        """The request's op from the keeper's own user (or root); None otherwise."""
+        """The request from the keeper's own user (or root); None otherwise."""
         client.settimeout(30)
         try:
             creds = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -614,126 +843,44 @@ class _Keeper:
             req = json.loads(_recv_line(client) or b"{}")
         except (OSError, ValueError):
             return None
-        return (req.get("op") or "?") if isinstance(req, dict) else "?"
+        return req if isinstance(req, dict) else {"op": "?"}
 
-    def _await_copy(self, client) -> bool:
-        """Wait for the copy while the stop request stays open: False when the
-        backup had to end meanwhile (the run went away, max_duration, session lost)."""
-        interval = self.spec["keepalive_interval"]
-        while self.copy.is_alive():
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                self.copy.stop()
-                self._end("expired", f"max_duration of {self.spec['max_duration']}s passed during the copy; backup aborted")
-                return False
-            ready, _w, _x = select.select([self.copy.done_r, client, self.sock], [], [], min(interval, left))
-            if self.sock in ready and self._serve_during_copy():
-                return False
-            if client in ready:
-                try:
-                    # EOF: the client is gone; anything else it sends is not for us (read, dropped).
-                    gone = client.recv(4096, socket.MSG_DONTWAIT) == b""
-                except BlockingIOError:
-                    gone = False
-                except OSError:
-                    gone = True
-                if gone:
-                    # The task that waits for the stop died with its run (Ctrl-C, lost controller).
-                    self.copy.stop()
-                    self.conn.close()
-                    self._end("aborted", "the run that asked for the stop went away during the copy; backup aborted")
-                    return False
-            if not ready:
-                try:
-                    query_one(self.conn, "SELECT 1")
-                except psycopg2.Error as e:
-                    self.copy.stop()
-                    self._end("lost", f"the database session was lost ({error_text(e)}); the backup is unusable")
-                    return False
-            if self.copy.done_r in ready:
-                self.copy.join()  # it wrote its last byte: ending now
-        return True
+    def _abort(self, reason: str) -> None:
+        if self.core.status == STARTING:
+            self.db.cancel()  # the start may wait for a checkpoint: make it return now
+        self.db.close()
+        self.core.end("aborted", reason)
+        self._save()
+        if self.wfd is not None:
+            self._report({"ok": False, "stage": "start", "error": f"the backup was aborted while it started: {reason}"})
 
-    def _serve_during_copy(self) -> bool:
-        """Another request while a stop waits for the copy: ping, or abort (True: the backup ended)."""
-        try:
-            other, _address = self.sock.accept()
-        except OSError:
-            return False
-        with other:
-            op = self._read_request(other)
-            if op == "abort":
-                self.copy.stop()
-                self.conn.close()  # ending the session aborts the backup on the server
-                self._end("aborted", "aborted on request during the copy")
-                reply, ended = {"ok": True, "state": self.state}, True
-            elif op == "ping":
-                reply, ended = {"ok": True, "state": self.state}, False
-            else:
-                reply, ended = {"ok": False, "error": f"{op!r} must wait: a stop is waiting for the copy"}, False
-            if op is not None:
-                try:
-                    other.sendall(json.dumps(reply, default=str).encode() + b"\n")
-                except OSError:
-                    pass
-        return ended
-
-    def _handle(self, client, op) -> bool:
-        """Serve one request; True when the keeper should exit."""
-        if op is None:
-            return False
-        try:
-            if op == "ping":
-                reply, done = {"ok": True, "state": self.state}, False
-            elif op == "stop" and self.copy is not None and self.copy.error is not None:
-                # The copy failed: nothing can be usable, end the backup on the server.
-                self.conn.close()
-                self.state["copy"] = {"status": "failed", "error": self.copy.error}
-                self._end("failed", f"the copy failed: {self.copy.error}; the backup was aborted")
-                reply, done = {"ok": False, "copy_failed": True, "error": self.state["reason"], "state": self.state}, True
-            elif op == "stop":
-                if self.copy is not None:
-                    self.state["copy"] = {"status": "done", **self.copy.result}
-                reply, done = self._stop(), True
-            elif op == "abort":
-                if self.copy is not None and self.copy.is_alive():
-                    self.copy.stop()
-                self.conn.close()  # ending the session aborts the backup on the server
-                self._end("aborted", "aborted on request")
-                reply, done = {"ok": True, "state": self.state}, True
-            else:
-                reply, done = {"ok": False, "error": f"unknown request {op!r}"}, False
-        except OSError as e:  # e.g. the state file cannot be written: still answer
-            reply, done = (
-                {"ok": False, "error": f"the keeper could not record the session: {e}", "state": self.state},
-                op != "ping",
-            )
-        try:
-            client.sendall(json.dumps(reply, default=str).encode() + b"\n")
-        except OSError:
-            pass
-        return done
+    def _finish(self, status: str, reason: str) -> None:
+        if self.core.status in LIVE:
+            self.db.cancel()
+            self.db.close()
+            self.core.end(status, reason)
+            try:
+                self._save()
+            except OSError:
+                pass
 
     def _stop(self) -> dict:
         major = major_of(self.state["server_version_num"])
         requested = utcnow()  # every commit that returned before this is in the backup
         t0 = time.monotonic()
         try:
-            lsn_text, labelfile, spcmapfile = query_one(self.conn, stop_sql(major))
+            lsn_text, labelfile, spcmapfile = self.db.stop(major)
         except psycopg2.Error as e:
             msg = error_text(e)
-            self._end("failed", f"the stop function failed: {msg}")
+            self.core.end("failed", f"the stop function failed: {msg}")
+            self._save()
             return {"ok": False, "error": msg, "sqlstate": e.pgcode, "state": self.state}
         stop_lsn = parse_lsn(lsn_text)
         tli = self.state["timeline"]
         if self.state.get("backup_from") == "standby":
             # A standby's backup ends at its minimum recovery point, on that point's timeline.
-            try:
-                row = query_one(self.conn, "SELECT min_recovery_end_timeline FROM pg_control_recovery()")
-                tli = row[0] or tli
-            except psycopg2.Error:
-                pass
-        result = {
+            tli = self.db.min_recovery_timeline() or tli
+        self.state["result"] = {
             "stop_lsn": format_lsn(stop_lsn),
             # The stop location ends the backup: its segment is the one before it.
             "stop_wal": wal_file_name(tli, stop_lsn, self.state["wal_segment_size"], previous=True),
@@ -743,9 +890,10 @@ class _Keeper:
             "stopped_at": utcnow(),
             "stop_seconds": round(time.monotonic() - t0, 3),
         }
+        self.core.end(STOPPED, "stopped on request")
         # Saved before replying: the label survives whatever happens next.
         try:
-            self._end("stopped", "stopped on request", result)
+            self._save()
         except OSError as e:
             # Could not save it (disk full?): the reply is now its only copy.
             return {"ok": True, "state": self.state, "warning": f"the label could not be saved in the session directory: {e}"}

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -32,9 +31,9 @@ from typing import Callable
 
 from ._checksum import ALGORITHMS, DIGEST_SIZES, default_algorithm, new_hasher
 from ._files import write_private_file
+from ._layout import BACKUP_JSON, LABEL_FILES, MANIFEST, LayoutError, decompress_command, find_archives, parse_archive_name
+from ._postgres import PgopsError
 
-MANIFEST_NAME = "backup_manifest"
-INFO_NAME = "backup.json"
 CHUNK = 1 << 20
 VERSION_KEY = "PostgreSQL-Backup-Manifest-Version"
 TOP_KEYS = {VERSION_KEY, "System-Identifier", "Files", "WAL-Ranges", "Manifest-Checksum"}
@@ -42,24 +41,16 @@ FILE_KEYS = {"Path", "Encoded-Path", "Size", "Last-Modified", "Checksum-Algorith
 WAL_KEYS = {"Timeline", "Start-LSN", "End-LSN"}
 # Never part of a manifest: the manifest itself, our catalog entry, and WAL
 # (pg_verifybackup ignores pg_wal; the archive holds the WAL).
-EXCLUDED_ROOT_FILES = (MANIFEST_NAME, INFO_NAME)
-LABEL_FILES = ("backup_label", "tablespace_map")
-ARCHIVE_RE = re.compile(r"^(base|[0-9]+)\.(tar|cpio)(?:\.(gz|zst|lz4))?$")
-COMPRESSION_TOOLS = {"zst": "zstd", "lz4": "lz4"}
-COMPRESSION_NAMES = {None: "none", "gz": "gzip", "zst": "zstd", "lz4": "lz4"}
+EXCLUDED_ROOT_FILES = (MANIFEST, BACKUP_JSON)
 
 Want = Callable[[str, int], "str | None"]
 
 
-class ManifestError(Exception):
+class ManifestError(PgopsError):
     """The manifest text is not a valid PostgreSQL backup manifest."""
 
 
-class LayoutError(Exception):
-    """The directory is not a backup this module can read."""
-
-
-class ArchiveError(Exception):
+class ArchiveError(PgopsError):
     """An archive cannot be read to its end."""
 
 
@@ -396,13 +387,6 @@ def scan_file(abspath: str, path: str, want: Want, errors: list) -> Iterator[Fil
     yield entry
 
 
-def archive_suffix(name: str) -> str | None:
-    for suffix in ("gz", "zst", "lz4"):
-        if name.endswith(f".{suffix}"):
-            return suffix
-    return None
-
-
 class ArchiveStream:
     """An archive file as a decompressed, forward-only byte stream.
 
@@ -413,27 +397,27 @@ class ArchiveStream:
 
     def __init__(self, path: str):
         self.path = path
-        self.suffix = archive_suffix(path)
+        self.gzip = path.endswith(".gz")
         self.proc = None
         self._stderr = None
         self._file = None
 
     def __enter__(self):
-        if self.suffix in COMPRESSION_TOOLS:
-            tool = COMPRESSION_TOOLS[self.suffix]
-            exe = shutil.which(tool)
-            if exe is None:
-                raise ArchiveError(f"{tool} is not installed: it is needed to read {os.path.basename(self.path)}")
+        if self.gzip:
+            self._file = gzip.open(self.path, "rb")
+            return self._file
+        try:
+            cmd = decompress_command(self.path)
+        except LayoutError as e:
+            raise ArchiveError(str(e)) from None
+        if cmd is not None:
             if not os.access(self.path, os.R_OK):
                 raise ArchiveError(f"cannot read {self.path}: permission denied")
             self._stderr = tempfile.TemporaryFile()
             self.proc = subprocess.Popen(
-                [exe, "-dc", "--", self.path] if tool == "zstd" else [exe, "-dc", self.path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, close_fds=True,
-            )  # fmt: skip
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, close_fds=True
+            )
             self._file = self.proc.stdout
-        elif self.suffix == "gz":
-            self._file = gzip.open(self.path, "rb")
         else:
             self._file = open(self.path, "rb")
         return self._file
@@ -466,7 +450,7 @@ class ArchiveStream:
         err = self._stderr.read().decode("utf-8", "replace").strip()
         self._stderr.close()
         if rc and (exc_type is None or issubclass(exc_type, Exception)):
-            tool = COMPRESSION_TOOLS[self.suffix]
+            tool = self.proc.args[0]
             raise ArchiveError(f"{tool} failed on {os.path.basename(self.path)} (exit {rc}): {err}")
         return False
 
@@ -640,18 +624,6 @@ class Layout:
     notes: list = field(default_factory=list)
 
 
-def _archives(root: str, kind: str) -> dict:
-    """{oid or "base": file name} of the archives of this kind at the backup root."""
-    found = {}
-    for name in sorted(os.listdir(root)):
-        m = ARCHIVE_RE.match(name)
-        if m and m.group(2) == kind and os.path.isfile(os.path.join(root, name)):
-            if m.group(1) in found:
-                raise LayoutError(f"two archives for {m.group(1)} in {root}: {found[m.group(1)]} and {name}")
-            found[m.group(1)] = name
-    return found
-
-
 def _tablespace_oids(info: dict | None) -> list:
     out = []
     for ts in (info or {}).get("tablespaces") or []:
@@ -668,9 +640,9 @@ def detect_layout(root: str, info: dict | None = None) -> Layout:
     if not method:
         if os.path.isdir(os.path.join(root, "data")):
             method = "rsync"
-        elif _archives(root, "tar"):
+        elif find_archives(root, "tar"):
             method = "tar"
-        elif _archives(root, "cpio"):
+        elif find_archives(root, "cpio"):
             method = "cpio"
         elif os.path.isfile(os.path.join(root, "PG_VERSION")):
             method = "plain"
@@ -682,7 +654,7 @@ def detect_layout(root: str, info: dict | None = None) -> Layout:
             raise LayoutError(f"{root} has method {method} but no data directory {data}")
         layout = Layout(
             root, method, "none", data,
-            [os.path.join(data, MANIFEST_NAME)] + ([os.path.join(root, MANIFEST_NAME)] if method == "rsync" else []),
+            [os.path.join(data, MANIFEST)] + ([os.path.join(root, MANIFEST)] if method == "rsync" else []),
             [Source("dir", data, "", "data" if method == "rsync" else ".")],
         )  # fmt: skip
         for oid in _tablespace_oids(info):
@@ -691,20 +663,20 @@ def detect_layout(root: str, info: dict | None = None) -> Layout:
         return layout
     if method not in ("tar", "cpio"):
         raise LayoutError(f"unknown backup method {method!r} in {root}/backup.json (expected tar, rsync or cpio)")
-    archives = _archives(root, method)
+    archives = find_archives(root, method)
     listed = [str(f) for f in (info or {}).get("files") or []]
-    missing = [f for f in listed if ARCHIVE_RE.match(f) and not os.path.isfile(os.path.join(root, f))]
-    missing_keys = {ARCHIVE_RE.match(f).group(1) for f in missing}
+    missing = [f for f in listed if parse_archive_name(f) and not os.path.isfile(os.path.join(root, f))]
+    missing_keys = {parse_archive_name(f)[0] for f in missing}
     for key in ["base"] + _tablespace_oids(info):
         if key not in archives and key not in missing_keys:
             missing.append(f"{key}.{method}")
-    suffixes = {archive_suffix(n) for n in archives.values()}
+    compressions = {parse_archive_name(n)[2] for n in archives.values()}
     sources = [Source("file", os.path.join(root, n), n, n) for n in LABEL_FILES if os.path.isfile(os.path.join(root, n))]
     for key in sorted(archives, key=lambda k: (k != "base", k.zfill(10))):
         prefix = "" if key == "base" else f"pg_tblspc/{key}/"
         sources.append(Source(method, os.path.join(root, archives[key]), prefix, archives[key]))
-    compression = COMPRESSION_NAMES.get(suffixes.pop()) if len(suffixes) == 1 else ("mixed" if suffixes else "none")
-    return Layout(root, method, compression, None, [os.path.join(root, MANIFEST_NAME)], sources, missing)
+    compression = compressions.pop() if len(compressions) == 1 else ("mixed" if compressions else "none")
+    return Layout(root, method, compression, None, [os.path.join(root, MANIFEST)], sources, missing)
 
 
 def scan_layout(layout: Layout, want: Want, errors: list) -> Iterator[FileEntry]:

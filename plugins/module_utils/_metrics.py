@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 
-from ._catalog import read_catalog
 from ._files import write_file_atomically
 
 PREFIX = "pgops_backup"
@@ -79,7 +78,7 @@ def render(entries: list, repository: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(path: str, repository: str) -> None:
-    """Write the metrics file atomically; readable by all (a collector runs as
-    another user), it holds no secret: sizes, times and counts."""
-    write_file_atomically(path, render(read_catalog(repository, size=False), repository).encode(), 0o644)
+def publish(path: str, entries: list, repository: str) -> None:
+    """Write the metrics file for the catalog entries atomically; readable by all
+    (a collector runs as another user), it holds no secret: sizes, times and counts."""
+    write_file_atomically(path, render(entries, repository).encode(), 0o644)

@@ -1,8 +1,10 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""One PostgreSQL connection layer for every module of the collection.
+"""One PostgreSQL connection layer for every module of the collection, and
+the collection's base exception class.
 
-Option names follow community.postgresql so users feel at home.
+The only importer of psycopg2. Option names follow community.postgresql so
+users feel at home.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ except ImportError:  # pragma: no cover - depends on the managed node
     HAS_PSYCOPG2 = False
     PSYCOPG2_IMP_ERR = traceback.format_exc()
 
-from ansible.module_utils.basic import missing_required_lib
+
+class PgopsError(Exception):
+    """Base class of every error this collection's module_utils raise: a
+    module catches it once and fails with its message, which says what is
+    wrong and how to fix it."""
+
 
 # Kept alive over long copies: the keeper's session must survive idle minutes.
 TCP_KEEPALIVES = {
@@ -90,6 +97,9 @@ def cluster_key(params: dict) -> str:
 
 def ensure_driver(module) -> None:
     if not HAS_PSYCOPG2:
+        # Imported here: tools without Ansible (the WAL archive command) use this file too.
+        from ansible.module_utils.basic import missing_required_lib
+
         module.fail_json(
             msg=missing_required_lib(
                 "psycopg2",
@@ -143,20 +153,52 @@ def query_dicts(conn, sql: str, args=None) -> list:
 def parse_conninfo(text: str) -> dict:
     """Parse a libpq connection string (key=value pairs or a postgresql:// URI).
 
-    Our own parser: the node's libpq may be older than the server and reject
-    keywords it does not know (e.g. sslnegotiation, written by pg_basebackup 17).
+    libpq's own parser first; ours only when the node's libpq is older than
+    the server and rejects a keyword it does not know (e.g. sslnegotiation,
+    written by pg_basebackup 17). Several hosts come back as libpq takes
+    them: host=h1,h2 port=5432,5433.
     """
     text = (text or "").strip()
+    if HAS_PSYCOPG2:
+        try:
+            return dict(psycopg2.extensions.parse_dsn(text))
+        except psycopg2.ProgrammingError:
+            pass
     if text.startswith(("postgresql://", "postgres://")):
-        u = urlsplit(text)
-        out = dict(parse_qsl(u.query))
-        if u.hostname:
-            out.setdefault("host", unquote(u.hostname))
-        if u.port:
-            out.setdefault("port", str(u.port))
-        if u.username:
-            out.setdefault("user", unquote(u.username))
-        return out
+        return _parse_uri(text)
+    return _parse_pairs(text)
+
+
+def _parse_uri(text: str) -> dict:
+    u = urlsplit(text)
+    out = dict(parse_qsl(u.query))
+    # urlsplit's hostname/port cannot read a host list (h1:5432,h2:5433): split it ourselves.
+    userinfo, _at, hostlist = u.netloc.rpartition("@")
+    if userinfo:
+        user, _colon, password = userinfo.partition(":")
+        out.setdefault("user", unquote(user))
+        if password:
+            out.setdefault("password", unquote(password))
+    hosts, ports = [], []
+    for part in hostlist.split(","):
+        if part.startswith("["):  # [::1]:5432
+            host, _bracket, rest = part[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _colon, port = part.partition(":")
+        hosts.append(unquote(host))
+        ports.append(port)
+    if any(hosts):
+        out.setdefault("host", ",".join(hosts))
+    if any(ports):
+        out.setdefault("port", ",".join(ports))
+    dbname = unquote(u.path.lstrip("/"))
+    if dbname:
+        out.setdefault("dbname", dbname)
+    return out
+
+
+def _parse_pairs(text: str) -> dict:
     out = {}
     i, n = 0, len(text)
     while i < n:

@@ -138,7 +138,7 @@ def archiver_problem(facts: dict) -> dict | None:
             "check the server log and how long archive_command takes per segment, and the backlog of .ready files "
             "in pg_wal/archive_status; if archiving is only slow, raise prove_timeout",
         )
-    if _failing(row):
+    if archiver_failing(row):
         return make_problem(
             "archiver_failing",
             f"the WAL archiver is failing: its last attempt, for {row.get('last_failed_wal')}, failed at "
@@ -157,7 +157,7 @@ def _when(value):
         return value
 
 
-def _failing(row: dict) -> bool:
+def archiver_failing(row: dict) -> bool:
     """The archiver's last attempt failed: a failure newer than the last success."""
     failed = row.get("last_failed_time")
     if not failed:

@@ -1,39 +1,54 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The backup repository on disk: backup ids, backup.json, the per-cluster
-lock and retention. The layout is a documented contract (README, DESIGN)."""
+"""The backup repository: the per-cluster lock, the catalog (every backup's
+backup.json), one backup's record from running to complete or failed, and
+retention. File names and backup.json itself belong to _layout.
+
+Only a backup whose backup.json says status "complete" is ever trusted.
+"""
 
 from __future__ import annotations
 
 import datetime
-import fcntl
 import os
 import re
 import shutil
 import socket
 import time
 
-from ._catalog import CatalogError
 from ._files import ensure_private_dir, read_json, resolves_inside, write_json
+from ._keeper import liveness
+from ._layout import (
+    BACKUP_JSON,
+    COLLECTION_VERSION,
+    COPY_ENTRIES,
+    LOCK_DIR,
+    SCHEMA,
+    backup_dir,
+    disk_usage,
+    new_backup_id,
+    read_backup,
+    update_backup,
+    valid_backup_id,
+    write_backup,
+)
+from ._manifest import write_backup_manifest
 from ._metrics import publish
+from ._postgres import PgopsError
 
-SCHEMA = 1
-COLLECTION_VERSION = "0.1.0"
-BACKUP_JSON = "backup.json"
-LOCK_DIR = ".locks"
-_ID_RE = re.compile(r"^\d{8}T\d{6}Z(-\d{2})?$")
+INVALID = "invalid"  # a backup.json that cannot be read as a JSON object
+# A lock no session has claimed yet (the run is between the record and the start)
+# or whose session this process cannot see is trusted this long after its last sign of life.
+DEFAULT_GRACE = 120
+REMOTE_TRUST = 86400
 
 
-class RepositoryError(Exception):
+class RepositoryError(PgopsError):
     pass
 
 
 def utcnow() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def valid_backup_id(bid: str) -> bool:
-    return bool(bid) and bool(_ID_RE.match(bid))
 
 
 def validate_repository(path: str, forbidden_roots: list) -> str | None:
@@ -46,18 +61,22 @@ def validate_repository(path: str, forbidden_roots: list) -> str | None:
     return None
 
 
-def create_backup_dir(repository: str) -> tuple:
-    """A new, unique, sortable backup directory (0700)."""
-    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for n in range(100):
-        bid = base if n == 0 else f"{base}-{n:02d}"
-        path = os.path.join(repository, bid)
+def ensure_repository(path: str) -> None:
+    """Create the repository itself (0700) but never a missing parent: that is a typo until proven otherwise."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    if not os.path.isdir(path):
+        if not os.path.isdir(parent):
+            raise RepositoryError(
+                f"the parent directory {parent} of repository {path} does not exist: check the path for a typo, or "
+                "create the parent first (only the repository itself is created)"
+            )
         try:
             os.mkdir(path, 0o700)
-            return bid, path
         except FileExistsError:
-            continue
-    raise RepositoryError(f"cannot create a unique backup directory in {repository}")
+            pass
+
+
+# -- the lock
 
 
 def lock_path(repository: str, cluster: str) -> str:
@@ -65,67 +84,60 @@ def lock_path(repository: str, cluster: str) -> str:
     return os.path.join(repository, LOCK_DIR, f"{safe}.lock")
 
 
-def _lock_holder_alive(path: str) -> bool:
-    """Whether some process (the backup's session keeper) holds a flock on the lock file."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the flock we may have taken
-    return False
-
-
-def _last_touched(backup_dir: str) -> float:
-    """Newest mtime in the backup's directory (its files are written as the run goes)."""
+def _last_touched(path: str) -> float:
+    """Newest mtime in a backup's directory (its files are written as the run goes)."""
     newest = 0.0
     try:
-        with os.scandir(backup_dir) as it:
+        newest = os.stat(path).st_mtime
+        with os.scandir(path) as it:
             for entry in it:
                 try:
                     newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
                 except OSError:
                     continue
-        newest = max(newest, os.stat(backup_dir).st_mtime)
     except OSError:
         pass
     return newest
 
 
-def _lock_is_stale(repository: str, path: str, lock: dict, grace: float) -> str | None:
-    """Why an existing lock no longer protects a running backup (None if it does)."""
+def lock_holder(repository: str, path: str, lock: dict, grace: float, now: float | None = None) -> tuple:
+    """(live, why) of the run that holds an existing lock.
+
+    The holder is the backup's session (its keeper, then its archive wait):
+    gone means the lock is free at once. Only a lock whose session has not
+    started yet, or that this process cannot see (another host, another user),
+    is trusted for a while by its last sign of life."""
+    now = time.time() if now is None else now
     bid = lock.get("backup_id")
-    info = read_json(os.path.join(repository, bid, BACKUP_JSON)) if bid and valid_backup_id(bid) else None
+    info = read_backup(os.path.join(repository, bid)) if valid_backup_id(bid) else None
     if info is not None and info.get("status") in ("complete", "failed"):
-        return f"its backup {bid} is {info['status']}"
-    if lock.get("keeper_local", True) and lock.get("host") == socket.gethostname() and _lock_holder_alive(path):
-        return None
-    now = time.time()
+        return False, f"its backup {bid} is {info['status']}"
     try:
         age = now - os.stat(path).st_mtime
     except OSError:
-        return "it is gone"
-    if not lock.get("keeper_local", True) or lock.get("host") != socket.gethostname():
-        # A keeper on another host cannot be seen from here: trust the lock for a day.
-        return f"it is {int(age)}s old" if age > 86400 else None
-    # Just taken (the keeper starts next) or just stopped (the manifest is being written).
-    if age <= grace or (bid and valid_backup_id(bid) and now - _last_touched(os.path.join(repository, bid)) <= grace):
-        return None
-    return f"no session keeper holds it and backup {bid} has not been touched for {int(age)}s"
+        return False, "it is gone"
+    session = lock.get("session") or {}
+    if lock.get("host") != socket.gethostname() or not session.get("runtime_dir"):
+        # The session is on another host (a repository host's lock): nothing here can see it.
+        return (age <= REMOTE_TRUST), f"its session is on another host; the lock was taken {int(age)}s ago"
+    live, why = liveness(session["runtime_dir"], session["id"], grace, now)
+    if live is not None:
+        return live, why
+    touched = _last_touched(os.path.join(repository, bid)) if valid_backup_id(bid) else 0.0
+    quiet = now - max(touched, now - age)
+    if quiet <= grace:
+        return True, f"its run started {int(age)}s ago and its session has not started yet"
+    return False, f"no session holds it and backup {bid} has not been touched for {int(quiet)}s"
 
 
-def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 120, keeper_local: bool = True) -> tuple:
+def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float, session: dict | None) -> tuple:
     """Take the cluster's lock in this repository; (path, note about a broken stale lock).
 
     The lock is written in full to a temporary name and linked into place, so
     nobody ever reads a half-written lock."""
     ensure_private_dir(os.path.join(repository, LOCK_DIR))
     path = lock_path(repository, cluster)
-    content = {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "keeper_local": keeper_local}
+    content = {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "session": session or {}}
     tmp = f"{path}.{backup_id}.{os.getpid()}"
     write_json(tmp, content)
     note = None
@@ -136,17 +148,17 @@ def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 1
                 return path, note
             except FileExistsError:
                 lock = read_json(path) or {}
-                why = _lock_is_stale(repository, path, lock, grace)
-                if why is None:
+                live, why = lock_holder(repository, path, lock, grace)
+                if live:
                     raise RepositoryError(
                         f"another backup of this cluster into {repository} is running: backup {lock.get('backup_id')} "
-                        f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path}. Wait for it to "
-                        "finish; if its run was interrupted, its session keeper still holds the backup: end it with "
-                        "pgops.online_backup.pg_backup_session state=aborted (state=status lists the sessions)"
+                        f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path} ({why}). Wait "
+                        "for it to finish, or end it: pgops.online_backup.pg_backup_session_info lists the sessions "
+                        f"and pg_backup_session state=aborted session_id={(lock.get('session') or {}).get('id')} ends it"
                     ) from None
                 note = f"removed a stale lock {path} ({why})"
                 dead = lock.get("backup_id")
-                if dead and valid_backup_id(dead):
+                if valid_backup_id(dead):
                     _mark_dead_run_failed(repository, dead, why)
                 try:
                     os.unlink(path)
@@ -159,10 +171,11 @@ def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float = 1
 
 def _mark_dead_run_failed(repository: str, backup_id: str, why: str) -> None:
     """A run that died holding the lock left a backup marked running: say what happened."""
-    info = read_json(os.path.join(repository, backup_id, BACKUP_JSON))
+    path = os.path.join(repository, backup_id)
+    info = read_backup(path)
     if info is not None and info.get("status") == "running":
         info.update(status="failed", failed_at=utcnow(), error=f"the run died before finishing ({why})")
-        write_json(os.path.join(repository, backup_id, BACKUP_JSON), info)
+        write_backup(path, info)
 
 
 def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
@@ -175,80 +188,188 @@ def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
     return False
 
 
-def backup_json_path(repository: str, backup_id: str) -> str:
-    if not valid_backup_id(backup_id):
-        raise RepositoryError(f"invalid backup id {backup_id!r}")
-    return os.path.join(repository, backup_id, BACKUP_JSON)
+# -- the catalog
 
 
-def update_backup(repository: str, backup_id: str, **fields) -> dict:
-    path = backup_json_path(repository, backup_id)
-    info = read_json(path)
-    if info is None:
-        raise RepositoryError(f"no backup {backup_id} in {repository}")
-    info.update(fields)
-    write_json(path, info)
-    return info
+def read_entry(path: str, size: bool = False) -> dict | None:
+    """The catalog entry of one backup directory, or None when it has no backup.json."""
+    if not os.path.isfile(os.path.join(path, BACKUP_JSON)):
+        return None
+    doc = read_backup(path)
+    name = os.path.basename(path.rstrip("/"))
+    if doc is None:
+        # Listed so that a damaged catalog is seen, but never trusted.
+        entry = {"id": name, "status": INVALID, "error": f"{os.path.join(path, BACKUP_JSON)} is not a JSON object"}
+    else:
+        entry = dict(doc)
+        entry.setdefault("id", name)
+    entry["path"] = path
+    if size:
+        entry["size_on_disk"] = disk_usage(path)
+    return entry
 
 
-def remove_payload(backup_dir: str) -> list:
-    """Delete a failed backup's data, keep backup.json to say what happened."""
-    removed = []
-    for name in os.listdir(backup_dir):
-        if name == BACKUP_JSON:
-            continue
-        path = os.path.join(backup_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-        removed.append(name)
-    return removed
-
-
-def dir_size(path: str) -> int:
-    total = 0
-    for dirpath, _dirnames, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def retention(repository: str, keep: int, system_identifier: str) -> list:
-    """Keep the newest `keep` complete backups of this cluster; remove older
-    complete ones and failed ones older than the oldest kept. Never touches a
-    running backup or another cluster's."""
-    if keep <= 0:
-        return []
-    if not system_identifier:
-        raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
+def read_catalog(repository: str, size: bool = False) -> list:
+    """Every backup of the repository, newest first (ids sort by time, e.g. 20261129T101500Z)."""
+    if not os.path.isdir(repository):
+        raise RepositoryError(f"repository {repository} does not exist or is not a directory")
     entries = []
-    for name in sorted(os.listdir(repository), reverse=True):
-        if not valid_backup_id(name):
-            continue
-        info = read_json(os.path.join(repository, name, BACKUP_JSON))
-        if info is None or info.get("system_identifier") != system_identifier:
-            continue
-        entries.append((name, info.get("status")))
-    complete = [n for n, s in entries if s == "complete"]
-    if len(complete) <= keep:
-        return []
-    oldest_kept = complete[keep - 1]
-    doomed = [n for n, s in entries if n < oldest_kept and s in ("complete", "failed")]
-    for name in doomed:
-        shutil.rmtree(os.path.join(repository, name), ignore_errors=True)
-    return doomed
+    for name in os.listdir(repository):
+        path = os.path.join(repository, name)
+        if name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
+            continue  # lock files, temporary directories, links to elsewhere
+        entry = read_entry(path, size=size)
+        if entry is not None:
+            entries.append(entry)
+    return sort_newest_first(entries)
 
 
-# Set by this module's callers alone (_record, pg_backup_catalog): a caller's fields never override them.
-RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest")
+def sort_newest_first(entries: list) -> list:
+    return sorted(entries, key=lambda e: str(e.get("id")), reverse=True)
+
+
+def is_complete(entry: dict) -> bool:
+    return entry.get("status") == "complete"
+
+
+def latest(entries: list) -> dict | None:
+    """The newest complete backup; running, failed and unreadable ones never count."""
+    for entry in sort_newest_first(entries):
+        if is_complete(entry):
+            return entry
+    return None
+
+
+def select(entries: list, wanted: str) -> dict:
+    """The backup named by wanted ("latest" or an id); raises RepositoryError with the reason."""
+    if wanted == "latest":
+        found = latest(entries)
+        if found is None:
+            states = ", ".join(f"{e['id']} ({e.get('status')})" for e in entries[:5]) or "none"
+            raise RepositoryError(f"no complete backup in the repository (newest backups: {states})")
+        return found
+    for entry in entries:
+        if str(entry.get("id")) == wanted:
+            if not is_complete(entry):
+                raise RepositoryError(f"backup {wanted} is not complete (status: {entry.get('status')}); it cannot be trusted")
+            return entry
+    ids = ", ".join(str(e["id"]) for e in entries[:5]) or "none"
+    raise RepositoryError(f"backup {wanted} not found in the repository (newest: {ids})")
+
+
+def filter_status(entries: list, statuses) -> list:
+    if not statuses:
+        return list(entries)
+    return [e for e in entries if e.get("status") in statuses]
+
+
+# -- one backup's record
+
+
+# Set by this file alone: a caller's fields never override them.
+RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest", "size_on_disk")
 
 
 def caller_fields(fields: dict | None) -> dict:
     return {k: v for k, v in (fields or {}).items() if k not in RESERVED}
+
+
+def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, session_runtime_dir: str | None, warn) -> dict:
+    """A new backup directory, the cluster's lock, backup.json "running".
+
+    session_runtime_dir: where the run starts this backup's session (its id is
+    the backup's id), so that the lock is free the moment that session is gone."""
+    ensure_repository(repository)
+    bid, path = new_backup_id(repository)
+    session = {"id": bid, "runtime_dir": session_runtime_dir} if session_runtime_dir else None
+    try:
+        lock, note = acquire_lock(repository, cluster, bid, lock_grace, session)
+    except BaseException:
+        os.rmdir(path)  # a refused run leaves nothing behind
+        raise
+    if note:
+        warn(note)
+    info = {
+        "schema": SCHEMA,
+        "id": bid,
+        "status": "running",
+        "host": socket.gethostname(),
+        "collection_version": COLLECTION_VERSION,
+        "created_at": utcnow(),
+        "system_identifier": cluster,
+    }
+    info.update(caller_fields(fields))
+    try:
+        write_backup(path, info)
+    except BaseException:
+        release_lock(repository, cluster, bid)
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return {"backup_id": bid, "path": path, "lock": lock, "backup": info}
+
+
+def complete_backup(
+    repository: str,
+    backup_id: str,
+    cluster: str,
+    fields: dict,
+    manifest_checksum,
+    keep: int,
+    warn,
+    metrics_file: str | None = None,
+) -> dict:
+    """Record fields, write the manifest (when manifest_checksum), mark the backup
+    complete, then release the lock and apply retention."""
+    path = backup_dir(repository, backup_id)
+    info = read_backup(path)
+    if info is None:
+        raise RepositoryError(f"no backup {backup_id} in {repository}")
+    if info.get("status") != "running":
+        raise RepositoryError(f"backup {backup_id} is {info.get('status')}, not running: it cannot be marked complete")
+    info = update_backup(path, **caller_fields(fields))
+    manifest = None
+    if manifest_checksum:
+        manifest = write_backup_manifest(path, info, manifest_checksum, os.path.join(path, COPY_ENTRIES))
+    info = update_backup(path, status="complete", completed_at=utcnow(), size_on_disk=disk_usage(path), manifest=manifest)
+    # The backup is complete now: housekeeping problems are warnings, never a
+    # failure that would make the caller's rescue discard a good backup.
+    released, removed = False, []
+    try:
+        released = release_lock(repository, cluster, backup_id)
+    except OSError as e:
+        warn(f"backup {backup_id} is complete but its lock could not be released: {e}")
+    try:
+        removed = retention(repository, keep, info.get("system_identifier"))
+    except (OSError, RepositoryError) as e:
+        warn(f"backup {backup_id} is complete but retention failed: {e}")
+    if metrics_file:
+        try:
+            publish(metrics_file, read_catalog(repository), repository)
+        except (OSError, PgopsError) as e:
+            warn(f"backup {backup_id} is complete but the metrics file {metrics_file} could not be written: {e}")
+    return {
+        "backup_id": backup_id,
+        "path": path,
+        "backup": info,
+        "removed": removed,
+        "lock_released": released,
+        "manifest": manifest,
+    }
+
+
+def remove_payload(path: str) -> list:
+    """Delete a failed backup's data, keep backup.json to say what happened."""
+    removed = []
+    for name in os.listdir(path):
+        if name == BACKUP_JSON:
+            continue
+        target = os.path.join(path, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            os.unlink(target)
+        removed.append(name)
+    return removed
 
 
 def fail_backup(
@@ -261,17 +382,45 @@ def fail_backup(
     metrics_file: str | None = None,
 ) -> dict:
     """Never leave anything that looks usable, and never touch a complete backup."""
-    path = os.path.dirname(backup_json_path(repository, backup_id))
-    current = read_json(backup_json_path(repository, backup_id)) or {}
+    path = backup_dir(repository, backup_id)
+    current = read_backup(path)
+    if current is None:
+        raise RepositoryError(f"no backup {backup_id} in {repository}")
     if current.get("status") == "complete":
         raise RepositoryError(f"backup {backup_id} is complete: refusing to mark it failed")
-    info = update_backup(repository, backup_id, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
+    info = update_backup(path, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
     removed = [] if keep_files else remove_payload(path)
     released = release_lock(repository, cluster, backup_id)
     out = {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}
     if metrics_file:
         try:
-            publish(metrics_file, repository)
-        except (OSError, CatalogError) as e:
+            publish(metrics_file, read_catalog(repository), repository)
+        except (OSError, PgopsError) as e:
             out["metrics_error"] = f"the metrics file {metrics_file} could not be written: {e}"
     return out
+
+
+# -- retention
+
+
+def retention(repository: str, keep: int, system_identifier: str) -> list:
+    """Keep the newest `keep` complete backups of this cluster; remove older
+    complete ones and failed ones older than the oldest kept. Never touches a
+    running backup or another cluster's."""
+    if keep <= 0:
+        return []
+    if not system_identifier:
+        raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
+    entries = [
+        (e["id"], e.get("status"))
+        for e in read_catalog(repository)
+        if valid_backup_id(e["id"]) and e.get("system_identifier") == system_identifier
+    ]
+    complete = [n for n, s in entries if s == "complete"]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1]
+    doomed = [n for n, s in entries if n < oldest_kept and s in ("complete", "failed")]
+    for name in doomed:
+        shutil.rmtree(os.path.join(repository, name), ignore_errors=True)
+    return doomed

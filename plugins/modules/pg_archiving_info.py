@@ -6,7 +6,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: pg_archiving_info
-short_description: Check that WAL archiving works before an online backup, and report why not
+short_description: Read what WAL archiving and an online backup depend on, and report what stands in the way
 version_added: 0.1.0
 description:
   - Gathers what an online backup depends on (version, C(wal_level), C(archive_mode), C(archive_command) or
@@ -14,14 +14,10 @@ description:
     tablespaces, database size, privileges) and returns it together with a list of RV(problems).
   - Each problem has a stable C(code), a message a DBA understands and a hint with the fix (the setting to change
     and whether a reload or a restart is needed, or the exact C(GRANT) to run).
-  - With O(prove=true) (the default) on a primary it also proves that archiving works. It writes a little WAL
-    (a non-transactional logical message, no objects are created), switches to a new WAL segment with
-    C(pg_switch_wal) and waits at most O(prove_timeout) seconds until that segment is archived. A failure the
-    archiver reports for it ends the wait at once.
-  - On a standby, which cannot switch WAL, the proof is replaced by the settings checks
-    (C(archive_mode=always) is needed for a standby to archive).
-  - Nothing else is changed, and a backup is never started. Run it before
-    P(pgops.online_backup.pg_backup_session#module) so a broken archive stops the run before backup mode is entered.
+  - Strictly read-only, as every C(_info) module: it never switches WAL and never reports a change. To prove that a
+    finished segment really gets archived, use M(pgops.online_backup.pg_archiving_check), which switches WAL.
+  - Run it before P(pgops.online_backup.pg_backup_session#module) so a broken archive stops the run before backup
+    mode is entered.
 extends_documentation_fragment:
   - pgops.online_backup.connection
   - pgops.online_backup.attributes
@@ -30,25 +26,12 @@ author:
 attributes:
   check_mode:
     support: full
-    details: Everything runs except the proof, which is reported as skipped because it switches WAL.
+    details: Read-only; runs the same in check mode.
   diff_mode:
     support: none
   idempotent:
-    support: partial
-    details: Read-only except for the WAL switch of the proof, which is reported as a change.
+    support: full
 options:
-  prove:
-    description:
-      - Prove that archiving works by switching WAL and waiting until the finished segment is archived.
-      - Needs C(EXECUTE) on C(pg_switch_wal) (superusers have it). Skipped on a standby, in check mode, and when
-        the settings already show that archiving cannot work.
-    type: bool
-    default: true
-  prove_timeout:
-    description:
-      - Seconds to wait for the proof segment to be archived.
-    type: float
-    default: 60
   require_privileges:
     description:
       - Report V(missing_backup_privilege) when O(login_user) may not run the backup start and stop functions.
@@ -82,6 +65,7 @@ notes:
   - The O(destination) checks compare paths of the managed node with the server's; run the module on the database host.
   - Tested against PostgreSQL 13, 15 and 18 (primary and streaming standby).
 seealso:
+  - module: pgops.online_backup.pg_archiving_check
   - name: Continuous archiving and point-in-time recovery
     description: PostgreSQL documentation.
     link: https://www.postgresql.org/docs/current/continuous-archiving.html
@@ -89,19 +73,17 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Prove that WAL archiving works, stop here when it does not
+- name: Stop here when WAL archiving is not set up
   pgops.online_backup.pg_archiving_info:
     login_unix_socket: /var/run/postgresql
-    prove_timeout: 120
     destination: /var/backups/postgresql
     fail_on_problems: true
 
-- name: Check a standby and a dedicated backup role over TCP without switching WAL
+- name: Check a standby and a dedicated backup role over TCP
   pgops.online_backup.pg_archiving_info:
     login_host: 127.0.0.1
     login_user: backup
     login_password: "{{ vault_backup_password }}"
-    prove: false
   register: archiving
 
 - name: Show what to fix
@@ -175,7 +157,7 @@ full_page_writes:
   returned: always
   type: bool
 archiver:
-  description: The C(pg_stat_archiver) row (after the proof, when one ran).
+  description: The C(pg_stat_archiver) row.
   returned: always
   type: dict
   sample:
@@ -243,37 +225,10 @@ wal_segment_size:
   type: int
   sample: 16777216
 proof:
-  description: The active proof.
+  description: Always C(performed=false) here, with the C(skipped_reason); M(pgops.online_backup.pg_archiving_check)
+    returns the same fields with the proof's outcome.
   returned: always
   type: dict
-  contains:
-    performed:
-      description: Whether the proof ran.
-      type: bool
-    skipped_reason:
-      description: Why it did not run; null when it did.
-      type: str
-    wal:
-      description: The WAL segment that was switched and waited for.
-      type: str
-    lsn:
-      description: Location returned by C(pg_switch_wal).
-      type: str
-    switched:
-      description: Whether a WAL switch happened (this is what C(changed) reports).
-      type: bool
-    seconds:
-      description: Seconds from the switch to the outcome.
-      type: float
-    timeout:
-      description: The O(prove_timeout) used.
-      type: float
-    archived:
-      description: Whether the segment was archived in time; null when the proof did not run.
-      type: bool
-    outcome:
-      description: V(archived), V(failed) (the archiver reported a failure) or V(timeout); null when skipped.
-      type: str
 destination:
   description: What was found about O(destination) (resolved path, free and required bytes).
   returned: when O(destination) is set
@@ -282,44 +237,12 @@ destination:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._inspect import inspect_for_module
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
-    cluster_key,
-    postgres_common_argument_spec,
-)
-from ansible_collections.pgops.online_backup.plugins.module_utils._preflight import format_problems
+from ansible_collections.pgops.online_backup.plugins.module_utils._archiving import archiving_argument_spec, report_facts
 
 
 def main():
-    argument_spec = postgres_common_argument_spec()
-    argument_spec.update(
-        prove=dict(type="bool", default=True),
-        prove_timeout=dict(type="float", default=60),
-        require_privileges=dict(type="bool", default=True),
-        fail_on_problems=dict(type="bool", default=False),
-        destination=dict(type="path"),
-        space_margin=dict(type="float", default=1.1),
-    )
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    p = module.params
-    facts = inspect_for_module(module, p["destination"], "pgops.online_backup pg_archiving_info")
-    problems = facts["problems"]
-    changed = facts["proof"]["switched"]
-    where = cluster_key(p)
-    if problems and p["fail_on_problems"]:
-        module.fail_json(
-            msg=f"{len(problems)} problem(s) on {where}, no backup was started:\n{format_problems(problems)}",
-            changed=changed,
-            **facts,
-        )
-    proof = facts["proof"]
-    if problems:
-        msg = f"{len(problems)} problem(s) on {where}: {', '.join(pr['code'] for pr in problems)}"
-    elif proof["performed"]:
-        msg = f"WAL archiving works on {where}: segment {proof['wal']} archived {proof['seconds']}s after the switch"
-    else:
-        msg = f"no problems found on {where} (proof skipped: {proof['skipped_reason']})"
-    module.exit_json(changed=changed, msg=msg, **facts)
+    module = AnsibleModule(argument_spec=archiving_argument_spec(), supports_check_mode=True)
+    report_facts(module, prove_wanted=False)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ module: pg_backup_catalog
 short_description: Record a backup's life in the repository (backup.json, lock, retention)
 version_added: 0.1.0
 description:
-  - Creates a backup's directory and C(backup.json) with C(status=running) while holding the cluster's lock
-    in the repository, records the running session, marks the backup C(complete) (and only then applies
-    retention) or C(failed) (removing its partial data), and releases the lock.
+  - The life of one backup's record in a repository on the host it runs on. V(running) creates the backup's directory
+    and C(backup.json) with C(status=running) while taking the cluster's lock; V(complete) writes C(backup_manifest),
+    marks the backup complete, releases the lock, then applies retention and writes the metrics file; V(failed)
+    records the error, removes the partial data and releases the lock.
+  - A lock whose holder is gone is taken over at once (its backup is marked failed, with a warning): the holder is
+    the backup's session (M(pgops.online_backup.pg_backup_session) started with O(pgops.online_backup.pg_backup_session#module:session_id)
+    set to the backup's id, see O(session_runtime_dir)) while it starts, runs and waits for the archive.
   - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
@@ -32,12 +36,12 @@ options:
     required: true
   state:
     description:
-      - V(running) creates the backup directory and C(backup.json), and takes the lock.
-      - V(updated) merges O(fields) into C(backup.json).
+      - V(running) creates the backup directory and C(backup.json), and takes the lock. Only the repository directory
+        itself is created (mode 0700), never a missing parent.
       - V(complete) merges O(fields), sets C(status=complete), releases the lock, applies O(keep).
       - V(failed) records O(error), removes the partial data (unless O(keep_failed_files)), releases the lock.
     type: str
-    choices: [running, updated, complete, failed]
+    choices: [running, complete, failed]
     required: true
   backup_id:
     description: The backup (required except for O(state=running)).
@@ -57,10 +61,25 @@ options:
     default: []
   lock_grace:
     description:
-      - Seconds a lock counts as taken while no session keeper holds it yet (the start of the backup follows the lock).
-        After that, a lock whose backup has no living keeper on this host is stale and is replaced, with a warning.
+      - Seconds a lock counts as taken while its session has not started yet (the run is between this task and the
+        start) or cannot be seen from here, counted from the lock's or the backup's last change. A lock whose session
+        has ended is free at once.
     type: float
     default: 120
+  session_local:
+    description:
+      - With O(state=running), the run starts this backup's session on this host as this OS user, with
+        O(pgops.online_backup.pg_backup_session#module:session_id) set to RV(backup_id). The lock names that session,
+        so a later run can tell at once whether the backup is still alive.
+      - V(false) (a session on another host, as with a repository host): a lock is trusted for a day unless its backup
+        is complete or failed.
+    type: bool
+    default: false
+  session_runtime_dir:
+    description:
+      - The O(pgops.online_backup.pg_backup_session#module:runtime_dir) of that session, when not the default.
+      - Implies O(session_local).
+    type: path
   manifest_checksum:
     description:
       - With O(state=complete), first write C(backup_manifest) (PostgreSQL's format) with this checksum algorithm,
@@ -70,12 +89,6 @@ options:
       - Unset writes no manifest. A manifest that cannot be written fails the task and the backup is not marked complete.
     type: str
     choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
-  keeper_local:
-    description:
-      - With O(state=running), whether the backup's session keeper runs on this host and holds the lock's flock (a
-        repository on the database host). A lock of a remote keeper is trusted for a day.
-    type: bool
-    default: true
   keep:
     description: With O(state=complete), how many complete backups of this cluster to keep (0 keeps all).
     type: int
@@ -132,76 +145,69 @@ removed:
   elements: str
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import UnsafePathError
-from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import LayoutError, ManifestError
-from ansible_collections.pgops.online_backup.plugins.module_utils._record import complete_backup, open_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
-    RepositoryError,
-    backup_json_path,
-    caller_fields,
+    complete_backup,
     fail_backup,
-    update_backup,
+    open_backup,
     validate_repository,
 )
+
+CHECKSUMS = ["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             repository=dict(type="path", required=True),
-            state=dict(type="str", required=True, choices=["running", "updated", "complete", "failed"]),
+            state=dict(type="str", required=True, choices=["running", "complete", "failed"]),
             backup_id=dict(type="str"),
             cluster=dict(type="str", required=True),
             fields=dict(type="dict", default={}),
             forbidden_roots=dict(type="list", elements="path", default=[]),
             lock_grace=dict(type="float", default=120),
-            keeper_local=dict(type="bool", default=True),
+            session_local=dict(type="bool", default=False),
+            session_runtime_dir=dict(type="path"),
             keep=dict(type="int", default=0),
-            manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+            manifest_checksum=dict(type="str", choices=CHECKSUMS),
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
             metrics_file=dict(type="path"),
         ),
-        required_if=[
-            ("state", "updated", ["backup_id"]),
-            ("state", "complete", ["backup_id"]),
-            ("state", "failed", ["backup_id"]),
-        ],
+        required_if=[("state", "complete", ["backup_id"]), ("state", "failed", ["backup_id"])],
         supports_check_mode=True,
     )
     p = module.params
-    repo, state = p["repository"], p["state"]
+    repo, state, bid = p["repository"], p["state"], p["backup_id"]
     problem = validate_repository(repo, p["forbidden_roots"])
     if problem:
         module.fail_json(msg=problem)
+    if bid is not None and not valid_backup_id(bid):
+        module.fail_json(msg=f"invalid backup_id {bid!r}: expected the form 20261129T101500Z")
+    if p["keep"] < 0:
+        module.fail_json(msg=f"keep must be 0 (keep all) or more, got {p['keep']}")
     if module.check_mode:
-        module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=p["backup_id"], path=None)
+        module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=bid, path=None)
     try:
         if state == "running":
-            out = open_backup(repo, p["cluster"], p["fields"], p["lock_grace"], p["keeper_local"], module.warn)
-            module.exit_json(changed=True, **out)
-        bid = p["backup_id"]
-        if state == "updated":
-            info = update_backup(repo, bid, **caller_fields(p["fields"]))
-            module.exit_json(changed=True, backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)), backup=info)
+            runtime_dir = p["session_runtime_dir"] or (default_runtime_dir() if p["session_local"] else None)
+            out = open_backup(repo, p["cluster"], p["fields"], p["lock_grace"], runtime_dir, module.warn)
+            module.exit_json(changed=True, msg=f"backup {out['backup_id']} is running in {out['path']}", **out)
         if state == "complete":
             out = complete_backup(
                 repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn, p["metrics_file"]
             )
-            module.exit_json(changed=True, **out)
-        try:
-            out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"], p["metrics_file"])
-        except RepositoryError as e:
-            module.fail_json(msg=str(e), backup_id=bid, path=os.path.dirname(backup_json_path(repo, bid)))
+            module.exit_json(changed=True, msg=f"backup {bid} is complete", **out)
+        out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"], p["metrics_file"])
         if out.get("metrics_error"):
             module.warn(out["metrics_error"])
-        module.exit_json(changed=True, **out)
-    except (RepositoryError, UnsafePathError, ManifestError, LayoutError, ValueError, OSError) as e:
-        module.fail_json(msg=str(e))
+        module.exit_json(changed=True, msg=f"backup {bid} is marked failed", **out)
+    except (PgopsError, OSError) as e:
+        module.fail_json(msg=str(e), backup_id=bid)
 
 
 if __name__ == "__main__":

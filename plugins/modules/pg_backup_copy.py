@@ -96,7 +96,9 @@ options:
     default: []
   session_id:
     description:
-      - The M(pgops.online_backup.pg_backup_session) whose lease this copy renews while it runs (same host and OS user).
+      - The M(pgops.online_backup.pg_backup_session) this copy belongs to (same host and OS user). The copy renews the
+        keeper's lease every few seconds while it runs, and stops within seconds, failing, when the backup's session
+        has ended (aborted, lost with a restarted server, expired): a copy the server no longer backs up is useless.
     type: str
   runtime_dir:
     description: The keepers' directory, when not the default of M(pgops.online_backup.pg_backup_session).
@@ -155,13 +157,13 @@ crc32c_implementation:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import CopyError, check_copy, plan_copy, run_copy
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
-    KeeperError,
     LeaseRenewer,
     default_runtime_dir,
     session_dir,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 
 
 def main():
@@ -191,7 +193,7 @@ def main():
         module.fail_json(msg=problem)
     try:
         plan = plan_copy(p)
-    except CopyError as e:
+    except PgopsError as e:
         module.fail_json(msg=f"nothing copied: {e}")
     if module.check_mode:
         module.exit_json(
@@ -203,17 +205,21 @@ def main():
             file_count=plan["count"],
             seconds=0.0,
         )
+    cancel = Cancel()
     renewer = None
     if p["session_id"]:
         try:
-            renewer = LeaseRenewer(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]))
-        except KeeperError as e:
+            renewer = LeaseRenewer(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]), cancel.fire)
+        except PgopsError as e:
             module.fail_json(msg=str(e))
         renewer.start()  # the keeper's lease stays fresh however long the copy takes
+        if renewer.gone:
+            module.fail_json(msg=f"nothing copied: {renewer.gone}")
     try:
-        result = run_copy(p, plan)
-    except (CopyError, OSError) as e:
-        module.fail_json(msg=f"copy failed: {e}")
+        result = run_copy(p, plan, cancel=cancel)
+    except (PgopsError, OSError) as e:
+        why = f" ({renewer.gone})" if renewer is not None and renewer.gone else ""
+        module.fail_json(msg=f"copy failed: {e}{why}")
     finally:
         if renewer is not None:
             renewer.stop()

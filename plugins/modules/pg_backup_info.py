@@ -116,10 +116,10 @@ backup:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import (
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import STATUSES
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     INVALID,
-    STATUSES,
-    CatalogError,
     filter_status,
     latest,
     read_catalog,
@@ -140,7 +140,7 @@ def main():
     p = module.params
     try:
         entries = read_catalog(p["repository"], size=p["size_on_disk"])
-    except (CatalogError, OSError) as e:
+    except (PgopsError, OSError) as e:
         module.fail_json(msg=str(e), backups=[], latest=None, count=0)
     newest = latest(entries)
     listed = filter_status(entries, p["status"])
@@ -148,7 +148,7 @@ def main():
     if p["backup"]:
         try:
             result["backup"] = select(entries, p["backup"])
-        except CatalogError as e:
+        except PgopsError as e:
             module.fail_json(msg=f"{p['repository']}: {e}", **result)
     module.exit_json(changed=False, **result)
 

@@ -255,11 +255,15 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import format_lsn, parse_lsn
-from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import CatalogError, update_backup_json
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import COPY_ENTRIES_FILE, read_json, write_private_file
-from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
-    INFO_NAME,
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
+    BACKUP_JSON,
+    COPY_ENTRIES,
     LayoutError,
+    read_backup,
+    update_backup,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
     ManifestError,
     build_manifest,
     collect_entries,
@@ -334,7 +338,7 @@ def wal_range(module, info: dict) -> tuple:
     for name in ("timeline", "start_lsn", "stop_lsn"):
         value = _value(p, info, name)
         if value in (None, ""):
-            module.fail_json(msg=f"{name} is unknown: {INFO_NAME} does not have it; pass the {name} option")
+            module.fail_json(msg=f"{name} is unknown: {BACKUP_JSON} does not have it; pass the {name} option")
         out[name] = value
     try:
         timeline = int(out["timeline"])
@@ -381,7 +385,7 @@ def present(module, layout, info: dict):
     algorithm = p["checksum_algorithm"]
     # Check mode lists the files but does not read them. The copy step may have
     # recorded sizes and checksums as the data passed by: then nothing is read again.
-    sidecar = os.path.join(layout.root, COPY_ENTRIES_FILE)
+    sidecar = os.path.join(layout.root, COPY_ENTRIES)
     collected = None
     if not module.check_mode and os.path.exists(sidecar):
         collected = entries_from_copy(layout, algorithm, sidecar)
@@ -539,10 +543,10 @@ def finish_verification(module, root: str, result: dict, problems: list, pgv: di
         record = {"verified": ok, "at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "problems_count": len(problems), "tool": tool}  # fmt: skip
         try:
-            update_backup_json(root, verification=record)
+            update_backup(root, verification=record)
             result["verification"] = record
-        except (CatalogError, OSError) as e:
-            module.warn(f"could not record the verification in {INFO_NAME}: {e}")
+        except (LayoutError, OSError) as e:
+            module.warn(f"could not record the verification in {BACKUP_JSON}: {e}")
     if not ok:
         msg = f"backup {root} failed verification: {describe(problems, pgv)}"
         if p["fail_on_error"]:
@@ -578,10 +582,10 @@ def main():
     root = module.params["path"]
     if not os.path.isdir(root):
         module.fail_json(msg=f"backup directory {root} does not exist")
-    info_path = os.path.join(root, INFO_NAME)
+    info_path = os.path.join(root, BACKUP_JSON)
     info_exists = os.path.exists(info_path)
-    info = read_json(info_path) if info_exists else {}
-    if not isinstance(info, dict):
+    info = read_backup(root) if info_exists else {}
+    if info is None:
         module.fail_json(msg=f"{info_path} is not a JSON object")
     try:
         layout = detect_layout(root, info)

@@ -143,23 +143,18 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._catalog import CatalogError, update_backup_json
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import HAS_PSYCOPG2, ensure_driver, error_text
-from ansible_collections.pgops.online_backup.plugins.module_utils._restore import find_tool, now_utc, server_address
-
-if HAS_PSYCOPG2:
-    import psycopg2
+from ansible_collections.pgops.online_backup.plugins.module_utils import _postgres
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, LayoutError, update_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import read_conf
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import now_utc
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_server import (
+    connect_restored,
+    find_tool,
+    server_address,
+)
 
 AMCHECK_TIMEOUT = 3600
-
-
-def connect(p: dict, port: int, socket_dir: str, dbname: str):
-    conn = psycopg2.connect(
-        host=socket_dir, port=port, user=p["login_user"], password=p["login_password"] or None, dbname=dbname,
-        connect_timeout=10, application_name="pgops.online_backup drill",
-    )  # fmt: skip
-    conn.autocommit = True
-    return conn
+APPLICATION_NAME = "pgops.online_backup drill"
 
 
 def timed(name: str, fn) -> dict:
@@ -167,37 +162,34 @@ def timed(name: str, fn) -> dict:
     try:
         ok, detail = fn()
     except Exception as e:  # noqa: BLE001 - any failure of a check is the check's result
-        ok, detail = False, error_text(e) if HAS_PSYCOPG2 and isinstance(e, psycopg2.Error) else str(e)
+        sql_error = _postgres.HAS_PSYCOPG2 and isinstance(e, _postgres.psycopg2.Error)
+        ok, detail = False, _postgres.error_text(e) if sql_error else str(e)
     return {"name": name, "ok": ok, "seconds": round(time.monotonic() - began, 3), "detail": detail}
 
 
 def checked(module) -> None:
     p = module.params
-    ensure_driver(module)
+    _postgres.ensure_driver(module)
     if p["data_directory"]:
-        port, socket_dir = server_address(p["data_directory"], p["port"], p["socket_directory"])
+        port, socket_dir = server_address(read_conf(p["data_directory"]), p["port"], p["socket_directory"])
     elif p["port"] and p["socket_directory"]:
         port, socket_dir = p["port"], p["socket_directory"]
     else:
         module.fail_json(msg="give data_directory, or port and socket_directory")
     try:
-        conn = connect(p, port, socket_dir, "postgres")
-        with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")
-            databases = [r[0] for r in cur.fetchall()]
-            cur.execute("SELECT current_setting('server_version_num')::int / 10000")
-            major = cur.fetchone()[0]
+        conn = connect_restored(p, port, socket_dir, "postgres", APPLICATION_NAME, 10)
+        rows = _postgres.query_all(conn, "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname")
+        databases = [r[0] for r in rows]
+        major = _postgres.query_one(conn, "SELECT current_setting('server_version_num')::int / 10000")[0]
         conn.close()
-    except psycopg2.Error as e:
-        module.fail_json(msg=f"cannot connect to the restored server on {socket_dir} port {port}: {error_text(e)}")
+    except _postgres.psycopg2.Error as e:
+        module.fail_json(msg=f"cannot connect to the restored server on {socket_dir} port {port}: {_postgres.error_text(e)}")
 
     def run_query(db: str):
         def fn():
-            c = connect(p, port, socket_dir, db)
+            c = connect_restored(p, port, socket_dir, db, APPLICATION_NAME, 10)
             try:
-                with c.cursor() as cur:
-                    cur.execute(p["query"])
-                    row = cur.fetchone()
+                row = _postgres.query_one(c, p["query"])
             finally:
                 c.close()
             return True, f"{p['query']}: {row[0] if row else 'no row'}"
@@ -253,12 +245,12 @@ def recorded(module) -> None:
     }
     record.update(p["details"] or {})
     if module.check_mode:
-        module.exit_json(changed=True, msg=f"would record drill {p['result']} in {p['backup_path']}/backup.json", drill=record)
+        module.exit_json(changed=True, msg=f"would record drill {p['result']} in {p['backup_path']}/{BACKUP_JSON}", drill=record)
     try:
-        update_backup_json(p["backup_path"], drill=record)
-    except (CatalogError, OSError) as e:
+        update_backup(p["backup_path"], drill=record)
+    except (LayoutError, OSError) as e:
         module.fail_json(msg=f"could not record the drill: {e}", drill=record)
-    module.exit_json(changed=True, msg=f"drill {p['result']} recorded in {p['backup_path']}/backup.json", drill=record)
+    module.exit_json(changed=True, msg=f"drill {p['result']} recorded in {p['backup_path']}/{BACKUP_JSON}", drill=record)
 
 
 def main():

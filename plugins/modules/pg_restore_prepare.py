@@ -252,51 +252,58 @@ seconds:
   type: float
 """
 
-import json
 import os
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._restore import (
+from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import BackupApiError, major_of
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, read_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
+    backup_sources,
+    check_targets,
+    config_port,
+    existing_ancestor,
+    extract,
+    link_tablespaces,
+    missing_wal,
+    needed_tools,
+    original_port,
+    peek_tar_config,
+    place_label_files,
+    prepare_directory,
+    tidy_data_directory,
+    undo_directory,
+    wal_files_needed,
+    writable_parent,
+    write_minimal_configs,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import (
     AUTO_CONF_HEADER,
     TARGETS,
     RestoreError,
-    backup_sources,
     check_target_against_backup,
-    check_targets,
-    config_port,
-    default_socket_directory,
     disable_conf_lines,
-    extract,
-    find_bin_dir,
     format_tablespace_map,
-    link_tablespaces,
-    listen_hosts,
-    major_of,
-    missing_wal,
-    monotonic,
-    needed_tools,
     now_utc,
-    original_port,
     parse_tablespace_map,
-    peek_tar_config,
-    pick_free_port,
-    place_label_files,
     plan_tablespaces,
-    port_in_use,
-    prepare_directory,
     recovery_settings,
     render_auto_conf,
     require_absolute,
     restore_command_for,
-    tidy_data_directory,
-    undo_directory,
     validate_port,
     validate_target,
-    wal_files_needed,
-    writable_parent,
-    write_minimal_configs,
-    write_text,
+)
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_server import (
+    data_major,
+    default_socket_directory,
+    find_bin_dir,
+    listen_hosts,
+    pick_free_port,
+    port_in_use,
 )
 
 # Settings that keep the restored server away from the original: only through their options.
@@ -311,16 +318,16 @@ MANAGED_SETTINGS = {
 }
 
 
-def read_backup(path: str) -> dict:
-    info_path = os.path.join(path, "backup.json")
+def complete_backup(path: str) -> dict:
+    """backup.json of a complete backup; RestoreError for anything else."""
+    info_path = os.path.join(path, BACKUP_JSON)
     try:
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise RestoreError(f"{path} is not a backup: it has no backup.json") from None
-    except (OSError, ValueError) as e:
+        info = read_backup(path)
+    except OSError as e:
         raise RestoreError(f"{info_path} cannot be read: {e}") from None
-    if not isinstance(info, dict):
+    if info is None:
+        if not os.path.lexists(info_path):
+            raise RestoreError(f"{path} is not a backup: it has no {BACKUP_JSON}")
         raise RestoreError(f"{info_path} is not a JSON object")
     if info.get("status") != "complete":
         raise RestoreError(
@@ -352,13 +359,8 @@ def free_space_problem(data_dir: str, spaces: list, states: list, needed) -> str
     if needed <= 0 or any(state == "not_empty" for _path, state in states):
         return None
 
-    def existing(path: str) -> str:
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        return path
-
-    base = existing(data_dir)
-    if any(os.stat(existing(ts["path"])).st_dev != os.stat(base).st_dev for ts in spaces):
+    base = existing_ancestor(data_dir)
+    if any(os.stat(existing_ancestor(ts["path"])).st_dev != os.stat(base).st_dev for ts in spaces):
         return None  # split across filesystems: the backup does not say how much goes where
     st = os.statvfs(base)
     free = st.f_bavail * st.f_frsize
@@ -408,11 +410,11 @@ def plan(module) -> dict:
         raise RestoreError("restore_command is empty")
     if "\n" in (p["restore_command"] or ""):
         raise RestoreError("restore_command must be one line")
-    info = read_backup(backup_dir)
+    info = complete_backup(backup_dir)
     check_target_against_backup(p["target"], p["target_value"], info)
     try:
         major = major_of(info.get("pg_version") or info.get("pg_version_text") or "")
-    except RestoreError as e:
+    except BackupApiError as e:
         raise RestoreError(f"backup.json of {backup_dir}: {e}") from None
     sources = backup_sources(backup_dir, info)
     mapping = {str(k): v for k, v in (p["tablespace_map"] or {}).items()}
@@ -434,7 +436,8 @@ def plan(module) -> dict:
     if p["wal_archive"]:
         restore_command = restore_command_for(p["wal_archive"])
         if p["check_wal"]:
-            lacking = missing_wal(p["wal_archive"], wal_files_needed(info.get("start_wal"), info.get("stop_wal")))
+            needed = wal_files_needed(info.get("start_wal"), info.get("stop_wal"), info.get("wal_segment_size"))
+            lacking = missing_wal(p["wal_archive"], needed)
             if lacking:
                 raise RestoreError(
                     f"the WAL archive {p['wal_archive']} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
@@ -491,13 +494,11 @@ def restore(module, pl: dict) -> dict:
     extract(sources["base"], data_dir, method)
     for ts in pl["spaces"]:
         extract(sources["spaces"][ts["oid"]], ts["path"], method)
-    try:
-        with open(os.path.join(data_dir, "PG_VERSION")) as f:
-            found = int(f.read().strip())
-    except (OSError, ValueError):
+    found = data_major(data_dir)
+    if found is None:
         raise RestoreError(
             f"the restored {data_dir} has no PG_VERSION: {os.path.basename(sources['base'])} is not a data directory"
-        ) from None
+        )
     if found != pl["major"]:
         raise RestoreError(f"the restored data directory is PostgreSQL {found}, backup.json says {pl['major']}")
     if not pl["orig_port"] and p["port"] != 0:
@@ -507,14 +508,14 @@ def restore(module, pl: dict) -> dict:
         raise RestoreError("the backup has no backup_label: without it recovery would start from the wrong checkpoint")
     map_path = os.path.join(data_dir, "tablespace_map")
     if pl["spaces"]:
-        write_text(map_path, format_tablespace_map([(ts["oid"], ts["path"]) for ts in pl["spaces"]]))
+        write_private_file(map_path, format_tablespace_map([(ts["oid"], ts["path"]) for ts in pl["spaces"]]).encode("utf-8"))
     out["removed"] = tidy_data_directory(data_dir, pl["major"])
     link_tablespaces(data_dir, pl["spaces"])
     out["created"] = write_minimal_configs(data_dir)
     if p["access"] == "socket_trust":
-        write_text(
+        write_private_file(
             os.path.join(data_dir, "pg_hba.conf"),
-            "# pgops.online_backup drill: Unix socket in a private directory only\nlocal all all trust\n",
+            b"# pgops.online_backup drill: Unix socket in a private directory only\nlocal all all trust\n",
         )
     conf = os.path.join(data_dir, "postgresql.conf")
     with open(conf, encoding="utf-8", errors="surrogateescape") as f:
@@ -529,8 +530,8 @@ def restore(module, pl: dict) -> dict:
     except FileNotFoundError:
         existing = ""
     header = f"{AUTO_CONF_HEADER}: restore of backup {pl['info'].get('id')} at {now_utc()}"
-    write_text(auto, render_auto_conf(existing, pl["settings"], header))
-    write_text(os.path.join(data_dir, "recovery.signal"), "")
+    write_private_file(auto, render_auto_conf(existing, pl["settings"], header).encode("utf-8"))
+    write_private_file(os.path.join(data_dir, "recovery.signal"), b"")
     os.chmod(data_dir, 0o700)
     return out
 
@@ -563,10 +564,10 @@ def main():
         required_one_of=[("wal_archive", "restore_command")],
         supports_check_mode=True,
     )
-    began = monotonic()
+    began = time.monotonic()
     try:
         pl = plan(module)
-    except (RestoreError, OSError) as e:
+    except (PgopsError, OSError) as e:
         module.fail_json(msg=f"restore refused, nothing was changed: {e}")
     result = {
         "backup_id": pl["info"].get("id"),
@@ -590,11 +591,11 @@ def main():
         module.exit_json(changed=True, msg=f"would restore {what}, port {pl['port']}{note}", seconds=0.0, **result)
     try:
         done = restore(module, pl)
-    except (RestoreError, OSError) as e:
+    except (PgopsError, OSError) as e:
         for path, state in pl["states"]:
             undo_directory(path, state)
         module.fail_json(msg=f"restore of {what} failed: {e}; the target directories were put back as they were", **result)
-    result.update(done, seconds=round(monotonic() - began, 3))
+    result.update(done, seconds=round(time.monotonic() - began, 3))
     module.exit_json(changed=True, msg=f"restored {what}, ready to start on port {pl['port']}", **result)
 
 

@@ -157,107 +157,46 @@ log:
 
 import os
 import pwd
-import signal
 import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import HAS_PSYCOPG2, ensure_driver, error_text
-from ansible_collections.pgops.online_backup.plugins.module_utils._restore import (
-    RestoreError,
-    collector_log,
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError, ensure_driver
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import read_conf
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import RestoreError
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_server import (
+    ServerLog,
+    data_major,
     expected_end,
     fatal_lines,
     find_bin_dir,
     listen_hosts,
-    pid_alive,
     port_in_use,
-    read_conf,
-    read_from,
     recovery_facts,
+    recovery_state,
     running_postmaster,
     server_address,
+    start_postmaster,
+    stop_postmaster,
     tail,
 )
-
-if HAS_PSYCOPG2:
-    import psycopg2
 
 POLL = 0.3
 PID_GRACE = 15  # seconds for postmaster.pid to appear after pg_ctl returns
 
 
-class Log:
-    """The server's output from an offset on, plus the logging collector's file when there is one."""
-
-    def __init__(self, data_dir: str, path: str):
-        self.data_dir = data_dir
-        self.path = path
-        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
-        self.collector_offsets = {}
-
-    def mark_collector(self) -> None:
-        # Collector files from before this start are not ours to read.
-        current = collector_log(self.data_dir)
-        if current and os.path.exists(current):
-            self.collector_offsets[current] = os.path.getsize(current)
-
-    def text(self) -> str:
-        out = read_from(self.path, self.offset)
-        current = collector_log(self.data_dir)
-        if current and os.path.realpath(current) != os.path.realpath(self.path):
-            out += "\n" + read_from(current, self.collector_offsets.get(current, 0))
-        return out
-
-
-def ask(params: dict, port: int, socket_dir: str, major: int) -> dict | None:
-    """Recovery state from the server, or None while it does not accept connections yet."""
-    try:
-        conn = psycopg2.connect(
-            host=socket_dir, port=port, user=params["login_user"], password=params["login_password"] or None,
-            dbname=params["login_db"], connect_timeout=5, application_name="pgops.online_backup restore",
-        )  # fmt: skip
-    except psycopg2.OperationalError as e:
-        text = error_text(e)
-        if any(s in text for s in ("starting up", "not yet accepting", "No such file", "Connection refused", "shutting down")):
-            return None
-        raise RestoreError(f"cannot connect to the restored server: {text}") from None
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            pause = "pg_get_wal_replay_pause_state() = 'paused'" if major >= 14 else "pg_is_wal_replay_paused()"
-            cur.execute(
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()::text, "
-                f"CASE WHEN pg_is_in_recovery() THEN {pause} ELSE false END"
-            )
-            in_recovery, lsn, ts, paused = cur.fetchone()
-        return {"in_recovery": in_recovery, "reached_lsn": lsn, "reached_time": ts, "paused": paused}
-    except psycopg2.Error as e:
-        if "shutting down" in error_text(e) or "terminating connection" in error_text(e):
-            return None
-        raise RestoreError(f"asking the restored server failed: {error_text(e)}") from None
-    finally:
-        conn.close()
-
-
-def major_of_data(data_dir: str) -> int:
-    try:
-        with open(os.path.join(data_dir, "PG_VERSION")) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        raise RestoreError(f"{data_dir} is not a PostgreSQL data directory (no PG_VERSION)") from None
-
-
 def started(module, data_dir: str, result: dict) -> None:
     p = module.params
-    major = major_of_data(data_dir)
+    major = data_major(data_dir)
+    if major is None:
+        raise RestoreError(f"{data_dir} is not a PostgreSQL data directory (no PG_VERSION)")
     conf = read_conf(data_dir)
     port, socket_dir = result["port"], result["socket_directory"]
     recovering = os.path.exists(os.path.join(data_dir, "recovery.signal"))
     target, action = expected_end(conf) if recovering else ("none", "none")
     pid = running_postmaster(data_dir)
-    log = Log(data_dir, result["log_file"])
+    log = ServerLog(data_dir, result["log_file"])
     changed = False
     began = time.monotonic()
     if pid is None:
@@ -267,13 +206,8 @@ def started(module, data_dir: str, result: dict) -> None:
         if module.check_mode:
             module.exit_json(changed=True, msg=f"would start the server of {data_dir} on port {port}", **result)
         bin_dir = find_bin_dir(major, p["bin_dir"])
-        os.makedirs(os.path.dirname(result["log_file"]), mode=0o700, exist_ok=True)
         log.mark_collector()
-        # -W: do not let pg_ctl wait; the wait below knows what end to expect and reads the log.
-        cmd = [os.path.join(bin_dir, "pg_ctl"), "-D", data_dir, "-l", result["log_file"], "-W", "start"]
-        proc = subprocess.run(
-            cmd, cwd=data_dir, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False
-        )
+        proc = start_postmaster(bin_dir, data_dir, result["log_file"])
         if proc.returncode != 0:
             module.fail_json(
                 msg=f"pg_ctl start failed (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()}",
@@ -308,7 +242,7 @@ def started(module, data_dir: str, result: dict) -> None:
             )  # fmt: skip
         if pid is not None:
             try:
-                answer = ask(p, port, socket_dir, major) or answer
+                answer = recovery_state(p, port, socket_dir, major) or answer
             except RestoreError as e:
                 module.fail_json(msg=str(e), pid=pid, log=tail(log.text()), **result)
             if answer and not answer["in_recovery"]:
@@ -374,20 +308,9 @@ def stopped(module, data_dir: str, result: dict) -> None:
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would stop the server of {data_dir} (pid {pid})", state="running", pid=pid, **result)
     began = time.monotonic()
-    # The postmaster's own signals: SIGINT is a fast shutdown, SIGQUIT an immediate one.
-    for sig, wait in ((signal.SIGINT, module.params["stop_timeout"]), (signal.SIGQUIT, 30)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not pid_alive(pid):
-            break
-    if pid_alive(pid):
+    mode = stop_postmaster(pid, module.params["stop_timeout"])
+    if mode is None:
         module.fail_json(msg=f"the server of {data_dir} (pid {pid}) did not stop", state="running", pid=pid, **result)
-    mode = "fast" if sig == signal.SIGINT else "immediate"
     module.exit_json(
         changed=True, msg=f"stopped the server of {data_dir} (pid {pid}, {mode} shutdown)", state="stopped", pid=None,
         stopped_pid=pid, shutdown=mode, seconds=round(time.monotonic() - began, 3), **result,
@@ -425,11 +348,11 @@ def main():
         module.fail_json(msg=f"data directory {data_dir} does not exist", **result)
     if os.geteuid() == 0:
         module.fail_json(msg="PostgreSQL refuses to run as root: run this as the data directory's owner (become_user: postgres)")
-    port, socket_dir = server_address(data_dir, p["port"], p["socket_directory"])
+    port, socket_dir = server_address(read_conf(data_dir), p["port"], p["socket_directory"])
     result.update(port=port, socket_directory=socket_dir)
     try:
         started(module, data_dir, result)
-    except (RestoreError, OSError, subprocess.SubprocessError) as e:
+    except (PgopsError, OSError, subprocess.SubprocessError) as e:
         module.fail_json(msg=str(e), **result)
 
 

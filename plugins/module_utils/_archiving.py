@@ -1,17 +1,149 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Read what an online backup depends on from a server, prove that WAL
-archiving works, and judge it with _preflight (pg_archiving_info, and the
-pre-flight that pg_backup_session can run before it starts)."""
+"""WAL archiving on a server: its settings, the archiver's state, waiting for
+segments, the facts an online backup depends on, and the active proof that
+archiving works. _preflight judges the facts (pure rules); this file reads
+them. Only prove() changes anything (it switches WAL)."""
 
 from __future__ import annotations
 
 import time
 
-from ._archive import archiver_row, archiving_settings, ready_count, wait_for_segment_or_failure
-from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name
-from ._postgres import connect_or_fail, error_text, psycopg2, query_all, query_one, server_version
-from ._preflight import archiving_active, command_problem, evaluate, inspect_destination
+from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name, wal_name_le
+from ._postgres import (
+    PgopsError,
+    cluster_key,
+    connect_or_fail,
+    error_text,
+    postgres_common_argument_spec,
+    psycopg2,
+    query_all,
+    query_dicts,
+    query_one,
+    server_version,
+)
+from ._preflight import archiver_failing, archiving_active, command_problem, evaluate, format_problems, inspect_destination
+
+
+def _iso(value):
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def archiver_row(conn) -> dict:
+    row = query_dicts(
+        conn,
+        "SELECT archived_count, last_archived_wal, last_archived_time, failed_count,"
+        " last_failed_wal, last_failed_time, stats_reset FROM pg_stat_archiver",
+    )[0]
+    return {k: _iso(v) for k, v in row.items()}
+
+
+def archiving_settings(conn, major: int) -> dict:
+    names = ["wal_level", "archive_mode", "archive_command", "archive_timeout"]
+    if major >= 15:
+        names.append("archive_library")
+    rows = dict(query_all(conn, "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (names,)))
+    out = {n: rows.get(n) for n in names}
+    out.setdefault("archive_library", None)
+    out["in_recovery"] = bool(query_one(conn, "SELECT pg_is_in_recovery()")[0])
+    return out
+
+
+def archiving_enabled(settings: dict) -> bool:
+    mode = settings.get("archive_mode")
+    return mode == "always" or (mode == "on" and not settings.get("in_recovery"))
+
+
+def _status_files(conn, names: list):
+    """Names present in pg_wal/archive_status, or None without the privilege."""
+    wanted = [n + suffix for n in names for suffix in (".ready", ".done")]
+    try:
+        rows = query_all(conn, "SELECT name FROM pg_ls_archive_statusdir() WHERE name = ANY(%s)", (wanted,))
+    except psycopg2.errors.InsufficientPrivilege:
+        return None
+    return {r[0] for r in rows}
+
+
+def archived(name: str, status_files, row: dict) -> bool:
+    """Decide from archive_status and pg_stat_archiver whether name is archived.
+
+    .done says so directly; an absent .ready with the archiver past the file
+    (it works in name order) covers files whose status was already cleaned up.
+    """
+    last = row.get("last_archived_wal")
+    past = bool(last) and wal_name_le(name[:24], last[:24]) and (last[:24] != name[:24] or last >= name)
+    if status_files is None:
+        return past
+    if name + ".done" in status_files:
+        return True
+    return name + ".ready" not in status_files and past
+
+
+def wait_for_wal(conn, names: list, timeout: float, first_poll: float = 0.01) -> dict:
+    """Wait until every WAL file in names is archived, at most timeout seconds."""
+    begin = time.monotonic()
+    delay = first_poll
+    while True:
+        row = archiver_row(conn)
+        status = _status_files(conn, names)
+        # Without archive_status the archiver's position is all we have, and a
+        # history file's name sorts before segments archived long ago: judge segments only.
+        judged = names if status is not None else [n for n in names if not n.endswith(".backup")]
+        missing = [n for n in judged if not archived(n, status, row)]
+        waited = time.monotonic() - begin
+        if not missing or waited >= timeout:
+            return {"archived": not missing, "missing": missing, "waited": round(waited, 3), "archiver": row}
+        time.sleep(min(delay, max(0.0, timeout - waited)))
+        delay = min(delay * 2, 0.25)
+
+
+def describe_wait_failure(result: dict, timeout: float) -> str:
+    row = result["archiver"]
+    parts = [
+        f"WAL file {', '.join(result['missing'])} not archived after {timeout:g}s",
+        f"pg_stat_archiver: last_archived_wal={row.get('last_archived_wal')}"
+        f" at {row.get('last_archived_time')}, failed_count={row.get('failed_count')},"
+        f" last_failed_wal={row.get('last_failed_wal')} at {row.get('last_failed_time')}",
+    ]
+    if archiver_failing(row):
+        parts.append("the archiver is failing: check archive_command/archive_library and the server log")
+    return "; ".join(parts)
+
+
+def ready_count(conn):
+    """Segments waiting for the archiver (.ready files), or None without the privilege."""
+    try:
+        return int(query_one(conn, "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'")[0])
+    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.UndefinedFunction):
+        return None
+
+
+def wait_for_segment_or_failure(conn, name: str, timeout: float, failed_count: int, first_poll: float = 0.01) -> dict:
+    """Wait until WAL file name is archived, the archiver fails, or timeout seconds pass.
+
+    failed_count is pg_stat_archiver.failed_count read before name was
+    switched: a failure counted after that, with nothing archived since, means
+    the archiver is stuck at name or before it (it works in order), so waiting
+    longer cannot help. outcome is "archived", "failed" or "timeout".
+    """
+    begin = time.monotonic()
+    delay = first_poll
+    while True:
+        row = archiver_row(conn)
+        status = _status_files(conn, [name])
+        waited = time.monotonic() - begin
+        if archived(name, status, row):
+            outcome = "archived"
+        elif (row.get("failed_count") or 0) > failed_count and archiver_failing(row):
+            outcome = "failed"
+        elif waited >= timeout:
+            outcome = "timeout"
+        else:
+            time.sleep(min(delay, max(0.0, timeout - waited)))
+            delay = min(delay * 2, 0.25)
+            continue
+        return {"outcome": outcome, "archived": outcome == "archived", "waited": round(waited, 3), "archiver": row}
+
 
 # After a switch the insert position sits just past the new segment's long page
 # header (40 bytes); anything at or below this offset means an empty segment,
@@ -117,7 +249,7 @@ def sizes(conn) -> dict:
 def skip_reason(facts: dict, prove_wanted: bool, check_mode: bool) -> str | None:
     """Why the proof must not run, or None."""
     if not prove_wanted:
-        return "prove is false"
+        return "not asked for: pg_archiving_info only reads (pg_archiving_check proves archiving by switching WAL)"
     if major_of(facts["server_version_num"]) < MIN_MAJOR:
         return f"PostgreSQL {facts['server_version']} is not supported"
     if facts["in_recovery"]:
@@ -187,7 +319,7 @@ def check_destination(facts: dict, path: str | None, space_margin: float, warn) 
         warn(f"role {role} may not read the database sizes: could not check the free space at {path}")
 
 
-class InspectError(Exception):
+class InspectError(PgopsError):
     """The server could not be read (stage says which step failed)."""
 
 
@@ -224,20 +356,21 @@ def inspect(
     return facts
 
 
-def inspect_for_module(module, destination: str | None, application_name: str, fail_prefix: str = "") -> dict:
-    """inspect() with a module's connection and its prove, prove_timeout and
-    space_margin options; bad values and an unreadable server fail the module."""
+def inspect_for_module(module, application_name: str, prove_wanted: bool, fail_prefix: str = "") -> dict:
+    """inspect() with a module's connection and its destination, space_margin,
+    require_privileges (and, to prove, prove_timeout) options; bad values and an
+    unreadable server fail the module."""
     p = module.params
     for name in ("prove_timeout", "space_margin"):
-        if p[name] <= 0:
+        if p.get(name) is not None and p[name] <= 0:
             module.fail_json(msg=f"{fail_prefix}{name} must be greater than 0, got {p[name]:g}")
     conn = connect_or_fail(module, application_name=application_name)
     try:
         return inspect(
             conn,
-            prove_wanted=p["prove"],
-            prove_timeout=p["prove_timeout"],
-            destination=destination,
+            prove_wanted=prove_wanted,
+            prove_timeout=p.get("prove_timeout") or 60,
+            destination=p.get("destination"),
             space_margin=p["space_margin"],
             require_privileges=p.get("require_privileges", True),
             check_mode=module.check_mode,
@@ -247,3 +380,42 @@ def inspect_for_module(module, destination: str | None, application_name: str, f
         module.fail_json(msg=f"{fail_prefix}{e}")
     finally:
         conn.close()
+
+
+def archiving_argument_spec(prove: bool = False) -> dict:
+    """The options of pg_archiving_info (and, with prove, pg_archiving_check)."""
+    spec = postgres_common_argument_spec()
+    spec.update(
+        require_privileges=dict(type="bool", default=True),
+        fail_on_problems=dict(type="bool", default=False),
+        destination=dict(type="path"),
+        space_margin=dict(type="float", default=1.1),
+    )
+    if prove:
+        spec["prove_timeout"] = dict(type="float", default=60)
+    return spec
+
+
+def report_facts(module, prove_wanted: bool) -> None:
+    """pg_archiving_info and pg_archiving_check: gather (and prove), then exit
+    or fail with every problem. changed is true only when the proof switched WAL."""
+    p = module.params
+    what = "pg_archiving_check" if prove_wanted else "pg_archiving_info"
+    facts = inspect_for_module(module, f"pgops.online_backup {what}", prove_wanted)
+    problems = facts["problems"]
+    changed = facts["proof"]["switched"]
+    where = cluster_key(p)
+    if problems and p["fail_on_problems"]:
+        module.fail_json(
+            msg=f"{len(problems)} problem(s) on {where}, no backup was started:\n{format_problems(problems)}",
+            changed=changed,
+            **facts,
+        )
+    proof = facts["proof"]
+    if problems:
+        msg = f"{len(problems)} problem(s) on {where}: {', '.join(pr['code'] for pr in problems)}"
+    elif proof["performed"]:
+        msg = f"WAL archiving works on {where}: segment {proof['wal']} archived {proof['seconds']}s after the switch"
+    else:
+        msg = f"no problems found on {where} (proof skipped: {proof['skipped_reason']})"
+    module.exit_json(changed=changed, msg=msg, **facts)

@@ -1,0 +1,453 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The file work of a restore: checking and preparing the target directories
+(and undoing that after a failure), extracting a backup's archives (or copying
+an rsync backup), placing the label files, tidying the restored data
+directory, linking tablespaces, reading its configuration files, and checking
+the WAL archive.
+
+What to restore where is decided in _restore_plan; the on-disk format of a
+backup (archive names, decompressors, backup.json) is _layout's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+
+from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
+from ._files import resolves_inside, write_private_file
+from ._layout import BACKUP_JSON, LABEL_FILES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, decompressor, parse_archive_name
+from ._restore_plan import RestoreError, conf_key, conf_value
+from ._restore_server import running_postmaster
+
+# Files of the original server that must not come along (most are never copied; old backups may hold them).
+STALE_FILES = ("postmaster.pid", "postmaster.opts", "recovery.conf", "standby.signal", "recovery.signal", "backup_label.old")
+EMPTY_DIRS = ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_tblspc")
+# The segment sizes PostgreSQL allows (initdb --wal-segsize): powers of two, 1 MB to 1 GB.
+WAL_SEGMENT_SIZES = tuple(1 << n for n in range(20, 31))
+MAX_WAL_CHECKED = 10001  # more segments than this: only the two ends are checked
+
+
+# -- target directories
+
+
+def directory_state(path: str) -> tuple:
+    """("absent"|"empty"|"not_empty"|"not_a_directory", a few names found)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent", []
+    if stat.S_ISLNK(st.st_mode) and os.path.isdir(path):
+        st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return "not_a_directory", []
+    names = sorted(os.listdir(path))
+    if not names or names == ["lost+found"]:
+        return "empty", []
+    return "not_empty", names[:8]
+
+
+def check_targets(data_dir: str, spaces: list, force: bool, backup_dir: str, live: dict | None = None) -> list:
+    """Refuse what must not be overwritten; returns [(path, state)] for the plan. Changes nothing."""
+    states = []
+    targets = [("data directory", data_dir)] + [(f"tablespace {ts['oid']} directory", ts["path"]) for ts in spaces]
+    for what, path in targets:
+        if resolves_inside(path, backup_dir) or resolves_inside(backup_dir, path):
+            raise RestoreError(f"{what} {path} overlaps the backup {backup_dir}")
+        state, names = directory_state(path)
+        if state == "not_a_directory":
+            raise RestoreError(f"{what} {path} exists and is not a directory")
+        pid = running_postmaster(path) if state == "not_empty" else None
+        if pid:
+            raise RestoreError(
+                f"{what} {path} belongs to a running PostgreSQL server (pid {pid}); never restored over, even with force"
+            )
+        if state == "not_empty" and not force:
+            raise RestoreError(
+                f"{what} {path} is not empty ({', '.join(names)}{', ...' if len(names) == 8 else ''}); "
+                "restore into an empty or absent directory, or set force to replace its content"
+            )
+        if state == "not_empty":
+            why = unremovable(path)
+            if why:
+                raise RestoreError(f"{what} {path} cannot be emptied: {why}")
+        states.append((path, state))
+    for ts in spaces:
+        if resolves_inside(ts["path"], data_dir):
+            raise RestoreError(f"tablespace {ts['oid']} directory {ts['path']} is inside the data directory {data_dir}")
+    if live:
+        # The original server still runs here: its tablespaces are live files too.
+        pid = running_postmaster(live.get("data_directory") or "")
+        if pid:
+            for ts in spaces:
+                if os.path.realpath(ts["path"]) == os.path.realpath(ts["location"] or ""):
+                    raise RestoreError(
+                        f"tablespace {ts['oid']} would be restored into {ts['path']}, which the original server "
+                        f"(pid {pid}, {live['data_directory']}) is using; map it elsewhere (pg_restore_tablespace_map)"
+                    )
+            if resolves_inside(data_dir, live["data_directory"]):
+                raise RestoreError(f"the data directory {data_dir} is the running original server's ({pid})")
+    return states
+
+
+def unremovable(path: str) -> str | None:
+    """Why the content of path cannot all be removed by this user (None when it can): checked before removing any."""
+    errors = []
+    for dirpath, dirnames, _filenames in os.walk(path, onerror=errors.append):
+        if not os.access(dirpath, os.W_OK | os.X_OK):
+            return f"{dirpath} is not writable by uid {os.geteuid()}"
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    if errors:
+        return f"{errors[0].filename} cannot be read by uid {os.geteuid()}"
+    return None
+
+
+def existing_ancestor(path: str) -> str:
+    """path, or its nearest ancestor that exists (where it would be created)."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def writable_parent(path: str) -> str | None:
+    """Why path cannot be created or written by this user (None when it can)."""
+    probe = existing_ancestor(path)
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+        return None
+    return f"{probe} is not writable by uid {os.geteuid()}: create {path} for this user first, or run as its owner"
+
+
+def clear_directory(path: str) -> None:
+    """Remove everything inside path; path itself stays (with its owner and mode)."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
+
+
+def prepare_directory(path: str, state: str) -> None:
+    if state == "absent":
+        os.makedirs(path, mode=0o700)
+    elif state == "not_empty":
+        clear_directory(path)
+    os.chmod(path, 0o700)
+
+
+def undo_directory(path: str, state: str) -> None:
+    """Put a target back as it was before a failed restore (absent, or empty)."""
+    try:
+        if state == "absent":
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.isdir(path):
+            clear_directory(path)
+    except OSError:
+        pass
+
+
+# -- the backup
+
+
+def backup_sources(backup_dir: str, info: dict) -> dict:
+    """{"method", "compression", "base": archive or directory, "spaces": {oid: archive or directory}}."""
+    method = info.get("method")
+    if method not in ("tar", "cpio", "rsync"):
+        raise RestoreError(f"{backup_dir}/{BACKUP_JSON} has method {method!r}; expected tar, cpio or rsync")
+    out = {"method": method, "compression": info.get("compression") or "none", "spaces": {}}
+    if method == "rsync":
+        data = os.path.join(backup_dir, RSYNC_DATA)
+        if not os.path.isfile(os.path.join(data, "PG_VERSION")):
+            raise RestoreError(f"backup {backup_dir} has method rsync but {data} is not a data directory (no PG_VERSION)")
+        out["base"] = data
+        base = os.path.join(backup_dir, RSYNC_TABLESPACES)
+        for oid in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            if oid.isdigit() and os.path.isdir(os.path.join(base, oid)):
+                out["spaces"][oid] = os.path.join(base, oid)
+        return out
+    for name in sorted(os.listdir(backup_dir)):
+        parsed = parse_archive_name(name)  # (key, method, compression)
+        if not parsed or parsed[1] != method:
+            continue
+        key = parsed[0]
+        if key in out["spaces"] or (key == "base" and "base" in out):
+            raise RestoreError(f"backup {backup_dir} has two archives for {key}")
+        if key == "base":
+            out["base"] = os.path.join(backup_dir, name)
+        else:
+            out["spaces"][key] = os.path.join(backup_dir, name)
+    if "base" not in out:
+        raise RestoreError(f"backup {backup_dir} has no base.{method}[.gz|.zst|.lz4] archive")
+    return out
+
+
+def _decompressor(path: str) -> list | None:
+    """_layout's decompressor; RestoreError naming the tool when it is not installed."""
+    try:
+        return decompressor(path)
+    except LayoutError as e:
+        raise RestoreError(str(e)) from None
+
+
+def needed_tools(sources: dict) -> list:
+    """Check that every program the restore needs is installed before anything changes."""
+    method = sources["method"]
+    paths = [sources["base"]] + list(sources["spaces"].values())
+    tools = {"rsync": "rsync"}.get(method, method)
+    missing = [] if shutil.which(tools) else [tools]
+    for path in paths if method != "rsync" else []:
+        try:
+            _decompressor(path)
+        except RestoreError as e:
+            missing.append(str(e))
+    if missing:
+        raise RestoreError(f"cannot restore this {method} backup here: missing {'; '.join(missing)}")
+    return paths
+
+
+def _run_pipeline(stages: list, what: str, cwd: str) -> None:
+    """Run commands piped into each other; RestoreError naming the failing stage and its message."""
+    procs = []
+    upstream = None
+    try:
+        for i, (cmd, stdin_path) in enumerate(stages):
+            err = tempfile.TemporaryFile()
+            last = i == len(stages) - 1
+            stdin = open(stdin_path, "rb") if stdin_path else upstream  # noqa: SIM115 - closed below
+            p = subprocess.Popen(cmd, cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL if last else subprocess.PIPE, stderr=err)
+            if stdin is not None:
+                stdin.close()  # only the child holds it now
+            procs.append((cmd, p, err))
+            upstream = p.stdout
+        failures = []
+        for cmd, p, err in procs:
+            p.wait()
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace").strip()
+            if p.returncode != 0:
+                failures.append(f"{os.path.basename(cmd[0])} exited {p.returncode}: {' | '.join(text.splitlines()[-5:])}")
+    finally:
+        for _cmd, p, err in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            err.close()
+    if failures:
+        raise RestoreError(f"extracting {what} failed: {'; '.join(failures)}")
+
+
+def extract(source: str, dest: str, method: str) -> None:
+    """Extract one archive (or copy one directory for rsync backups) into dest, which exists and is empty."""
+    what = os.path.basename(source.rstrip("/"))
+    if method == "rsync":
+        _run_pipeline([(["rsync", "-a", "--", source.rstrip("/") + "/", dest.rstrip("/") + "/"], None)], what, dest)
+        return
+    unpack = {
+        # Names in our archives are relative (maybe "./"); tar refuses ".." and absolute names by default.
+        "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore"],
+        "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
+    }[method]
+    dec = _decompressor(source)
+    stages = (
+        [(dec + ["--", source] if dec[0] in ("zstd", "lz4") else dec + [source], None), (unpack, None)]
+        if dec
+        else [(unpack, source)]
+    )
+    _run_pipeline(stages, what, dest)
+
+
+def peek_tar_config(archive: str, limit: int = 5000) -> dict:
+    """{name: text} of postgresql.conf / postgresql.auto.conf at the top of a (compressed) tar, without extracting.
+
+    The copy puts the data directory's top-level files first, so this reads only the start of the stream.
+    """
+    import tarfile  # only needed here
+
+    wanted = {"postgresql.conf", "postgresql.auto.conf"}
+    found = {}
+    dec = _decompressor(archive)
+    proc = None
+    try:
+        if dec:
+            cmd = dec + (["--", archive] if dec[0] in ("zstd", "lz4") else [archive])
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            stream = proc.stdout
+        else:
+            stream = open(archive, "rb")  # noqa: SIM115 - closed below
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for n, member in enumerate(tf):
+                name = member.name
+                while name.startswith("./"):
+                    name = name[2:]
+                if name in wanted and member.isreg():
+                    found[name] = tf.extractfile(member).read().decode("utf-8", "replace")
+                if len(found) == len(wanted) or n > limit:
+                    break
+        stream.close()
+    except (OSError, tarfile.TarError, EOFError):
+        return found
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return found
+
+
+# -- the restored data directory
+
+
+def place_label_files(backup_dir: str, data_dir: str, method: str) -> list:
+    """backup_label and tablespace_map from the backup root into the restored data directory (tar, cpio)."""
+    placed = []
+    if method == "rsync":
+        return placed  # data/ already holds them
+    for name in LABEL_FILES:
+        src = os.path.join(backup_dir, name)
+        dst = os.path.join(data_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, dst)
+            os.chmod(dst, 0o600)
+            placed.append(name)
+        elif name == "tablespace_map" and os.path.exists(dst):
+            os.unlink(dst)  # a map inside the archive without one at the root would be stale
+    return placed
+
+
+def tidy_data_directory(data_dir: str, major: int) -> list:
+    """Remove what must not come from the original server; create the directories the server needs."""
+    removed = []
+    for name in STALE_FILES:
+        path = os.path.join(data_dir, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+            removed.append(name)
+    for sub in EMPTY_DIRS + (("pg_wal/summaries",) if major >= 17 else ()):
+        path = os.path.join(data_dir, sub)
+        if os.path.islink(path):
+            # A backup that carried a link (e.g. pg_wal on another volume, made by
+            # another tool) must never lead us into the original's directory.
+            os.unlink(path)
+            removed.append(f"{sub} (link)")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    slots = os.path.join(data_dir, "pg_replslot")
+    for name in os.listdir(slots):
+        shutil.rmtree(os.path.join(slots, name), ignore_errors=True)
+        removed.append(f"pg_replslot/{name}")
+    wal = os.path.join(data_dir, "pg_wal")
+    for name in os.listdir(wal):
+        full = os.path.join(wal, name)
+        if os.path.isfile(full) and (WAL_NAME_RE.match(name) or name.endswith(".partial")):
+            os.unlink(full)  # WAL comes from the archive; an old segment here would be replayed first
+            removed.append(f"pg_wal/{name}")
+    return removed
+
+
+def link_tablespaces(data_dir: str, spaces: list) -> None:
+    """pg_tblspc/<oid> → the new location (the server would recreate them from tablespace_map too)."""
+    tblspc = os.path.join(data_dir, "pg_tblspc")
+    for ts in spaces:
+        link = os.path.join(tblspc, ts["oid"])
+        if os.path.lexists(link):
+            if os.path.isdir(link) and not os.path.islink(link):
+                shutil.rmtree(link)
+            else:
+                os.unlink(link)
+        os.symlink(ts["path"], link)
+
+
+def write_minimal_configs(data_dir: str) -> list:
+    """Data directories whose configuration lives elsewhere (Debian's /etc/postgresql): give the server minimal files."""
+    created = []
+    defaults = {
+        "postgresql.conf": "# Created by pgops.online_backup.pg_restore_prepare: the backed-up data directory had no\n"
+        "# postgresql.conf (its configuration lived elsewhere). Settings are in postgresql.auto.conf.\n",
+        "pg_hba.conf": "# Created by pgops.online_backup.pg_restore_prepare (the backup had none): local OS users only.\n"
+        "local all all peer\n",
+        "pg_ident.conf": "",
+    }
+    for name, text in defaults.items():
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            write_private_file(path, text.encode("utf-8"))
+            created.append(name)
+    return created
+
+
+# -- its configuration files
+
+
+def conf_texts(data_dir: str) -> list:
+    """postgresql.conf then postgresql.auto.conf of a data directory (the ones that exist)."""
+    texts = []
+    for name in ("postgresql.conf", "postgresql.auto.conf"):
+        try:
+            with open(os.path.join(data_dir, name), encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        except OSError:
+            continue
+    return texts
+
+
+def read_conf(data_dir: str) -> dict:
+    """Settings of a data directory's postgresql.conf overridden by postgresql.auto.conf (active lines only)."""
+    out = {}
+    for text in conf_texts(data_dir):
+        for line in text.splitlines():
+            key = conf_key(line)
+            if key:
+                value = conf_value(line, key)
+                if value is not None:
+                    out[key] = value
+    return out
+
+
+def config_port(texts: list):
+    """The port the configuration texts (in reading order) set, or None when none sets it."""
+    port = None
+    for text in texts:
+        value = conf_value(text, "port")
+        if value is not None and value.isdigit():
+            port = int(value)
+    return port
+
+
+def original_port(data_dir: str) -> int:
+    """The port the backed-up server used, from its copied configuration (PostgreSQL's default 5432)."""
+    return config_port(conf_texts(data_dir)) or 5432
+
+
+# -- WAL archive
+
+
+def wal_files_needed(start_wal: str, stop_wal: str, seg_size=None) -> list:
+    """Segments from start to stop; without the segment size (backup.json may not say), only when
+    they share a log file (otherwise, and for a very long range, the two ends only)."""
+    if not (WAL_NAME_RE.match(start_wal or "") and WAL_NAME_RE.match(stop_wal or "")):
+        return []
+    seg_size = int(seg_size) if str(seg_size or "").isdigit() else None
+    if seg_size not in WAL_SEGMENT_SIZES:
+        if start_wal[:16] != stop_wal[:16]:
+            return [start_wal, stop_wal]
+        # Within one log file a segment's number is the same for every size; the smallest
+        # size has the most segments there, so it names any of them.
+        seg_size = WAL_SEGMENT_SIZES[0]
+    if not 1 <= wal_segment_count(start_wal, stop_wal, seg_size) <= MAX_WAL_CHECKED:
+        return [start_wal, stop_wal]
+    return wal_segment_names(start_wal, stop_wal, seg_size)
+
+
+def missing_wal(archive: str, names: list) -> list:
+    """Names (compressed variants count) not found in a WAL archive directory."""
+    try:
+        present = set(os.listdir(archive))
+    except OSError as e:
+        raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
+    stems = {n.split(".", 1)[0] for n in present}
+    return [n for n in names if n not in present and n not in stems]

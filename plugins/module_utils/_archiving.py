@@ -326,7 +326,7 @@ class InspectError(PgopsError):
 def inspect(
     conn,
     prove_wanted: bool = True,
-    prove_timeout: float = 60,
+    prove_timeout: float | None = 60,
     destination: str | None = None,
     space_margin: float = 1.1,
     require_privileges: bool = True,
@@ -369,7 +369,7 @@ def inspect_for_module(module, application_name: str, prove_wanted: bool, fail_p
         return inspect(
             conn,
             prove_wanted=prove_wanted,
-            prove_timeout=p.get("prove_timeout") or 60,
+            prove_timeout=p.get("prove_timeout"),
             destination=p.get("destination"),
             space_margin=p["space_margin"],
             require_privileges=p.get("require_privileges", True),

@@ -112,7 +112,11 @@ def wal_segno(name: str, seg_size: int) -> int:
     """Position of a WAL segment on its timeline."""
     if not WAL_NAME_RE.match(name or ""):
         raise BackupApiError(f"{name!r} is not a WAL segment name like 000000010000000000000003")
-    return int(name[8:16], 16) * (0x100000000 // seg_size) + int(name[16:24], 16)
+    per_id = 0x100000000 // seg_size
+    low = int(name[16:24], 16)
+    if low >= per_id:
+        raise BackupApiError(f"{name} cannot exist with {seg_size // 1048576} MB segments (at most {per_id - 1:X} per log)")
+    return int(name[8:16], 16) * per_id + low
 
 
 def wal_segment_name(timeline: int, segno: int, seg_size: int) -> str:
@@ -129,8 +133,9 @@ def wal_segment_names(first: str, last: str, seg_size: int) -> list:
     """Every segment name from first to last inclusive, on first's timeline
     (a backup's WAL range: the stop segment may be on a later timeline after a
     standby's promotion, and is then named as it is)."""
+    start, end = wal_segno(first, seg_size), wal_segno(last, seg_size)
     tli = int(first[:8], 16)
-    names = [wal_segment_name(tli, n, seg_size) for n in range(wal_segno(first, seg_size), wal_segno(last, seg_size) + 1)]
+    names = [wal_segment_name(tli, n, seg_size) for n in range(start, end + 1)]
     if names and last[:8] != first[:8]:
         names[-1] = last
     return names

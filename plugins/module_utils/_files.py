@@ -21,6 +21,17 @@ def path_inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent if parent == os.sep else parent + os.sep)
 
 
+def existing_ancestor(path: str) -> str:
+    """path, or its nearest ancestor that exists (where it would be created)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
 def resolves_inside(path: str, parent: str) -> bool:
     """path is parent or below it once symlinks are resolved."""
     return path_inside(os.path.realpath(path), os.path.realpath(parent))
@@ -90,7 +101,7 @@ def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # a stray file where a directory was expected reads as nothing there
     except ValueError:
         return None

@@ -49,6 +49,7 @@ MAX_MESSAGE = 16 * 1024 * 1024
 # A ping checks the database session at most this often: a copy that pings every
 # couple of seconds learns within seconds that a restarted server ended the backup.
 PING_CHECK_INTERVAL = 1.0
+ATTACHED_CHECK_INTERVAL = 2.0
 
 
 class KeeperError(PgopsError):
@@ -334,50 +335,71 @@ def _recv_line(s) -> bytes:
     return buf.split(b"\n", 1)[0]
 
 
-class LeaseRenewer:
-    """Pings a keeper from a thread while a long task runs (the copy): a keeper
-    with a lease outlives the task but not a dead run, and the task learns
-    within seconds when the backup ended (on_gone is called once, from the thread)."""
+class Attachment:
+    """A long task of the run (the copy) attached to the keeper for as long as it
+    runs, over one open connection: while attached, the run counts as alive (no
+    lease can lapse), the keeper checks its database session every couple of
+    seconds, and it tells the task at once when the backup ends (on_gone is
+    called once, from a thread). A task that dies without detaching (killed
+    run, lost controller) closes the connection: the keeper aborts the backup."""
 
-    def __init__(self, sdir: str, on_gone=None, every: float = 2.0):
+    def __init__(self, sdir: str, on_gone=None):
         self.sdir = sdir
         self.on_gone = on_gone
-        lease = (read_state(sdir) or {}).get("lease") or 0
-        # Three renewals per lease at least: one lost ping never ends a backup.
-        self.every = min(every, lease / 3) if lease else every
         self.gone = None
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def ping(self) -> dict:
-        reply = request(self.sdir, {"op": "ping"}, timeout=10)
-        status = (reply.get("state") or {}).get("status")
-        if reply.get("ok") and status != RUNNING:
-            self._gone(f"the backup session is {status}: {(reply.get('state') or {}).get('reason')}")
-        elif not reply.get("ok"):
-            state = read_state(self.sdir) or {}
-            if state.get("status") not in LIVE or not keeper_alive(state):
-                self._gone(f"the session keeper is gone ({state.get('status')}: {state.get('reason') or reply.get('error')})")
-        return reply
-
-    def _gone(self, why: str) -> None:
-        if self.gone is None:
-            self.gone = why
-            if self.on_gone is not None:
-                self.on_gone()
-
-    def _run(self) -> None:
-        while not self._halt.wait(self.every):
-            self.ping()
+        self.sock = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def start(self) -> None:
-        self.ping()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        try:
+            self.sock.connect(os.path.join(self.sdir, SOCKET_FILE))
+            self.sock.sendall(json.dumps({"op": "attach"}).encode() + b"\n")
+            reply = json.loads(_recv_line(self.sock) or b"null") or {}
+        except (OSError, ValueError) as e:
+            reply = {"ok": False, "error": f"cannot reach the session keeper: {e}"}
+        if not reply.get("ok"):
+            self._ended(reply)
+            return
+        self.sock.settimeout(None)
         self._thread.start()
 
+    def _watch(self) -> None:
+        try:
+            line = _recv_line(self.sock)  # the keeper writes only when the backup ended
+            reply = json.loads(line) if line else {}
+        except (OSError, ValueError):
+            reply = {}
+        self._ended(reply)
+
+    def _ended(self, reply: dict) -> None:
+        if self.gone is not None or reply.get("detached"):
+            return
+        state = reply.get("state")
+        if not state:
+            # The connection closed without a word: the keeper died. Its sockets close before
+            # the kernel marks it a zombie, so give /proc a moment to agree.
+            deadline = time.monotonic() + 2
+            state = read_state(self.sdir) or {}
+            while state.get("status") in LIVE and keeper_alive(state) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            state = mark_lost_if_dead(self.sdir, state, write=False)
+        status = state.get("status")
+        self.gone = f"session {status}, backup unusable: {state.get('reason') or reply.get('error')}"
+        if self.on_gone is not None:
+            self.on_gone()
+
     def stop(self) -> None:
-        self._halt.set()
-        self._thread.join(15)
-        self.ping()  # the stop task follows: a fresh lease for it
+        """Detach: the task ends normally (the stop task follows)."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendall(json.dumps({"op": "detach"}).encode() + b"\n")
+        except OSError:
+            pass
+        self._thread.join(10)
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------
@@ -403,6 +425,7 @@ class Core:
         self.interval = max(1, spec.get("keepalive_interval") or 30)
         self.last_contact = now
         self.last_check = now
+        self.attached = 0
 
     @property
     def ended(self) -> bool:
@@ -430,6 +453,11 @@ class Core:
             if self.ended:
                 return None, {"ok": False, "error": f"the session already ended ({self.status})"}
             return "abort", None
+        if op == "attach":
+            if self.status != RUNNING:
+                return None, {"ok": False, "error": f"the session is {self.status}: {self.reason}"}
+            self.attached += 1
+            return "attach", None
         if op == "stop":
             if self.status == STARTING:
                 return None, {
@@ -444,6 +472,14 @@ class Core:
     def on_launcher_gone(self) -> str | None:
         """The module that launched us died before learning the session id: nobody can stop this backup."""
         if self.status == STARTING:
+            return "abort"
+        return None
+
+    def on_detach(self, graceful: bool, now: float) -> str | None:
+        """An attached task ended: gracefully (it said so), or it died (its connection closed)."""
+        self.attached = max(0, self.attached - 1)
+        self.last_contact = now
+        if not graceful and self.status == RUNNING:
             return "abort"
         return None
 
@@ -464,6 +500,8 @@ class Core:
             )
             return "expire", 0.0
         wait = left
+        if self.attached:
+            self.last_contact = now  # an attached task is word from the run for as long as it runs
         if self.lease and self.status == RUNNING:
             lease_left = self.lease - (now - self.last_contact)
             if lease_left <= 0:
@@ -476,7 +514,9 @@ class Core:
                 return "lease", 0.0
             wait = min(wait, lease_left)
         if self.status == RUNNING:
-            check_left = self.interval - (now - self.last_check)
+            # While a copy is attached, a server restart must stop it within seconds.
+            interval = min(self.interval, ATTACHED_CHECK_INTERVAL) if self.attached else self.interval
+            check_left = interval - (now - self.last_check)
             if check_left <= 0:
                 return "keepalive", 0.0
             wait = min(wait, check_left)
@@ -616,6 +656,8 @@ class Keeper:
         self.sdir = sdir
         self.core = Core(spec, time.monotonic())
         self.sock = None
+        self.poller = None
+        self.watchers = {}  # fd -> socket of an attached task (the copy)
         self.start_outcome = None
         self.start_r, self.start_w = os.pipe()  # readable once the start thread is done
         self.state = {
@@ -673,6 +715,7 @@ class Keeper:
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
             self.db.close()
+            self._release_watchers()
             if self.sock is not None:
                 self.sock.close()
                 try:
@@ -761,7 +804,7 @@ class Keeper:
             self._save()
 
     def _loop(self) -> None:
-        poller = select.poll()
+        poller = self.poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self.start_r, select.POLLIN)
         if self.wfd is not None:
@@ -788,6 +831,8 @@ class Keeper:
                     self._started()
                 elif fd == self.sock.fileno():
                     self._accept()
+                elif fd in self.watchers:
+                    self._watcher_event(fd)
                 elif self.wfd is not None and fd == self.wfd and events & (select.POLLERR | select.POLLHUP):
                     poller.unregister(self.wfd)
                     if self.core.on_launcher_gone() == "abort":
@@ -812,6 +857,12 @@ class Keeper:
                 self.core.on_keepalive(self.db.ping(), time.monotonic())
             elif action == "abort":
                 self._abort(req.get("reason") or "aborted on request")
+            elif action == "attach":
+                self._send(client, {"ok": True, "state": self.state})
+                held = client.dup()  # kept open for the task's lifetime; the with block closes the original
+                self.watchers[held.fileno()] = held
+                self.poller.register(held.fileno(), select.POLLIN)
+                return
             elif action == "stop":
                 # No SIGTERM between the stop call and its reply: the label must reach the caller.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -823,7 +874,32 @@ class Keeper:
                 return
             if self.core.ended and action != "abort":
                 self._save()  # a keepalive found the session lost
-            self._send(client, reply or {"ok": True, "state": self.state})
+            reply = reply or {"ok": True}
+            reply.setdefault("state", self.state)
+            self._send(client, reply)
+
+    def _watcher_event(self, fd: int) -> None:
+        """An attached task wrote (detach) or went away (its connection closed)."""
+        conn = self.watchers.pop(fd)
+        self.poller.unregister(fd)
+        try:
+            conn.settimeout(5)
+            line = _recv_line(conn)
+            graceful = bool(line) and (json.loads(line) or {}).get("op") == "detach"
+        except (OSError, ValueError):
+            graceful = False
+        if graceful:
+            self._send(conn, {"ok": True, "detached": True, "state": self.state})
+        conn.close()
+        if self.core.on_detach(graceful, time.monotonic()) == "abort":
+            self._abort("the copy task attached to this backup went away before it finished (its run was killed or lost)")
+
+    def _release_watchers(self) -> None:
+        """The session ended: tell every attached task at once, so its copy stops."""
+        for conn in list(self.watchers.values()):
+            self._send(conn, {"ok": False, "ended": True, "state": self.state})
+            conn.close()
+        self.watchers.clear()
 
     def _send(self, client, reply: dict) -> None:
         try:

@@ -17,6 +17,7 @@ import stat
 import time
 
 from ._files import read_json, write_json
+from ._postgres import PgopsError
 
 SCHEMA = 1
 COLLECTION_VERSION = "0.1.0"
@@ -48,7 +49,7 @@ ARCHIVE_RE = re.compile(r"^(base|[0-9]+)\.(tar|cpio)(\.gz|\.zst|\.lz4)?$")
 _ID_RE = re.compile(r"^\d{8}T\d{6}Z(-\d{2})?$")
 
 
-class LayoutError(Exception):
+class LayoutError(PgopsError):
     """The repository or a backup in it is not in the expected format."""
 
 

@@ -10,7 +10,7 @@ users feel at home.
 from __future__ import annotations
 
 import traceback
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 PSYCOPG2_IMP_ERR = None
 try:
@@ -170,31 +170,36 @@ def parse_conninfo(text: str) -> dict:
 
 
 def _parse_uri(text: str) -> dict:
-    u = urlsplit(text)
-    out = dict(parse_qsl(u.query))
-    # urlsplit's hostname/port cannot read a host list (h1:5432,h2:5433): split it ourselves.
-    userinfo, _at, hostlist = u.netloc.rpartition("@")
-    if userinfo:
+    """postgresql://[user[:password]@][host][:port][,host[:port]...][/dbname][?param=value&...], as libpq reads it."""
+    rest = text.split("://", 1)[1]
+    rest, _q, query = rest.partition("?")
+    authority, _slash, dbname = rest.partition("/")
+    out = {}
+    userinfo, at, hostlist = authority.rpartition("@")
+    if at:
         user, _colon, password = userinfo.partition(":")
-        out.setdefault("user", unquote(user))
+        if user:
+            out["user"] = unquote(user)
         if password:
-            out.setdefault("password", unquote(password))
+            out["password"] = unquote(password)
     hosts, ports = [], []
     for part in hostlist.split(","):
         if part.startswith("["):  # [::1]:5432
-            host, _bracket, rest = part[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else ""
+            host, _bracket, tail = part[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else ""
         else:
             host, _colon, port = part.partition(":")
         hosts.append(unquote(host))
         ports.append(port)
     if any(hosts):
-        out.setdefault("host", ",".join(hosts))
+        out["host"] = ",".join(hosts)
     if any(ports):
-        out.setdefault("port", ",".join(ports))
-    dbname = unquote(u.path.lstrip("/"))
+        out["port"] = ",".join(ports)
     if dbname:
-        out.setdefault("dbname", dbname)
+        out["dbname"] = unquote(dbname)
+    for pair in query.split("&") if query else []:
+        key, _eq, value = pair.partition("=")
+        out[unquote(key)] = unquote(value)  # libpq decodes %XX only, never "+"
     return out
 
 

@@ -13,7 +13,7 @@ import datetime
 import os
 
 from ._backup_api import MIN_MAJOR, backup_function_signatures, grant_statements, major_of, quote_ident
-from ._files import path_inside
+from ._files import existing_ancestor, path_inside
 
 # Stable problem codes: playbooks and monitoring match on them.
 CODES = (
@@ -192,7 +192,8 @@ def privilege_problems(facts: dict, prove: bool, require_privileges: bool) -> li
                 f"role {quote_ident(role)} may not execute pg_switch_wal(), so the archive proof cannot switch WAL "
                 "to show that a finished segment gets archived",
                 f"as a superuser run: GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {quote_ident(role)}; "
-                "or run with prove=false to check the settings only",
+                "or check the settings only, without the proof "
+                "(pgops.online_backup.pg_archiving_info, or pg_backup_preflight_prove: false)",
             )
         )
     return out
@@ -262,21 +263,10 @@ def evaluate(facts: dict, prove: bool = True, require_privileges: bool = True) -
 # -- destination
 
 
-def nearest_existing(path: str) -> str:
-    """path itself or its closest ancestor that exists."""
-    current = os.path.abspath(path)
-    while not os.path.exists(current):
-        up = os.path.dirname(current)
-        if up == current:
-            break
-        current = up
-    return current
-
-
 def resolve(path: str) -> str:
     """realpath of the nearest existing ancestor, plus the parts not created yet."""
     path = os.path.abspath(path)
-    base = nearest_existing(path)
+    base = existing_ancestor(path)
     rest = os.path.relpath(path, base)
     real = os.path.realpath(base)
     return real if rest == "." else os.path.join(real, rest)
@@ -287,7 +277,7 @@ def inspect_destination(path: str, data_directory: str | None, tablespaces: list
     out = {"path": path, "absolute": os.path.isabs(path)}
     if not out["absolute"]:
         return out
-    base = nearest_existing(path)
+    base = existing_ancestor(path)
     st = os.statvfs(base)
     out.update(
         existing_parent=base,

@@ -19,8 +19,17 @@ import subprocess
 import tempfile
 
 from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
-from ._files import resolves_inside, write_private_file
-from ._layout import BACKUP_JSON, LABEL_FILES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, decompressor, parse_archive_name
+from ._files import existing_ancestor, resolves_inside, write_private_file
+from ._layout import (
+    BACKUP_JSON,
+    LABEL_FILES,
+    RSYNC_DATA,
+    RSYNC_TABLESPACES,
+    LayoutError,
+    decompress_command,
+    decompressor,
+    parse_archive_name,
+)
 from ._restore_plan import RestoreError, conf_key, conf_value
 from ._restore_server import running_postmaster
 
@@ -106,16 +115,6 @@ def unremovable(path: str) -> str | None:
     return None
 
 
-def existing_ancestor(path: str) -> str:
-    """path, or its nearest ancestor that exists (where it would be created)."""
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
 def writable_parent(path: str) -> str | None:
     """Why path cannot be created or written by this user (None when it can)."""
     probe = existing_ancestor(path)
@@ -188,14 +187,6 @@ def backup_sources(backup_dir: str, info: dict) -> dict:
     return out
 
 
-def _decompressor(path: str) -> list | None:
-    """_layout's decompressor; RestoreError naming the tool when it is not installed."""
-    try:
-        return decompressor(path)
-    except LayoutError as e:
-        raise RestoreError(str(e)) from None
-
-
 def needed_tools(sources: dict) -> list:
     """Check that every program the restore needs is installed before anything changes."""
     method = sources["method"]
@@ -204,8 +195,8 @@ def needed_tools(sources: dict) -> list:
     missing = [] if shutil.which(tools) else [tools]
     for path in paths if method != "rsync" else []:
         try:
-            _decompressor(path)
-        except RestoreError as e:
+            decompressor(path)
+        except LayoutError as e:
             missing.append(str(e))
     if missing:
         raise RestoreError(f"cannot restore this {method} backup here: missing {'; '.join(missing)}")
@@ -254,12 +245,8 @@ def extract(source: str, dest: str, method: str) -> None:
         "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore"],
         "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
     }[method]
-    dec = _decompressor(source)
-    stages = (
-        [(dec + ["--", source] if dec[0] in ("zstd", "lz4") else dec + [source], None), (unpack, None)]
-        if dec
-        else [(unpack, source)]
-    )
+    dec = decompress_command(source)
+    stages = [(dec, None), (unpack, None)] if dec else [(unpack, source)]
     _run_pipeline(stages, what, dest)
 
 
@@ -272,11 +259,10 @@ def peek_tar_config(archive: str, limit: int = 5000) -> dict:
 
     wanted = {"postgresql.conf", "postgresql.auto.conf"}
     found = {}
-    dec = _decompressor(archive)
+    cmd = decompress_command(archive)
     proc = None
     try:
-        if dec:
-            cmd = dec + (["--", archive] if dec[0] in ("zstd", "lz4") else [archive])
+        if cmd:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             stream = proc.stdout
         else:

@@ -59,9 +59,9 @@ options:
     default: 1.1
 notes:
   - Problem codes are V(server_too_old), V(wal_level_minimal), V(archive_mode_off), V(standby_archive_mode_not_always),
-    V(archive_command_empty), V(both_command_and_library), V(archiver_failing), V(archive_proof_failed),
-    V(archive_proof_timeout), V(missing_backup_privilege), V(cannot_switch_wal), V(destination_not_absolute),
-    V(destination_inside_data_directory), V(destination_inside_tablespace) and V(destination_insufficient_space).
+    V(archive_command_empty), V(both_command_and_library), V(archiver_failing), V(missing_backup_privilege),
+    V(destination_not_absolute), V(destination_inside_data_directory), V(destination_inside_tablespace) and
+    V(destination_insufficient_space); M(pgops.online_backup.pg_archiving_check) adds those of its proof.
   - The O(destination) checks compare paths of the managed node with the server's; run the module on the database host.
   - Tested against PostgreSQL 13, 15 and 18 (primary and streaming standby).
 seealso:

@@ -13,9 +13,9 @@ description:
     and C(backup.json) with C(status=running) while taking the cluster's lock; V(complete) writes C(backup_manifest),
     marks the backup complete, releases the lock, then applies retention and writes the metrics file; V(failed)
     records the error, removes the partial data and releases the lock.
-  - A lock whose holder is gone is taken over at once (its backup is marked failed, with a warning): the holder is
-    the backup's session (M(pgops.online_backup.pg_backup_session) started with O(pgops.online_backup.pg_backup_session#module:session_id)
-    set to the backup's id, see O(session_runtime_dir)) while it starts, runs and waits for the archive.
+  - A lock whose holder is gone is taken over at once (its backup is marked failed, with a warning). The holder is
+    the backup's session, started by M(pgops.online_backup.pg_backup_session) with the backup's id as its session
+    id (see O(session_local)), while it starts, runs and waits for the archive.
   - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
 extends_documentation_fragment:
   - pgops.online_backup.attributes

@@ -96,9 +96,11 @@ options:
     default: []
   session_id:
     description:
-      - The M(pgops.online_backup.pg_backup_session) this copy belongs to (same host and OS user). The copy renews the
-        keeper's lease every few seconds while it runs, and stops within seconds, failing, when the backup's session
-        has ended (aborted, lost with a restarted server, expired): a copy the server no longer backs up is useless.
+      - The M(pgops.online_backup.pg_backup_session) this copy belongs to (same host and OS user). The copy attaches to
+        the session's keeper for as long as it runs - its run counts as alive meanwhile, so no lease can lapse - and
+        stops within seconds, failing, when the backup's session ends (aborted, or lost when the server restarts): a
+        copy the server no longer backs up is useless. A copy task that dies (its run killed or lost) makes the
+        keeper abort the backup at once.
     type: str
   runtime_dir:
     description: The keepers' directory, when not the default of M(pgops.online_backup.pg_backup_session).
@@ -159,7 +161,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
-    LeaseRenewer,
+    Attachment,
     default_runtime_dir,
     session_dir,
 )
@@ -206,23 +208,24 @@ def main():
             seconds=0.0,
         )
     cancel = Cancel()
-    renewer = None
+    attached = None
     if p["session_id"]:
         try:
-            renewer = LeaseRenewer(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]), cancel.fire)
+            attached = Attachment(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]), cancel.fire)
         except PgopsError as e:
             module.fail_json(msg=str(e))
-        renewer.start()  # the keeper's lease stays fresh however long the copy takes
-        if renewer.gone:
-            module.fail_json(msg=f"nothing copied: {renewer.gone}")
+        # However long the copy takes, the run counts as alive; if it ends, the copy stops at once.
+        attached.start()
+        if attached.gone:
+            module.fail_json(msg=f"nothing copied: {attached.gone}")
     try:
         result = run_copy(p, plan, cancel=cancel)
     except (PgopsError, OSError) as e:
-        why = f" ({renewer.gone})" if renewer is not None and renewer.gone else ""
+        why = f": {attached.gone}" if attached is not None and attached.gone else ""
         module.fail_json(msg=f"copy failed: {e}{why}")
     finally:
-        if renewer is not None:
-            renewer.stop()
+        if attached is not None:
+            attached.stop()
     module.exit_json(changed=True, **result)
 
 

@@ -258,14 +258,13 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import BackupApiError, major_of
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import existing_ancestor, write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, read_backup
 from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
     backup_sources,
     check_targets,
     config_port,
-    existing_ancestor,
     extract,
     link_tablespaces,
     missing_wal,

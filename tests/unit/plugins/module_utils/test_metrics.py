@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import os
+import stat
 import sys
 
 from harness.ansible import collections_workspace
@@ -53,3 +55,46 @@ def test_newest_complete_and_failed_backups_per_cluster():
     names = {k.split("{")[0] for k in got}
     for name in names:
         assert text.count(f"# TYPE {name} gauge") == 1 and text.count(f"# HELP {name} ") == 1
+
+
+def test_publish_writes_what_render_renders_readable_by_the_collector(tmp_path):
+    entries = [{"id": "1", "system_identifier": "111", "status": "complete", "completed_at": "2026-11-29T10:00:00+00:00"}]
+    path = tmp_path / "pgops_backup.prom"
+    path.write_text("stale")
+    os.chmod(path, 0o600)
+    old = os.umask(0o077)
+    try:
+        metrics.publish(str(path), entries, "/srv/pg")
+    finally:
+        os.umask(old)
+    assert path.read_text() == metrics.render(entries, "/srv/pg")
+    assert parse(path.read_text())['pgops_backup_complete_backups{cluster="111",repository="/srv/pg"}'] == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["pgops_backup.prom"]  # no temporary file left
+
+
+def test_render_of_an_empty_repository_and_odd_values():
+    assert metrics.render([], "/r") == "\n"
+    got = parse(
+        metrics.render(
+            [
+                {"id": "2", "status": "complete", "completed_at": "not a time", "bytes": "n/a", "duration": "7"},
+                {"id": "1", "status": "failed"},
+            ],
+            "/r",
+        )
+    )
+    labels = 'cluster="unknown",repository="/r"'
+    # Unreadable values are left out, never written as 0; a failure without a time is 0.
+    assert got[f"pgops_backup_last_complete_duration_seconds{{{labels}}}"] == 7
+    assert f"pgops_backup_last_complete_timestamp_seconds{{{labels}}}" not in got
+    assert f"pgops_backup_last_complete_bytes{{{labels}}}" not in got
+    assert got[f"pgops_backup_last_failure_timestamp_seconds{{{labels}}}"] == 0
+
+
+def test_timestamps_keep_their_seconds():
+    text = metrics.render(
+        [{"id": "1", "system_identifier": "1", "status": "complete", "completed_at": "2026-11-29T10:00:01+00:00"}], "/r"
+    )
+    line = next(x for x in text.splitlines() if x.startswith("pgops_backup_last_complete_timestamp_seconds"))
+    assert line.endswith(" " + str(int(ts("2026-11-29T10:00:01+00:00")))) and "e+" not in line

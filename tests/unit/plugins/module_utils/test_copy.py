@@ -1,19 +1,25 @@
-"""The copy step's file selection, on a fake data directory made here."""
+"""The copy step on a fake data directory made here: which files, in what
+order, the archivers and compressors, and cancelling."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
+import sys
 
 import pytest
+from harness.ansible import collections_workspace
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
-    CONTROL,
-    CopyError,
-    archive,
-    compressor_command,
-    walk,
-    walk_error,
+sys.path.insert(0, collections_workspace())
+copier = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._copy")
+CONTROL, CopyError, archive, compressor_command, walk, walk_error = (
+    copier.CONTROL,
+    copier.CopyError,
+    copier.archive,
+    copier.compressor_command,
+    copier.walk,
+    copier.walk_error,
 )
 
 
@@ -47,7 +53,7 @@ def test_walk_applies_pg_basebackup_exclusions(tmp_path):
     ]
     for rel in keep + drop + [CONTROL]:
         touch(root, rel)
-    files, total = walk(root, 15)
+    files, total = walk(root)
     for rel in keep:
         assert rel in files, rel
     for rel in drop:
@@ -67,7 +73,7 @@ def test_walk_skips_tablespace_links_and_extra_dirs(tmp_path):
     touch(root, "stats/x.stat")
     os.makedirs(os.path.join(root, "pg_tblspc"))
     os.symlink("/nonexistent", os.path.join(root, "pg_tblspc", "16384"))
-    files, _ = walk(root, 13, True, ("stats",))
+    files, _ = walk(root, extra_empty=("stats",))
     assert "pg_tblspc" in files and "pg_tblspc/16384" not in files
     assert "stats" in files and "stats/x.stat" not in files
 
@@ -76,7 +82,7 @@ def test_tablespace_walk_is_not_treated_as_data_dir(tmp_path):
     root = str(tmp_path)
     touch(root, "PG_15_202209061/16385/16400")
     touch(root, "PG_15_202209061/16385/t5_16401")
-    files, _ = walk(root, 0, False)
+    files, _ = walk(root, is_data_dir=False)
     assert "PG_15_202209061/16385/16400" in files
     assert "PG_15_202209061/16385/t5_16401" not in files
 
@@ -97,7 +103,7 @@ def test_symlinked_pg_wal_is_archived_as_an_empty_directory(tmp_path, method):
     touch(str(wal), "000000010000000000000001")
     touch(str(wal), "archive_status/000000010000000000000001.done")
     os.symlink(str(wal), os.path.join(root, "pg_wal"))
-    files, _ = walk(root, 15)
+    files, _ = walk(root)
     assert "pg_wal" in files and "pg_wal/archive_status" in files
     assert not any(f.startswith("pg_wal/0") or f.endswith(".done") for f in files)
     out = str(tmp_path / f"base.{method}")
@@ -113,7 +119,7 @@ def test_symlinked_pg_wal_is_archived_as_an_empty_directory(tmp_path, method):
 
 def test_unreadable_directory_is_an_error_not_a_silent_gap(tmp_path):
     with pytest.raises(CopyError, match="cannot read"):
-        walk(str(tmp_path / "missing"), 15)
+        walk(str(tmp_path / "missing"))
     # What os.walk reports for a directory it cannot list (tests run as root, who reads everything).
     with pytest.raises(CopyError, match="cannot read /d/base/1: Permission denied"):
         walk_error(PermissionError(13, "Permission denied", "/d/base/1"))
@@ -121,14 +127,11 @@ def test_unreadable_directory_is_an_error_not_a_silent_gap(tmp_path):
 
 
 def _spec(root, method: str) -> dict:
-    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import COPY_DEFAULTS
-
-    return {**COPY_DEFAULTS, "data_directory": root, "tablespaces": [], "dest": root + ".out", "method": method}
+    return {**copier.COPY_DEFAULTS, "data_directory": root, "tablespaces": [], "dest": root + ".out", "method": method}
 
 
 def test_a_file_named_like_the_cpio_trailer_is_refused_for_cpio_only(tmp_path):
-    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import plan_copy
-
+    plan_copy = copier.plan_copy
     root = str(tmp_path / "data")
     for rel in ("PG_VERSION", "global/pg_control", "TRAILER!!!"):
         touch(root, rel)
@@ -138,8 +141,7 @@ def test_a_file_named_like_the_cpio_trailer_is_refused_for_cpio_only(tmp_path):
 
 
 def test_a_cancelled_copy_stops_between_steps(tmp_path):
-    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, hash_tree, run_copy
-
+    Cancel, hash_tree, run_copy = copier.Cancel, copier.hash_tree, copier.run_copy
     root = str(tmp_path / "data")
     for rel in ("PG_VERSION", "global/pg_control", "base/1/1259"):
         touch(root, rel, 5000)
@@ -151,3 +153,11 @@ def test_a_cancelled_copy_stops_between_steps(tmp_path):
     with pytest.raises(CopyError, match="cancelled"):
         run_copy({**_spec(root, "tar"), "manifest_checksum": "SHA256"}, cancel=cancel)
     assert os.listdir(root + ".out") == []  # no archive, no .partial left
+
+
+def test_a_missing_compressor_is_a_copy_error(monkeypatch):
+    layout = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._layout")
+    monkeypatch.setattr(layout.shutil, "which", lambda name: None)
+    with pytest.raises(CopyError, match="compression zstd needs zstd on this host"):
+        compressor_command("zstd", 3, 2)
+    assert compressor_command("none", None, 2) == []

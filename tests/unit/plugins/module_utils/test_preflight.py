@@ -129,6 +129,21 @@ FAILED_ROW = {
 }
 
 
+@pytest.mark.parametrize(
+    ("row", "failing"),
+    [
+        ({}, False),
+        ({"last_failed_time": None, "last_archived_time": "2026-11-29T10:00:00+00:00"}, False),
+        ({"last_failed_time": "2026-11-29T10:05:00+00:00", "last_archived_time": None}, True),
+        ({"last_failed_time": "2026-11-29T10:05:00+00:00", "last_archived_time": "2026-11-29T10:00:00+00:00"}, True),
+        ({"last_failed_time": "2026-11-29T09:00:00+00:00", "last_archived_time": "2026-11-29T10:00:00+00:00"}, False),
+        ({"last_failed_time": "2026-10-25T02:10:00+01:00", "last_archived_time": "2026-10-25T02:30:00+02:00"}, True),
+    ],
+)
+def test_archiver_failing(row, failing):
+    assert pf.archiver_failing(row) is failing
+
+
 def test_archiver_failing_without_proof():
     (p,) = pf.evaluate(facts(proof={"performed": False}, archiver=FAILED_ROW, ready_count=2))
     assert p["code"] == "archiver_failing"
@@ -226,17 +241,10 @@ def test_format_problems_one_line_each():
 # -- destination
 
 
-def test_path_inside():
-    assert pf.path_inside("/data", "/data")
-    assert pf.path_inside("/data/x/y", "/data/")
-    assert not pf.path_inside("/data2", "/data")
-    assert pf.path_inside("/anything", "/")
-
-
 def test_resolve_follows_symlinks_of_the_existing_part(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    assert pf.nearest_existing(str(tmp_path / "link" / "a" / "b")) == str(tmp_path / "link")
+    assert pf.resolve(str(tmp_path / "link")) == os.path.realpath(tmp_path / "real")
     assert pf.resolve(str(tmp_path / "link" / "a" / "b")) == os.path.join(os.path.realpath(tmp_path / "real"), "a", "b")
 
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import subprocess
+import sys
 
 import pytest
+from harness.ansible import collections_workspace
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._stream import CpioScanner, TarScanner
+sys.path.insert(0, collections_workspace())
+stream_mod = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._stream")
+_copy = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._copy")
+_checksum = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._checksum")
+CpioScanner, TarScanner = stream_mod.CpioScanner, stream_mod.TarScanner
 
 
 @pytest.fixture
@@ -85,9 +92,7 @@ def test_truncated_stream_is_not_done(tree):
 
 
 def _archiver(method: str, root, names, big: bool) -> list:
-    from ansible_collections.pgops.online_backup.plugins.module_utils._copy import _archive_command
-
-    return _archive_command(method, str(root), big_records=big)
+    return _copy._archive_command(method, str(root), big_records=big)
 
 
 @pytest.mark.parametrize("method", ["tar", "cpio"])
@@ -96,8 +101,6 @@ def test_tee_passes_the_archive_on_with_standard_padding(tree, tmp_path, method,
     """1 MiB records in, byte for byte what the archiver writes with its default
     records out (through tee(2) into a pipe, or read and written into a file),
     with every file's checksum seen on the way."""
-    from ansible_collections.pgops.online_backup.plugins.module_utils import _copy
-
     root, files, names = tree
     listing = b"\0".join(n.encode() for n in names) + b"\0"
     expected = subprocess.run(_archiver(method, root, names, False), cwd=root, input=listing, capture_output=True, check=True)
@@ -122,16 +125,12 @@ def test_tee_passes_the_archive_on_with_standard_padding(tree, tmp_path, method,
     # The big records really were bigger: the archiver padded to 1 MiB.
     assert len(got) < 1 << 20
     assert got == expected.stdout
-    from ansible_collections.pgops.online_backup.plugins.module_utils._checksum import Crc32c
-
     # Our archivers dereference links: "link" is stored as a copy of PG_VERSION.
-    want = {k: Crc32c(v).hexdigest() for k, v in {**files, "link": files["PG_VERSION"]}.items()}
+    want = {k: _checksum.Crc32c(v).hexdigest() for k, v in {**files, "link": files["PG_VERSION"]}.items()}
     assert {e["path"]: e["checksum"] for e in scanner.entries} == want
 
 
 def test_tee_stops_at_a_stream_that_ends_early(tree, tmp_path):
-    from ansible_collections.pgops.online_backup.plugins.module_utils import _copy
-
     root, _, names = tree
     stream = subprocess.run(["tar", "-C", str(root), "-cf", "-", "--format=gnu", *names[:5]], capture_output=True, check=True)
     r, w = os.pipe()
@@ -143,3 +142,8 @@ def test_tee_stops_at_a_stream_that_ends_early(tree, tmp_path):
     os.close(r)
     assert not scanner.done
     assert (tmp_path / "out").read_bytes() == stream.stdout[:1500]
+
+
+def test_scanner_for_each_method():
+    assert isinstance(stream_mod.scanner_for("tar", "", "NONE"), TarScanner)
+    assert isinstance(stream_mod.scanner_for("cpio", "", "NONE"), CpioScanner)

@@ -18,6 +18,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 mf = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._manifest")
+disk = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._layout")
 
 NOT_UTF8 = os.fsdecode(b"base/1/caf\xe9")  # a Latin-1 name: no valid UTF-8
 
@@ -212,6 +213,13 @@ def rsync_backup(tmp_path):
     return str(root), info, expected_paths(files, ts)
 
 
+def manifest_of(layout, algorithm: str):
+    """The manifest of what the layout holds now, as the backup would have written it."""
+    entries, errors = mf.collect_entries(layout, algorithm)
+    assert errors == []
+    return mf.parse_manifest(mf.build_manifest(entries, [(1, "0/2000028", "0/2000100")]))
+
+
 def test_rsync_layout_entries_follow_the_tablespace_link(tmp_path):
     root, info, paths = rsync_backup(tmp_path)
     layout = mf.detect_layout(root, info)
@@ -245,8 +253,7 @@ def test_missing_tablespace_is_named(tmp_path):
 def test_verify_rsync_layout_finds_each_kind_of_problem(tmp_path):
     root, info, paths = rsync_backup(tmp_path)
     layout = mf.detect_layout(root, info)
-    entries, _ = mf.collect_entries(layout, "CRC32C")
-    manifest = mf.parse_manifest(mf.build_manifest(entries, [(1, "0/2000028", "0/2000100")]))
+    manifest = manifest_of(layout, "CRC32C")
     problems, files, size = mf.verify_layout(layout, manifest)
     assert problems == [] and files == len(paths)
     data = os.path.join(root, "data")
@@ -338,10 +345,11 @@ ARCHIVE_CASES = [(kind, comp) for kind in ("tar", "cpio") for comp in (None, "gz
 def test_archive_backups_match_the_directory(tmp_path, kind, compression):
     # scripts/setup.sh installs these: a missing tool is a broken setup, not a reason to skip.
     assert kind != "cpio" or shutil.which("cpio"), "cpio is not installed (scripts/setup.sh installs it)"
-    assert compression not in ("zst", "lz4") or shutil.which(mf.COMPRESSION_TOOLS[compression]), f"{compression} tool missing"
+    name = disk.compression_of_suffix(f".{compression}" if compression else "")
+    assert name == "none" or shutil.which(disk.COMPRESSION[name][2][-1][0]), f"{name} tool missing"
     root, info, paths, src = archive_backup(tmp_path, kind, compression)
     layout = mf.detect_layout(root, info)
-    assert (layout.method, layout.compression) == (kind, mf.COMPRESSION_NAMES[compression])
+    assert (layout.method, layout.compression) == (kind, name)
     assert layout.missing == []
     entries, errors = mf.collect_entries(layout, "SHA256")
     assert errors == []
@@ -363,8 +371,7 @@ def test_archive_backups_match_the_directory(tmp_path, kind, compression):
 def test_tar_corrupted_member_and_missing_archive(tmp_path):
     root, info, _, _ = archive_backup(tmp_path, "tar", None)
     layout = mf.detect_layout(root, info)
-    entries, _ = mf.collect_entries(layout, "SHA256")
-    manifest = mf.parse_manifest(mf.build_manifest(entries, [(1, "0/2000028", "0/2000100")]))
+    manifest = manifest_of(layout, "SHA256")
     base = os.path.join(root, "base.tar")
     with tarfile.open(base) as tf:
         offset = tf.getmember("./global/pg_control").offset_data
@@ -384,8 +391,7 @@ def test_tar_corrupted_member_and_missing_archive(tmp_path):
 def test_cpio_corrupted_member(tmp_path):
     root, info, _, _ = archive_backup(tmp_path, "cpio", None)
     layout = mf.detect_layout(root, info)
-    entries, _ = mf.collect_entries(layout, "CRC32C")
-    manifest = mf.parse_manifest(mf.build_manifest(entries, [(1, "0/2000028", "0/2000100")]))
+    manifest = manifest_of(layout, "CRC32C")
     base = os.path.join(root, "base.cpio")
     with open(base, "rb") as f:
         offset = next(m.offset for m in mf.iter_cpio(f) if mf.member_name(os.fsdecode(m.name)) == "base/1/1259_fsm")
@@ -399,8 +405,7 @@ def test_cpio_corrupted_member(tmp_path):
 def test_truncated_and_garbage_archives_are_unreadable(tmp_path):
     root, info, _, _ = archive_backup(tmp_path, "tar", "zst")
     layout = mf.detect_layout(root, info)
-    entries, _ = mf.collect_entries(layout, "SHA256")
-    manifest = mf.parse_manifest(mf.build_manifest(entries, [(1, "0/2000028", "0/2000100")]))
+    manifest = manifest_of(layout, "SHA256")
     base = os.path.join(root, "base.tar.zst")
     size = os.path.getsize(base)
     with open(base, "r+b") as f:
@@ -441,17 +446,17 @@ def test_gzip_stream_and_label_at_root_wins(tmp_path):
 
 
 def test_layout_detection(tmp_path):
-    with pytest.raises(mf.LayoutError, match="is not a backup"):
+    with pytest.raises(disk.LayoutError, match="is not a backup"):
         mf.detect_layout(str(tmp_path))
     (tmp_path / "base.tar").write_bytes(b"")
     (tmp_path / "base.tar.zst").write_bytes(b"")
-    with pytest.raises(mf.LayoutError, match="two archives for base"):
+    with pytest.raises(disk.LayoutError, match="two archives for base"):
         mf.detect_layout(str(tmp_path))
     os.unlink(tmp_path / "base.tar")
     layout = mf.detect_layout(str(tmp_path), {"method": "tar", "files": ["base.tar.zst", "16385.tar.zst"]})
     assert layout.missing == ["16385.tar.zst"]
     assert mf.detect_layout(str(tmp_path), {"method": "cpio"}).missing == ["base.cpio"]
-    with pytest.raises(mf.LayoutError, match="unknown backup method"):
+    with pytest.raises(disk.LayoutError, match="unknown backup method"):
         mf.detect_layout(str(tmp_path), {"method": "zip"})
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -1,0 +1,419 @@
+"""The repository without a server: its path, the per-cluster lock and the
+sessions it names, the catalog of backup.json files, one backup's record from
+running to complete or failed, and retention."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import socket
+import stat
+import sys
+import time
+
+import pytest
+from harness.ansible import collections_workspace
+
+sys.path.insert(0, collections_workspace())
+r = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._repository")
+layout = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._layout")
+
+CLUSTER = "7441234567890123456"
+HOUR = 3600
+
+
+def status_of(repo, bid: str):
+    return (layout.read_backup(os.path.join(str(repo), bid)) or {}).get("status")
+
+
+def iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat()
+
+
+def age(path, seconds: float) -> None:
+    """Make a file or a backup directory (and what is in it) look untouched for this long."""
+    when = time.time() - seconds
+    paths = [path] + ([os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [])
+    for p in paths:
+        os.utime(p, (when, when))
+
+
+# -- the repository itself
+
+
+def test_validate_repository(tmp_path):
+    assert "absolute" in r.validate_repository("rel/x", [])
+    data = tmp_path / "data"
+    data.mkdir()
+    assert "inside" in r.validate_repository(str(data / "b"), [str(data)])
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    assert "inside" in r.validate_repository(str(link / "b"), [str(data)])
+    assert r.validate_repository(str(tmp_path / "datax"), [str(data)]) is None
+
+
+def test_ensure_repository_creates_only_the_repository(tmp_path):
+    with pytest.raises(r.RepositoryError, match="parent directory .*/typo of repository .* does not exist"):
+        r.ensure_repository(str(tmp_path / "typo" / "repo"))
+    assert not (tmp_path / "typo").exists()
+    old = os.umask(0)
+    try:
+        r.ensure_repository(str(tmp_path / "repo"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "repo").st_mode) == 0o700
+    # An existing repository is left as it is.
+    os.chmod(tmp_path / "repo", 0o750)
+    r.ensure_repository(str(tmp_path / "repo") + "/")
+    assert stat.S_IMODE(os.stat(tmp_path / "repo").st_mode) == 0o750
+
+
+# -- the lock
+
+
+def test_lock_without_a_session_is_held_within_grace_and_breaks_after_it(tmp_path, add_backup):
+    """A lock whose session has not started yet (nothing in the runtime directory) counts while
+    its run shows signs of life; past lock_grace it is stale and its backup is marked failed."""
+    repo, runtime = str(tmp_path / "repo"), str(tmp_path / "sessions")
+    first = "20261129T101500Z"
+    add_backup(repo, first, "running")
+    path, note = r.acquire_lock(repo, CLUSTER, first, 120, {"id": first, "runtime_dir": runtime})
+    assert note is None and os.path.exists(path) and path == r.lock_path(repo, CLUSTER)
+    with open(path) as f:
+        lock = json.load(f)
+    assert lock["backup_id"] == first and lock["session"] == {"id": first, "runtime_dir": runtime}
+    with pytest.raises(r.RepositoryError, match="another backup of this cluster into .* is running") as err:
+        r.acquire_lock(repo, CLUSTER, "20261129T101600Z", 120, None)
+    assert "its session has not started yet" in str(err.value) and first in str(err.value)
+    # Untouched for longer than lock_grace (the lock, and the backup's own files).
+    age(path, 200)
+    age(os.path.join(repo, first), 200)
+    live, why = r.lock_holder(repo, path, lock, 120)
+    assert live is False and "not been touched for 2" in why
+    # A backup file written recently keeps the lock even though the lock file itself is old.
+    os.utime(os.path.join(repo, first, "base.tar"))
+    assert r.lock_holder(repo, path, lock, 120)[0] is True
+    age(os.path.join(repo, first), 200)
+    second = "20261129T101600Z"
+    add_backup(repo, second, "running")
+    _, note = r.acquire_lock(repo, CLUSTER, second, 120, None)
+    assert note.startswith(f"removed a stale lock {path}") and "no session holds it" in note
+    dead = layout.read_backup(os.path.join(repo, first))
+    assert dead["status"] == "failed" and "the run died before finishing" in dead["error"] and dead["failed_at"]
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n != os.path.basename(path)]  # no temporary lock left
+
+
+FIRST = "20261129T101500Z"
+
+
+@pytest.fixture
+def session_lock(tmp_path, add_backup, write_session):
+    """session_lock(keeper, grace) -> (repo, runtime dir, lock path): backup FIRST is running
+    and holds the cluster's lock, which names its session; keeper is the session's (pid, starttime)."""
+
+    def make(keeper, grace: float = HOUR):
+        repo, runtime = str(tmp_path / "repo"), str(tmp_path / "sessions")
+        add_backup(repo, FIRST, "running")
+        write_session(runtime, FIRST, status="running", pid=keeper[0], pid_starttime=keeper[1])
+        path, note = r.acquire_lock(repo, CLUSTER, FIRST, grace, {"id": FIRST, "runtime_dir": runtime})
+        assert note is None
+        return repo, runtime, path
+
+    return make
+
+
+def test_lock_of_a_dead_keeper_is_free_at_once(session_lock, add_backup, dead_process):
+    repo, runtime, _ = session_lock(dead_process)
+    # Well within the grace period: the session's keeper is gone, so nothing holds the lock.
+    second = "20261129T101600Z"
+    add_backup(repo, second, "running")
+    path, note = r.acquire_lock(repo, CLUSTER, second, HOUR, {"id": second, "runtime_dir": runtime})
+    pid = dead_process[0]
+    assert f"its session keeper (pid {pid}) is gone" in note
+    dead = layout.read_backup(os.path.join(repo, FIRST))
+    assert dead["status"] == "failed" and f"pid {pid}) is gone" in dead["error"]
+    with open(path) as f:
+        assert json.load(f)["backup_id"] == second
+    assert status_of(repo, second) == "running"
+
+
+def test_lock_of_a_live_keeper_is_refused_and_says_how_to_end_it(session_lock, live_process):
+    repo, _, path = session_lock(live_process, grace=0)
+    age(path, 10 * HOUR)
+    age(os.path.join(repo, FIRST), 10 * HOUR)
+    # No grace needed, however old: the keeper runs.
+    with pytest.raises(r.RepositoryError) as err:
+        r.acquire_lock(repo, CLUSTER, "20261129T101600Z", 0, None)
+    msg = str(err.value)
+    assert f"its keeper (pid {live_process[0]}) is running" in msg
+    assert "pgops.online_backup.pg_backup_session_info" in msg and f"session_id={FIRST}" in msg
+    assert status_of(repo, FIRST) == "running"
+
+
+def test_lock_of_a_stopped_session(session_lock, write_session, live_process):
+    """Stopped, the session still holds the lock while its stop task waits for the archive,
+    and for lock_grace after it delivered the label (the run is completing the record)."""
+    repo, runtime, path = session_lock(live_process, grace=60)
+    with open(path) as f:
+        lock = json.load(f)
+    pid, starttime = live_process
+    write_session(runtime, FIRST, status="stopped", archive_wait={"pid": pid, "pid_starttime": starttime})
+    assert r.lock_holder(repo, path, lock, 60) == (True, "its stop task waits for the WAL archive")
+    now = time.time()
+    write_session(runtime, FIRST, status="stopped", delivered=True, delivered_at=iso(now - 30))
+    assert r.lock_holder(repo, path, lock, 60, now=now)[0] is True
+    assert r.lock_holder(repo, path, lock, 20, now=now)[0] is False
+
+
+def test_lock_of_another_host_is_trusted_for_a_day(tmp_path, add_backup):
+    repo = str(tmp_path / "repo")
+    bid = "20261129T101500Z"
+    add_backup(repo, bid, "running")
+    path, _ = r.acquire_lock(repo, CLUSTER, bid, 0, {"id": bid, "runtime_dir": str(tmp_path / "sessions")})
+    lock = {"backup_id": bid, "host": "elsewhere.example", "session": {"id": bid, "runtime_dir": str(tmp_path)}}
+    age(path, 23 * HOUR)
+    live, why = r.lock_holder(repo, path, lock, 0)
+    assert live is True and "another host" in why
+    age(path, 25 * HOUR)
+    assert r.lock_holder(repo, path, lock, 0)[0] is False
+    # The same for a lock that names no session (the run's session is not on this host).
+    assert r.lock_holder(repo, path, dict(lock, host=socket.gethostname(), session={}), 0)[0] is False
+    age(path, HOUR)
+    assert r.lock_holder(repo, path, dict(lock, host=socket.gethostname(), session={}), 0)[0] is True
+
+
+def test_lock_of_a_finished_backup_is_stale(session_lock, live_process):
+    repo, _, _ = session_lock(live_process)
+    layout.update_backup(os.path.join(repo, FIRST), status="failed")
+    second = "20261129T101700Z"
+    _, note = r.acquire_lock(repo, CLUSTER, second, HOUR, None)
+    assert "stale" in note and f"its backup {FIRST} is failed" in note
+    assert r.release_lock(repo, CLUSTER, FIRST) is False  # not its lock any more
+    assert r.release_lock(repo, CLUSTER, second) is True
+    assert not os.path.exists(r.lock_path(repo, CLUSTER))
+    assert r.release_lock(repo, CLUSTER, second) is False
+
+
+def test_locks_are_per_cluster_with_a_safe_name(tmp_path):
+    repo = str(tmp_path)
+    assert os.path.dirname(r.lock_path(repo, "../../etc/x")) == os.path.join(repo, ".locks")
+    a, _ = r.acquire_lock(repo, "111", "20261129T101500Z", HOUR, None)
+    b, _ = r.acquire_lock(repo, "222", "20261129T101500Z", HOUR, None)
+    assert a != b
+    assert stat.S_IMODE(os.stat(tmp_path / ".locks").st_mode) == 0o700
+
+
+# -- the catalog
+
+
+@pytest.fixture
+def repo(tmp_path, add_backup):
+    r_ = tmp_path / "repo"
+    add_backup(r_, "20261128T101500Z", "failed", error="copy failed")
+    add_backup(r_, "20261129T101500Z", "complete", stop_lsn="0/3000100")
+    add_backup(r_, "20261129T101500Z-01", "complete", stop_lsn="0/5000100")
+    add_backup(r_, "20261130T101500Z", "running")
+    add_backup(r_, "20261130T111500Z", raw="{not json")
+    add_backup(r_, "20261201T000000Z", status=None)  # no backup.json: not a backup
+    (r_ / ".locks").mkdir()
+    (r_ / "README").write_text("not a backup")
+    return r_
+
+
+def test_newest_first_and_latest_is_newest_complete(repo):
+    entries = r.read_catalog(str(repo), size=True)
+    assert [e["id"] for e in entries] == [
+        "20261130T111500Z",
+        "20261130T101500Z",
+        "20261129T101500Z-01",
+        "20261129T101500Z",
+        "20261128T101500Z",
+    ]
+    assert entries[0]["status"] == r.INVALID and "not a JSON object" in entries[0]["error"]
+    assert r.latest(entries)["id"] == "20261129T101500Z-01"
+    e = entries[2]
+    assert e["path"] == str(repo / "20261129T101500Z-01")
+    assert e["stop_lsn"] == "0/5000100"
+    assert e["size_on_disk"] >= 10000
+
+
+def test_select(repo):
+    entries = r.read_catalog(str(repo))
+    assert "size_on_disk" not in entries[0]
+    assert r.select(entries, "latest")["id"] == "20261129T101500Z-01"
+    assert r.select(entries, "20261129T101500Z")["stop_lsn"] == "0/3000100"
+    with pytest.raises(r.RepositoryError, match="20261130T101500Z is not complete \\(status: running\\)"):
+        r.select(entries, "20261130T101500Z")
+    with pytest.raises(r.RepositoryError, match="not complete \\(status: invalid\\)"):
+        r.select(entries, "20261130T111500Z")
+    with pytest.raises(r.RepositoryError, match="20990101T000000Z not found"):
+        r.select(entries, "20990101T000000Z")
+
+
+def test_latest_never_trusts_incomplete(tmp_path, add_backup):
+    repo = tmp_path / "r"
+    add_backup(repo, "20261129T101500Z", "running")
+    add_backup(repo, "20261130T101500Z", "failed")
+    entries = r.read_catalog(str(repo))
+    assert r.latest(entries) is None
+    with pytest.raises(r.RepositoryError, match="no complete backup"):
+        r.select(entries, "latest")
+
+
+def test_filter_status(repo):
+    entries = r.read_catalog(str(repo), size=False)
+    assert [e["id"] for e in r.filter_status(entries, ["failed", "running"])] == ["20261130T101500Z", "20261128T101500Z"]
+    assert r.filter_status(entries, None) == entries
+
+
+def test_missing_repository(tmp_path):
+    with pytest.raises(r.RepositoryError, match="does not exist"):
+        r.read_catalog(str(tmp_path / "nope"))
+    assert r.read_catalog(str(tmp_path)) == []
+
+
+def test_id_falls_back_to_directory_name(tmp_path, add_backup):
+    add_backup(tmp_path, "20261129T101500Z", raw='{"status": "complete"}')
+    assert r.read_catalog(str(tmp_path))[0]["id"] == "20261129T101500Z"
+
+
+def test_read_entry(repo):
+    assert r.read_entry(str(repo / "20261201T000000Z")) is None
+    assert r.read_entry(str(repo / "20261129T101500Z") + "/")["id"] == "20261129T101500Z"
+    assert r.read_entry(str(repo / "20261130T111500Z"))["status"] == r.INVALID
+
+
+def test_catalog_skips_links_and_hidden_directories(tmp_path, add_backup):
+    repo = tmp_path / "repo"
+    elsewhere = add_backup(tmp_path / "other", "20261129T101500Z")
+    add_backup(repo, ".20261130T101500Z.tmp")
+    repo.mkdir(exist_ok=True)
+    os.symlink(elsewhere, repo / "20261129T101500Z")
+    assert r.read_catalog(str(repo)) == []
+
+
+# -- one backup's record
+
+
+def test_open_backup_takes_the_lock_and_records_running(tmp_path):
+    repo, runtime = str(tmp_path / "repo"), str(tmp_path / "sessions")
+    warnings = []
+    fields = {"label": "nightly", "method": "tar", "status": "complete", "id": "forged", "completed_at": "x"}
+    out = r.open_backup(repo, CLUSTER, fields, 120, runtime, warnings.append)
+    bid = out["backup_id"]
+    assert layout.valid_backup_id(bid) and out["path"] == os.path.join(repo, bid)
+    info = layout.read_backup(out["path"])
+    assert info == out["backup"]
+    # The caller's fields are recorded, never over what this file alone sets.
+    assert (info["status"], info["id"], info["label"], info["system_identifier"]) == ("running", bid, "nightly", CLUSTER)
+    assert "completed_at" not in info
+    with open(out["lock"]) as f:
+        assert json.load(f)["session"] == {"id": bid, "runtime_dir": runtime}
+    assert warnings == []
+    # Without a local session the lock names none.
+    other = r.open_backup(repo, "other", {}, 120, None, warnings.append)
+    with open(other["lock"]) as f:
+        assert json.load(f)["session"] == {}
+
+
+def test_open_backup_that_loses_the_lock_leaves_no_directory(tmp_path, add_backup):
+    repo = str(tmp_path / "repo")
+    holder = "20261129T101500Z"
+    add_backup(repo, holder, "running")
+    r.acquire_lock(repo, CLUSTER, holder, HOUR, None)
+    before = sorted(os.listdir(repo))
+    with pytest.raises(r.RepositoryError, match="another backup of this cluster"):
+        r.open_backup(repo, CLUSTER, {}, HOUR, None, lambda msg: None)
+    assert sorted(os.listdir(repo)) == before
+    assert sorted(os.listdir(os.path.join(repo, ".locks"))) == [os.path.basename(r.lock_path(repo, CLUSTER))]
+
+
+def test_open_backup_warns_about_a_broken_stale_lock(tmp_path, add_backup, write_session, dead_process):
+    repo, runtime = str(tmp_path / "repo"), str(tmp_path / "sessions")
+    holder = "20261129T101500Z"
+    add_backup(repo, holder, "running")
+    write_session(runtime, holder, status="starting", pid=dead_process[0], pid_starttime=dead_process[1])
+    r.acquire_lock(repo, CLUSTER, holder, HOUR, {"id": holder, "runtime_dir": runtime})
+    warnings = []
+    out = r.open_backup(repo, CLUSTER, {}, HOUR, runtime, warnings.append)
+    assert len(warnings) == 1 and "removed a stale lock" in warnings[0]
+    assert status_of(repo, holder) == "failed" and status_of(repo, out["backup_id"]) == "running"
+
+
+def test_complete_backup(tmp_path):
+    repo = str(tmp_path / "repo")
+    opened = r.open_backup(repo, CLUSTER, {"method": "tar"}, 120, None, lambda msg: None)
+    bid = opened["backup_id"]
+    with open(os.path.join(opened["path"], "base.tar"), "wb") as f:
+        f.write(os.urandom(20000))
+    metrics = str(tmp_path / "backup.prom")
+    warnings = []
+    out = r.complete_backup(repo, bid, CLUSTER, {"stop_lsn": "0/3000100", "status": "failed"}, None, 0, warnings.append, metrics)
+    assert warnings == []
+    info = layout.read_backup(opened["path"])
+    assert info["status"] == "complete" and info["stop_lsn"] == "0/3000100" and info["completed_at"]
+    assert info["size_on_disk"] >= 20000 and info["manifest"] is None
+    assert out["lock_released"] is True and not os.path.exists(opened["lock"])
+    with open(metrics) as f:
+        assert f'pgops_backup_complete_backups{{cluster="{CLUSTER}",repository="{repo}"}} 1' in f.read()
+
+
+def test_complete_backup_refuses_a_backup_that_is_not_running(tmp_path, add_backup):
+    repo = str(tmp_path / "repo")
+    for bid, status in (("20261129T101500Z", "failed"), ("20261129T101600Z", "complete")):
+        add_backup(repo, bid, status, system_identifier=CLUSTER)
+        with pytest.raises(r.RepositoryError, match=f"backup {bid} is {status}, not running: it cannot be marked complete"):
+            r.complete_backup(repo, bid, CLUSTER, {"x": 1}, None, 0, None)
+        assert status_of(repo, bid) == status and "x" not in layout.read_backup(os.path.join(repo, bid))
+    with pytest.raises(r.RepositoryError, match="no backup 20261129T101700Z"):
+        r.complete_backup(repo, "20261129T101700Z", CLUSTER, {}, None, 0, None)
+    with pytest.raises(layout.LayoutError, match="invalid backup id"):
+        r.complete_backup(repo, "../x", CLUSTER, {}, None, 0, None)
+
+
+def test_fail_backup_keeps_only_the_record(tmp_path):
+    repo = str(tmp_path / "repo")
+    opened = r.open_backup(repo, CLUSTER, {}, 120, None, lambda msg: None)
+    os.makedirs(os.path.join(opened["path"], "data", "base"))
+    with open(os.path.join(opened["path"], "base.tar"), "wb") as f:
+        f.write(b"x")
+    out = r.fail_backup(repo, opened["backup_id"], CLUSTER, "copy failed", False, {"status": "complete"})
+    assert sorted(out["removed"]) == ["base.tar", "data"] and out["lock_released"] is True
+    assert os.listdir(opened["path"]) == ["backup.json"]
+    info = layout.read_backup(opened["path"])
+    assert (info["status"], info["error"]) == ("failed", "copy failed") and info["failed_at"]
+
+
+def test_fail_backup_never_touches_a_complete_one(tmp_path, add_backup):
+    repo = str(tmp_path / "repo")
+    d = add_backup(repo, "20261129T101500Z", "complete")
+    with pytest.raises(r.RepositoryError, match="is complete: refusing to mark it failed"):
+        r.fail_backup(repo, "20261129T101500Z", CLUSTER, "oops", False)
+    assert sorted(os.listdir(d)) == ["backup.json", "base.tar"] and status_of(repo, "20261129T101500Z") == "complete"
+    kept = add_backup(repo, "20261129T101600Z", "running")
+    out = r.fail_backup(repo, "20261129T101600Z", CLUSTER, "oops", True)
+    assert out["removed"] == [] and "base.tar" in os.listdir(kept)
+
+
+# -- retention
+
+
+def test_retention_keeps_newest_complete_and_never_running(tmp_path, add_backup):
+    repo = str(tmp_path)
+    for bid, status in [
+        ("20261101T000000Z", "complete"),
+        ("20261102T000000Z", "failed"),
+        ("20261103T000000Z", "complete"),
+        ("20261104T000000Z", "complete"),
+        ("20261105T000000Z", "running"),
+    ]:
+        add_backup(repo, bid, status, system_identifier="1")
+    add_backup(repo, "20261100T000000Z", "complete", system_identifier="other")
+    removed = r.retention(repo, 2, "1")
+    assert sorted(removed) == ["20261101T000000Z", "20261102T000000Z"]
+    assert sorted(os.listdir(repo)) == ["20261100T000000Z", "20261103T000000Z", "20261104T000000Z", "20261105T000000Z"]
+    assert r.retention(repo, 0, "1") == []
+    with pytest.raises(r.RepositoryError, match="system identifier"):
+        r.retention(repo, 1, "")

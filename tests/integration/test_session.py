@@ -16,12 +16,17 @@ import pytest
 from harness.pg import MAJORS, restore_tar_backup
 
 MODULE = "pgops.online_backup.pg_backup_session"
+INFO = "pgops.online_backup.pg_backup_session_info"
 
 
 def session_task(name: str, register: str | None = None, **args) -> dict:
-    """A task of the module; state defaults from the task name's first word."""
-    args.setdefault("state", {"start": "started", "stop": "stopped", "abort": "aborted"}.get(name.split()[0], "status"))
-    task = {"name": name, MODULE: args}
+    """A task of the module (state from the task name's first word), or of the info module for "status"."""
+    word = name.split()[0]
+    if word == "status":
+        task = {"name": name, INFO: args}
+    else:
+        args.setdefault("state", {"start": "started", "stop": "stopped", "abort": "aborted"}[word])
+        task = {"name": name, MODULE: args}
     if register:
         task["register"] = register
     return task
@@ -189,58 +194,132 @@ def _copy_processes(dest: str) -> list:
     return found
 
 
-def test_abort_during_the_keepers_copy_kills_it_and_ends_the_backup(make_cluster, playbook, tmp_path):
+def _in_background(playbook, plays, **kw) -> tuple:
+    """Run a playbook in a thread; (thread, dict that gets the run)."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(run=playbook(plays, **kw)))
+    thread.start()
+    return thread, out
+
+
+def test_abort_during_a_copy_task_stops_the_copy_within_seconds(make_cluster, playbook, tmp_path):
+    """The copy is attached to the keeper: when the backup is aborted, the copy task hears it at
+    once, kills tar and gzip, removes its partial archive and fails saying why."""
     c = make_cluster(15)
     c.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1500000) g")
     cv = c.conn_vars()
     dest = tmp_path / "b"
     dest.mkdir()
+    started = playbook(play(session_task("start", label="abort-copy", fast=True, **cv))).task("start")
     # gzip -9 on one thread: the copy is still running when the abort comes.
-    copy = {"dest": str(dest), "method": "tar", "compression": "gzip", "compression_level": 9, "threads": 1}
-    run = playbook(play(session_task("start", "b", label="keeper-copy", fast=True, copy=copy, **cv)))
-    assert run.rc == 0, run
-    started = run.task("start")
-    assert started["copy"]["status"] == "running"
-    wait_until(lambda: (dest / "base.tar.gz.partial").exists(), what="the keeper's copy to begin")
+    copy = {
+        "name": "copy",
+        "pgops.online_backup.pg_backup_copy": {
+            "data_directory": c.data, "dest": str(dest), "compression": "gzip", "compression_level": 9, "threads": 1,
+            "server_version_num": 150000, "session_id": started["session_id"],
+        },
+    }  # fmt: skip
+    thread, copying = _in_background(playbook, play(copy))
+    wait_until(lambda: (dest / "base.tar.gz.partial").exists(), what="the copy to begin")
     abort = playbook(play(session_task("abort", session_id=started["session_id"], **cv)))
-    assert abort.rc == 0, abort
-    assert abort.task("abort")["changed"] is True
-    wait_until(lambda: c.backups_in_progress() == 0, what="the backup to end")
-    wait_until(lambda: not _copy_processes(str(dest)), what="tar and gzip to be gone")
-    assert not (dest / "base.tar.gz").exists()
-    wait_until(lambda: not (dest / "base.tar.gz.partial").exists(), what="the partial archive to be removed")
-
-
-def test_abort_while_a_stop_waits_for_the_keepers_copy(make_cluster, playbook, tmp_path):
-    """The keeper serves an abort while a stop task waits for its copy: both answer, nothing is left."""
-    import threading
-
-    c = make_cluster(16)
-    c.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1500000) g")
-    cv = c.conn_vars()
-    dest = tmp_path / "b"
-    dest.mkdir()
-    copy = {"dest": str(dest), "method": "tar", "compression": "gzip", "compression_level": 9, "threads": 1}
-    started = playbook(play(session_task("start", "b", label="stop-waits", fast=True, copy=copy, **cv))).task("start")
-    stopped = {}
-    waiter = threading.Thread(
-        target=lambda: stopped.update(run=playbook(play(session_task("stop", session_id=started["session_id"], **cv))))
-    )
-    waiter.start()
-    state_file = pathlib.Path.home() / ".pgops_online_backup" / "sessions" / started["session_id"] / "state.json"
-    wait_until(
-        lambda: "stop_waiting_since" in (json.loads(state_file.read_text()).get("copy") or {}),
-        timeout=60,
-        what="the stop task to wait for the keeper's copy",
-    )
-    assert waiter.is_alive()  # gzip -9 of ~150 MB on one thread takes far longer
-    abort = playbook(play(session_task("abort", session_id=started["session_id"], **cv)))
-    waiter.join(60)
+    aborted = time.monotonic()
     assert abort.rc == 0 and abort.task("abort")["changed"] is True, abort
-    assert stopped["run"].rc != 0
-    assert "aborted" in stopped["run"].task("stop")["msg"], stopped["run"].task("stop")["msg"]
+    thread.join(60)
+    assert time.monotonic() - aborted < 10, "the copy did not stop within seconds of the abort"
+    assert copying["run"].rc != 0
+    msg = copying["run"].task("copy")["msg"]
+    assert "cancelled" in msg and "session aborted, backup unusable: aborted on request" in msg, msg
     wait_until(lambda: c.backups_in_progress() == 0, what="the backup to end")
     wait_until(lambda: not _copy_processes(str(dest)), what="tar and gzip to be gone")
+    assert not (dest / "base.tar.gz").exists() and not (dest / "base.tar.gz.partial").exists()
+
+
+def _slow_checkpoint_cluster(make_cluster):
+    """A server whose spread checkpoint takes minutes: many dirty buffers paced over checkpoint_timeout."""
+    c = make_cluster(16, checkpoint_timeout="300s", checkpoint_completion_target="0.9", shared_buffers="256MB")
+    c.sql("CREATE TABLE dirty AS SELECT g, md5(g::text) AS h FROM generate_series(1, 1000000) g")
+    c.sql("CHECKPOINT")
+    c.sql("UPDATE dirty SET h = md5(h)")  # every page dirty again, none written yet
+    return c
+
+
+def test_a_start_waiting_for_its_checkpoint_is_listed_and_can_be_aborted(make_cluster, playbook, tmp_path):
+    """The keeper is addressable from the moment it exists: while pg_backup_start waits for a
+    spread checkpoint, pg_backup_session_info lists it as starting and an abort ends it at once."""
+    c = _slow_checkpoint_cluster(make_cluster)
+    cv = c.conn_vars()
+    sid = f"slow-start-{os.getpid()}-{time.monotonic_ns()}"
+    thread, starting = _in_background(playbook, play(session_task("start", label="slow-start", session_id=sid, **cv)))
+    wait_until(lambda: _starting_session(playbook, sid), what="the start to wait")
+    info = _starting_session(playbook, sid)
+    assert info["alive"] is True and "checkpoint" in info["waiting_for"], info
+    abort = playbook(play(session_task("abort", session_id=sid, **cv)))
+    assert abort.rc == 0 and abort.task("abort")["changed"] is True, abort
+    thread.join(30)
+    assert not thread.is_alive(), "the start task did not return after the abort"
+    assert starting["run"].rc != 0
+    assert "aborted while it started" in starting["run"].task("start")["msg"], starting["run"].task("start")["msg"]
+    wait_until(lambda: c.backups_in_progress() == 0 and not _keeper_backends(c), what="the keeper's session to end")
+
+
+def _starting_session(playbook, sid: str):
+    run = playbook(play(session_task("status", session_id=sid)))
+    found = run.task("status")["sessions"]
+    return found[0] if found and found[0]["status"] == "starting" else None
+
+
+def _keeper_backends(cluster) -> list:
+    return cluster.sql("SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgops.online_backup keeper%%'")
+
+
+def test_a_start_task_killed_while_the_checkpoint_runs_ends_its_keeper(make_cluster, playbook, tmp_path):
+    """Ctrl-C while the start waits for its checkpoint: the keeper sees its module go and cancels
+    the start, so nothing is left holding a backup (or, for the role, a lock)."""
+    c = _slow_checkpoint_cluster(make_cluster)
+    cv = c.conn_vars()
+    sid = f"killed-start-{os.getpid()}-{time.monotonic_ns()}"
+    tag = f"PGOPS_KILL_TAG={sid}"
+    thread, _starting = _in_background(
+        playbook, play(session_task("start", label="killed-start", session_id=sid, **cv)), env={"PGOPS_KILL_TAG": sid}
+    )
+    wait_until(lambda: _starting_session(playbook, sid), what="the start to wait")
+    # The run and its module process, as Ctrl-C leaves them; the keeper (a daemon of its own) lives on.
+    run_pids = [p for p in _tagged(tag) if _comm(p) != "pgops-keeper"]
+    assert run_pids and any(_comm(p) != "pgops-keeper" for p in _tagged(tag)), "the start task's processes were not found"
+    for pid in run_pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: not _keeper_backends(c), timeout=10, what="the keeper to cancel the start and end its session")
+    state = json.loads((pathlib.Path.home() / ".pgops_online_backup" / "sessions" / sid / "state.json").read_text())
+    assert state["status"] == "aborted" and "went away while the start waited" in state["reason"], state
+    thread.join(60)
+    assert c.backups_in_progress() == 0
+
+
+def _tagged(tag: str) -> list:
+    """Processes whose environment holds tag (a playbook run and everything it started)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if tag.encode() in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                continue
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def test_abort_ends_the_backup_and_a_later_start_works(make_cluster, playbook):
@@ -288,7 +367,7 @@ def test_max_duration_expiry_is_reported(make_cluster, playbook):
     sid = run.task("start")["session_id"]
     wait_until(lambda: c.backups_in_progress() == 0, what="the keeper to give up after max_duration")
     wait_until(lambda: not os.path.exists(f"/proc/{run.task('start')['keeper_pid']}/stat"), what="the keeper to exit")
-    status = playbook(play(session_task("status", state="status")))
+    status = playbook(play(session_task("status")))
     mine = [s for s in status.task("status")["sessions"] if s["session_id"] == sid]
     assert mine and mine[0]["status"] == "expired", mine
     assert "max_duration of 2s" in mine[0]["reason"]
@@ -487,80 +566,36 @@ def test_lease_ends_a_backup_whose_run_went_silent(make_cluster, playbook):
     assert c.backups_in_progress() == 1
     wait_until(lambda: c.backups_in_progress() == 0, timeout=20, what="the lease to run out")
     wait_until(lambda: not os.path.exists(f"/proc/{started['keeper_pid']}/stat"), what="the keeper to exit")
-    status = playbook(play(session_task("status", state="status")))
+    status = playbook(play(session_task("status")))
     mine = [s for s in status.task("status")["sessions"] if s["session_id"] == started["session_id"]]
     assert mine[0]["status"] == "expired" and "(lease)" in mine[0]["reason"], mine
     bad = playbook(play(session_task("start", label="x", lease=2, **cv)))
     assert "lease must be 0 (off) or at least 5 seconds" in bad.task("start")["msg"]
 
 
-def _entries(repo: str) -> list:
-    return sorted(n for n in os.listdir(repo) if n[0].isdigit())
-
-
-def test_start_with_a_repository_records_the_backup_and_the_stop_completes_it(make_cluster, playbook, tmp_path):
-    """The role's path when the repository is on the database host: one start task runs
-    the pre-flight, opens the record and takes the lock; one stop task completes it."""
-    c = make_cluster(16)
-    repo = str(tmp_path / "repo")
-    cv = c.conn_vars()
-    run = playbook(
-        play(
-            session_task("start", "b", label="recorded", fast=True, repository=repo, record={"method": "tar"}, **cv),
-            session_task(
-                "stop",
-                "s",
-                session_id="{{ b.session_id }}",
-                dest="{{ b.path }}",
-                repository=repo,
-                backup_id="{{ b.backup_id }}",
-                record={"copy_seconds": 1.5},
-                **cv,
-            ),
-        )
-    )
-    assert run.rc == 0, run
-    start, stop = run.task("start"), run.task("stop")
-    assert start["preflight"]["problems"] == [] and start["preflight"]["proof"]["archived"] is True
-    assert start["preflight"]["data_directory"] == c.data
-    (bid,) = _entries(repo)
-    assert start["backup_id"] == stop["backup_id"] == bid
-    info = json.load(open(os.path.join(repo, bid, "backup.json")))
-    assert info["status"] == "complete" and info["method"] == "tar" and info["copy_seconds"] == 1.5
-    assert info["data_directory"] == c.data and info["pg_version"] == start["server_version_num"]
-    assert (info["start_lsn"], info["stop_lsn"], info["wal_archived"]) == (stop["start_lsn"], stop["stop_lsn"], True)
-    assert open(os.path.join(repo, bid, "backup_label")).read() == stop["labelfile"]
-    assert stop["lock_released"] is True and os.listdir(os.path.join(repo, ".locks")) == []
-    assert c.backups_in_progress() == 0
-
-
-def test_a_start_that_fails_after_opening_the_record_marks_it_failed_and_frees_the_lock(make_cluster, playbook, tmp_path):
-    c = make_cluster(15)
-    repo = str(tmp_path / "repo")
-    # No keeper reports within a millisecond: the start gives up after the record was opened.
-    run = playbook(play(session_task("start", label="too-slow", repository=repo, start_timeout=0.001, **c.conn_vars())))
+def test_a_start_that_times_out_is_cancelled_and_leaves_no_session(make_cluster, playbook):
+    c = _slow_checkpoint_cluster(make_cluster)
+    run = playbook(play(session_task("start", label="too-slow", start_timeout=2, **c.conn_vars())))
     assert run.rc != 0
-    assert "did not start within" in run.task("start")["msg"], run.task("start")["msg"]
-    (bid,) = _entries(repo)
-    info = json.load(open(os.path.join(repo, bid, "backup.json")))
-    assert info["status"] == "failed" and "did not start within" in info["error"]
-    assert os.listdir(os.path.join(repo, ".locks")) == []
-    wait_until(lambda: c.backups_in_progress() == 0, what="the killed keeper's backend to go")
-    status = playbook(play(session_task("status", state="status")))
-    assert not [s for s in status.task("status")["sessions"] if s.get("label") == "too-slow" and s.get("alive")]
+    assert "did not start within 2s" in run.task("start")["msg"], run.task("start")["msg"]
+    wait_until(lambda: c.backups_in_progress() == 0 and not _keeper_backends(c), what="the cancelled start's session to go")
+    status = playbook(play(session_task("status", label="too-slow")))
+    assert not [s for s in status.task("status")["sessions"] if s.get("alive")]
 
 
-@pytest.mark.parametrize(
-    "where, expected",
-    [
-        ("relative/repo", "must be an absolute path"),
-        ("{data}/inside", "destination_inside_data_directory"),
-    ],
-)
-def test_a_bad_repository_is_refused_before_anything_starts(where, expected, make_cluster, playbook):
-    c = make_cluster(15)
-    repo = where.format(data=c.data)
-    msg = _start_fails(playbook, c, label="x", repository=repo, **c.conn_vars())
-    assert expected in msg, msg
-    assert not os.path.exists(os.path.join(c.data, "inside"))
-    assert c.backups_in_progress() == 0
+def test_stopping_by_a_reused_label_ignores_the_sessions_that_finished(make_cluster, playbook):
+    """A nightly label is used every night: last night's stopped session must not make tonight's stop ambiguous."""
+    c = make_cluster(17)
+    cv = c.conn_vars()
+    label = f"nightly-{c.port}-{time.monotonic_ns()}"
+    for night in (1, 2):
+        run = playbook(
+            play(
+                session_task("start", label=label, fast=True, **cv),
+                session_task("stop by label", state="stopped", label=label, **cv),
+            )
+        )
+        assert run.rc == 0, f"night {night}: {run}"
+    status = playbook(play(session_task("status", label=label)))
+    assert [s["status"] for s in status.task("status")["sessions"]] == ["stopped", "stopped"]
+    assert status.task("status")["changed"] is False

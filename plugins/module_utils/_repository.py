@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import secrets
 import shutil
 import socket
 import time
@@ -277,11 +278,13 @@ def caller_fields(fields: dict | None) -> dict:
 def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, session_runtime_dir: str | None, warn) -> dict:
     """A new backup directory, the cluster's lock, backup.json "running".
 
-    session_runtime_dir: where the run starts this backup's session (its id is
-    the backup's id), so that the lock is free the moment that session is gone."""
+    session_runtime_dir: where the run starts this backup's session, with the
+    session id returned here, so that the lock is free the moment that session is gone."""
     ensure_repository(repository)
     bid, path = new_backup_id(repository)
-    session = {"id": bid, "runtime_dir": session_runtime_dir} if session_runtime_dir else None
+    # Unique across repositories and clusters: several may share one host's sessions directory.
+    sid = f"{bid}-{secrets.token_hex(4)}"
+    session = {"id": sid, "runtime_dir": session_runtime_dir} if session_runtime_dir else None
     try:
         lock, note = acquire_lock(repository, cluster, bid, lock_grace, session)
     except BaseException:
@@ -297,6 +300,7 @@ def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, 
         "collection_version": COLLECTION_VERSION,
         "created_at": utcnow(),
         "system_identifier": cluster,
+        "session_id": sid,
     }
     info.update(caller_fields(fields))
     try:
@@ -305,7 +309,7 @@ def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, 
         release_lock(repository, cluster, bid)
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return {"backup_id": bid, "path": path, "lock": lock, "backup": info}
+    return {"backup_id": bid, "session_id": sid, "path": path, "lock": lock, "backup": info}
 
 
 def complete_backup(

@@ -14,8 +14,8 @@ description:
     marks the backup complete, releases the lock, then applies retention and writes the metrics file; V(failed)
     records the error, removes the partial data and releases the lock.
   - A lock whose holder is gone is taken over at once (its backup is marked failed, with a warning). The holder is
-    the backup's session, started by M(pgops.online_backup.pg_backup_session) with the backup's id as its session
-    id (see O(session_local)), while it starts, runs and waits for the archive.
+    the backup's session, started by M(pgops.online_backup.pg_backup_session) with the RV(session_id) this module
+    returns (see O(session_local)), while it starts, runs and waits for the archive.
   - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
@@ -69,7 +69,7 @@ options:
   session_local:
     description:
       - With O(state=running), the run starts this backup's session on this host as this OS user, with
-        O(pgops.online_backup.pg_backup_session#module:session_id) set to RV(backup_id). The lock names that session,
+        O(pgops.online_backup.pg_backup_session#module:session_id) set to RV(session_id). The lock names that session,
         so a later run can tell at once whether the backup is still alive.
       - V(false) (a session on another host, as with a repository host): a lock is trusted for a day unless its backup
         is complete or failed.
@@ -126,6 +126,11 @@ backup_id:
   description: The backup's id (its directory name).
   returned: always
   type: str
+session_id:
+  description: With O(state=running), the id to give the backup's session (the backup's id and a random suffix).
+  returned: state is running
+  type: str
+  sample: 20261129T101500Z-0a1b2c3d
 path:
   description: The backup's directory.
   returned: always

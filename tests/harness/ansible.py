@@ -41,7 +41,10 @@ class PlaybookRun:
         return found[-1]["result"]
 
     def __repr__(self) -> str:
-        return f"PlaybookRun(rc={self.rc})\nSTDOUT:\n{self.stdout[-6000:]}\nSTDERR:\n{self.stderr[-3000:]}"
+        # The failures first: a long run's output is cut to its end.
+        failures = [line[:2000] for line in self.stdout.splitlines() if line.startswith(("fatal:", "failed:", "[ERROR]"))]
+        head = "\n".join(failures[:10])
+        return f"PlaybookRun(rc={self.rc})\nFAILURES:\n{head}\nSTDOUT:\n{self.stdout[-6000:]}\nSTDERR:\n{self.stderr[-3000:]}"
 
 
 def run_playbook(

@@ -81,7 +81,7 @@ def test_backup_streams_to_a_repository_host(method, compression, make_cluster, 
         label = os.path.join(bdir, "data/backup_label" if method == "rsync" else "backup_label")
         assert (
             open(label).read()
-            == run.task("Stop the backup when the copy is done, and write backup_label into the backup")["labelfile"]
+            == run.task("Stop the backup, write backup_label into it and wait for its WAL to be archived")["labelfile"]
         )
         assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))
         assert not glob.glob(os.path.join(repo, ".locks", "*.lock"))

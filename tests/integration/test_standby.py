@@ -97,7 +97,7 @@ def test_standby_backup_restores_to_consistency(pair, playbook):
     assert info["status"] == "complete" and info["backup_from"] == "standby"
     label = open(os.path.join(os.path.dirname(path), "backup_label")).read()
     assert "BACKUP FROM: standby" in label
-    stop = run.task("Stop the backup when the copy is done, and write backup_label into the backup")
+    stop = run.task("Stop the backup, write backup_label into it and wait for its WAL to be archived")
     assert stop["wal_archived"] is True and stop["primary_wal_switched"] in (True, False)
     assert os.path.exists(os.path.join(primary.archive, info["stop_wal"]))
     restored = restore_backup(os.path.dirname(path), primary.archive, 15)

@@ -309,8 +309,12 @@ def test_open_backup_takes_the_lock_and_records_running(tmp_path):
     # The caller's fields are recorded, never over what this file alone sets.
     assert (info["status"], info["id"], info["label"], info["system_identifier"]) == ("running", bid, "nightly", CLUSTER)
     assert "completed_at" not in info
+    sid = out["session_id"]
+    assert sid.startswith(bid + "-") and len(sid) == len(bid) + 9 and info["session_id"] == sid
     with open(out["lock"]) as f:
-        assert json.load(f)["session"] == {"id": bid, "runtime_dir": runtime}
+        assert json.load(f)["session"] == {"id": sid, "runtime_dir": runtime}
+    # Two clusters backed up in the same second get two sessions (one host's sessions directory is shared).
+    assert r.open_backup(str(tmp_path / "repo2"), CLUSTER, {}, 120, runtime, warnings.append)["session_id"] != sid
     assert warnings == []
     # Without a local session the lock names none.
     other = r.open_backup(repo, "other", {}, 120, None, warnings.append)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ansible lint and packaging checks; scripts/test.sh (and so CI) runs this, and
 # every step must exit 0:
-#   1. ansible-lint with the production profile (.ansible-lint)
+#   1. ansible-lint with the production profile (.ansible-lint), and
+#      antsibull-docs lint-collection-docs (the docs ansible-doc renders)
 #   2. ansible-galaxy collection build, then install of that tarball into a
 #      temporary ansible_collections/ tree
 #   3. ansible-test sanity of the installed copy - exactly what users install -
@@ -29,6 +30,9 @@ ln -s "$ROOT" "$work/src/ansible_collections/pgops/online_backup"
 
 log "ansible-lint (profile production)"
 ANSIBLE_COLLECTIONS_PATH="$work/src" ansible-lint --nocolor
+
+log "antsibull-docs lint-collection-docs (module, role and playbook docs render; references resolve)"
+(cd "$work/src/ansible_collections/pgops/online_backup" && antsibull-docs lint-collection-docs --plugin-docs .)
 
 log "ansible-galaxy collection build + install"
 ansible-galaxy collection build --output-path "$work/dist" . >/dev/null

@@ -733,8 +733,8 @@ class Keeper:
     def _start_thread(self) -> None:
         """Connect and run the start function (it may wait minutes for a checkpoint)."""
         spec = self.spec
+        stage = "connect"
         try:
-            stage = "connect"
             num, text = self.db.open()
             self.state.update(server_version_num=num, server_version=text)
             stage = "version"

@@ -18,8 +18,8 @@ description:
     needed for a standby to archive). The proof is also skipped when the settings already show that archiving cannot
     work, and in check mode.
   - Returns every fact M(pgops.online_backup.pg_archiving_info) returns (the most used are listed below).
-  - Run it before P(pgops.online_backup.pg_backup_session#module): a broken archive stops the run before backup mode
-    is entered. The role M(pgops.online_backup.pg_backup) does.
+  - Run it before P(pgops.online_backup.pg_backup_session#module), so that a broken archive stops the run before
+    backup mode is entered, as the role P(pgops.online_backup.pg_backup#role) does.
 extends_documentation_fragment:
   - pgops.online_backup.connection
   - pgops.online_backup.attributes

@@ -14,7 +14,7 @@ description:
     tablespaces, database size, privileges) and returns it together with a list of RV(problems).
   - Each problem has a stable C(code), a message a DBA understands and a hint with the fix (the setting to change
     and whether a reload or a restart is needed, or the exact C(GRANT) to run).
-  - Strictly read-only, as every C(_info) module: it never switches WAL and never reports a change. To prove that a
+  - Strictly read-only, as every C(_info) module, it never switches WAL and never reports a change. To prove that a
     finished segment really gets archived, use M(pgops.online_backup.pg_archiving_check), which switches WAL.
   - Run it before P(pgops.online_backup.pg_backup_session#module) so a broken archive stops the run before backup
     mode is entered.

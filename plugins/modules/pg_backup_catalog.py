@@ -16,7 +16,7 @@ description:
   - A lock whose holder is gone is taken over at once (its backup is marked failed, with a warning). The holder is
     the backup's session, started by M(pgops.online_backup.pg_backup_session) with the RV(session_id) this module
     returns (see O(session_local)), while it starts, runs and waits for the archive.
-  - Used by the role M(pgops.online_backup.pg_backup); listing is M(pgops.online_backup.pg_backup_info).
+  - Used by the role P(pgops.online_backup.pg_backup#role); listing is M(pgops.online_backup.pg_backup_info).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
 author:
@@ -71,8 +71,8 @@ options:
       - With O(state=running), the run starts this backup's session on this host as this OS user, with
         O(pgops.online_backup.pg_backup_session#module:session_id) set to RV(session_id). The lock names that session,
         so a later run can tell at once whether the backup is still alive.
-      - V(false) (a session on another host, as with a repository host): a lock is trusted for a day unless its backup
-        is complete or failed.
+      - With V(false) (a session on another host, as with a repository host) a lock is trusted for a day unless its
+        backup is complete or failed.
     type: bool
     default: false
   session_runtime_dir:

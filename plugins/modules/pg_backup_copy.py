@@ -98,8 +98,8 @@ options:
     description:
       - The M(pgops.online_backup.pg_backup_session) this copy belongs to (same host and OS user). The copy attaches to
         the session's keeper for as long as it runs - its run counts as alive meanwhile, so no lease can lapse - and
-        stops within seconds, failing, when the backup's session ends (aborted, or lost when the server restarts): a
-        copy the server no longer backs up is useless. A copy task that dies (its run killed or lost) makes the
+        stops within seconds, failing, when the backup's session ends (aborted, or lost when the server restarts), as
+        a copy the server no longer backs up is useless. A copy task that dies (its run killed or lost) makes the
         keeper abort the backup at once.
     type: str
   runtime_dir:

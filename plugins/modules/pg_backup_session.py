@@ -31,7 +31,7 @@ description:
     O(state=stopped) again for the same session resumes the wait.
   - This module holds the session and nothing else. The copy (M(pgops.online_backup.pg_backup_copy)), the
     pre-flight (M(pgops.online_backup.pg_archiving_check)) and the backup's record
-    (M(pgops.online_backup.pg_backup_catalog)) are tasks of their own; the role M(pgops.online_backup.pg_backup)
+    (M(pgops.online_backup.pg_backup_catalog)) are tasks of their own; the role P(pgops.online_backup.pg_backup#role)
     composes them.
 extends_documentation_fragment:
   - pgops.online_backup.connection
@@ -66,7 +66,7 @@ options:
   session_id:
     description:
       - With O(state=started), the id to give the new session (letters, digits, C(_), C(.), C(-); at most 64);
-        generated when left out. The role M(pgops.online_backup.pg_backup) uses the backup's id, so that the
+        generated when left out. The role P(pgops.online_backup.pg_backup#role) uses the backup's id, so that the
         repository's lock can tell whether the backup's session is still alive.
       - With O(state=stopped) or O(state=aborted), the session to stop or abort, as returned by O(state=started).
     type: str
@@ -312,8 +312,8 @@ status:
   returned: state is aborted
   type: str
 cause:
-  description: On failure, what went wrong, without the advice of RV(msg) about what to do next (for a caller that
-    has its own next step, as the role's rescue does).
+  description: On failure, what went wrong, without the advice of the message about what to do next (for a caller
+    that has its own next step, as the role's rescue does).
   returned: on failure after the backup started
   type: str
 """

@@ -48,7 +48,7 @@ options:
     elements: str
     choices: [starting, running, stopped, aborted, expired, lost, failed]
 notes:
-  - Run it as the OS user that runs the backups (the same C(become_user)): each user has its own sessions.
+  - Run it as the OS user that runs the backups (the same C(become_user)), since each user has its own sessions.
 seealso:
   - module: pgops.online_backup.pg_backup_session
 """

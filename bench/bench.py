@@ -4,8 +4,12 @@ in the same run, on the same pgbench database.
 
     .venv/bin/python bench/bench.py --scale 100
 
-Prints seconds, MB/s (of the data directory's size) and the ratio to
-pg_basebackup -Ft --compress=client-zstd -c fast for each contender.
+Prints, per contender, the whole wall time (Ansible start-up included for the
+playbook), the copy step, the fixed cost (whole - copy), MB/s of the data
+directory's size, and the ratios of the whole time to pg_basebackup -Ft
+--compress=client-zstd -c fast, to pg_basebackup --compress=server-zstd:workers=2,
+to raw tar | zstd -T2 and to pgBackRest. For the contenders that are one
+program, the copy is the whole run.
 
 pgBackRest (a full backup, zst, process-max 2) is measured when it is installed
 (`apt-get install -y pgbackrest`; Debian 12's 2.45 supports PostgreSQL up to 15)
@@ -35,6 +39,9 @@ from harness.workload import pgbench_init  # noqa: E402
 
 PG15 = "/usr/lib/postgresql/15/bin"
 PGBR_ROW = "pgbackrest full zst (process-max 2)"
+CLIENT_ROW = "pg_basebackup -Ft client-zstd -c fast"
+SERVER_ROW = "pg_basebackup server-zstd:workers=2"
+RAW_ROW = "raw tar | zstd -T2"
 # Managed-node Pythons: Debian's (python3-crc32c, a software CRC-32C) and the one setup.sh
 # makes with the hardware-accelerated crc32c from PyPI.
 NODE_PYTHON = "/usr/bin/python3"
@@ -55,6 +62,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=100, help="pgbench scale (100 is about 1.5 GB)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each contender; the best is reported")
+    ap.add_argument("--quick", action="store_true", help="only the three baselines and the playbook with tar+zstd")
     args = ap.parse_args()
 
     c = Cluster(15, name="bench")
@@ -84,6 +92,14 @@ def main() -> int:
             subprocess.run(
                 ["runuser", "-u", "postgres", "--", f"{PG15}/pg_basebackup", "-h", c.sock, "-p", str(c.port), "-D", d,
                  "-Ft", "--compress=client-zstd", "-c", "fast", "-X", "none"],
+                check=True,
+            )  # fmt: skip
+
+        def basebackup_server():
+            d = fresh("pgbb-server")
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", f"{PG15}/pg_basebackup", "-h", c.sock, "-p", str(c.port), "-D", d,
+                 "-Ft", "--compress=server-zstd:workers=2", "-c", "fast", "-X", "none"],
                 check=True,
             )  # fmt: skip
 
@@ -123,15 +139,17 @@ def main() -> int:
             return run
 
         contenders = [
-            ("pg_basebackup -Ft client-zstd -c fast", basebackup),
-            ("raw tar | zstd -T2", raw_tar),
+            (CLIENT_ROW, basebackup),
+            (SERVER_ROW, basebackup_server),
+            (RAW_ROW, raw_tar),
             ("playbook tar+zstd", ours("tar", "zstd")),
             ("playbook tar+zstd, hardware crc32c", ours("tar", "zstd", python=FAST_NODE_PYTHON)),
-            ("playbook tar+zstd, manifest SHA256", ours("tar", "zstd", pg_backup_manifest_checksum="SHA256")),
             ("playbook tar+zstd, manifest NONE", ours("tar", "zstd", pg_backup_manifest_checksum="NONE")),
             ("playbook tar (none)", ours("tar", "none")),
             ("playbook rsync", ours("rsync", "none")),
         ]
+        if args.quick:
+            contenders = [row for row in contenders if row[0] in (CLIENT_ROW, SERVER_ROW, RAW_ROW, "playbook tar+zstd")]
 
         if shutil.which("pgbackrest") is None:
             print(f"skipped {PGBR_ROW}: pgbackrest is not installed (apt-get install -y pgbackrest)", flush=True)
@@ -198,14 +216,17 @@ def main() -> int:
         if pgbr_dir:
             shutil.rmtree(pgbr_dir, ignore_errors=True)
 
-    base = rows[0][1]
-    raw = rows[1][1]
+    best = {name: secs for name, secs, _copy in rows}
+    refs = [("client-zstd", CLIENT_ROW), ("server-zstd", SERVER_ROW), ("raw", RAW_ROW), ("pgBackRest", PGBR_ROW)]
+    refs = [(label, best[name]) for label, name in refs if name in best]
     print()
-    print(f"scale {args.scale}, {mb:.0f} MB, best of {args.rounds}")
-    print(f"{'contender':40} {'seconds':>8} {'MB/s':>8} {'vs pg_basebackup':>17} {'copy vs raw tar':>16}")
+    print(f"scale {args.scale}, {mb:.0f} MB, best of {args.rounds}; ratios are of the whole time")
+    head = f"{'contender':40} {'whole s':>8} {'copy s':>7} {'fixed s':>7} {'MB/s':>7}"
+    print(head + "".join(f" {'vs ' + label:>14}" for label, _secs in refs))
     for name, secs, copy in rows:
-        copy_ratio = f"{copy / raw:.2f}" if copy else ""
-        print(f"{name:40} {secs:8.2f} {mb / secs:8.1f} {secs / base:17.2f} {copy_ratio:>16}")
+        copy = copy if copy is not None else secs
+        line = f"{name:40} {secs:8.2f} {copy:7.2f} {secs - copy:7.2f} {mb / secs:7.1f}"
+        print(line + "".join(f" {secs / ref:14.2f}" for _label, ref in refs))
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from harness.ansible import collections_workspace, local_inventory, run_playbook
-from harness.pg import Cluster
+from harness.pg import Cluster, tagged_processes
 
 # Unit tests import the collection's Python as ansible_collections.pgops.online_backup.
 sys.path.insert(0, collections_workspace())
@@ -22,25 +22,7 @@ def _keeper_pids() -> set:
     run_playbook exports PGOPS_TEST_OWNER; a keeper inherits it unless become
     resets the environment, and those are caught by the server-side check.
     """
-    pids = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            comm = data[data.index("(") + 1 : data.rindex(")")]
-            state = data[data.rindex(")") + 2]
-            if comm != "pgops-keeper" or state in "ZX":
-                continue
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if OWNER in f.read().split(b"\0"):
-                        pids.add(int(name))
-            except OSError:
-                continue
-    return pids
+    return set(tagged_processes(OWNER.decode(), keepers=True))
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ description:
     created), switches to a new WAL segment with C(pg_switch_wal) and waits at most O(prove_timeout) seconds until
     that segment is archived. A failure the archiver reports for it ends the wait at once.
   - The WAL switch is a change to the server, so the task reports C(changed) when it switched WAL.
+  - The proof needs C(EXECUTE) on C(pg_switch_wal) (superusers have it); without it V(cannot_switch_wal) is reported.
   - On a standby, which cannot switch WAL, the proof is replaced by the settings checks (C(archive_mode=always) is
     needed for a standby to archive). The proof is also skipped when the settings already show that archiving cannot
     work, and in check mode.
@@ -22,6 +23,7 @@ description:
     backup mode is entered, as the role P(pgops.online_backup.pg_backup#role) does.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.archiving
   - pgops.online_backup.attributes
 author:
   - pgops.online_backup contributors (@pgops)
@@ -40,26 +42,6 @@ options:
       - Seconds to wait for the proof segment to be archived.
     type: float
     default: 60
-  require_privileges:
-    description:
-      - Report V(missing_backup_privilege) when O(login_user) may not run the backup start and stop functions.
-      - The proof needs C(EXECUTE) on C(pg_switch_wal) (superusers have it); without it V(cannot_switch_wal) is reported.
-    type: bool
-    default: true
-  fail_on_problems:
-    description:
-      - Fail the task when any problem is found, with every problem (code, message and hint) in one message.
-    type: bool
-    default: false
-  destination:
-    description:
-      - A backup destination on the host the module runs on, checked as M(pgops.online_backup.pg_archiving_info) does.
-    type: path
-  space_margin:
-    description:
-      - Factor applied to the size of the databases and tablespaces to get the space O(destination) needs.
-    type: float
-    default: 1.1
 notes:
   - Problem codes are those of M(pgops.online_backup.pg_archiving_info), plus the proof's V(archive_proof_failed) and
     V(archive_proof_timeout).

@@ -20,6 +20,7 @@ description:
     mode is entered.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.archiving
   - pgops.online_backup.attributes
 author:
   - pgops.online_backup contributors (@pgops)
@@ -31,32 +32,7 @@ attributes:
     support: none
   idempotent:
     support: full
-options:
-  require_privileges:
-    description:
-      - Report V(missing_backup_privilege) when O(login_user) may not run the backup start and stop functions.
-      - Set to V(false) when this role only checks and another role takes the backups.
-    type: bool
-    default: true
-  fail_on_problems:
-    description:
-      - Fail the task when any problem is found, with every problem (code, message and hint) in one message.
-      - The facts are returned either way.
-    type: bool
-    default: false
-  destination:
-    description:
-      - A backup destination directory on the host the module runs on (it need not exist yet).
-      - Checked to be an absolute path, outside the data directory and every tablespace (comparing resolved paths of
-        its nearest existing parent), and to have at least O(space_margin) times the size of the databases free.
-      - The data directory and tablespace checks need the data directory's location, readable by superusers and
-        members of C(pg_read_all_settings); without it they are skipped with a warning.
-    type: path
-  space_margin:
-    description:
-      - Factor applied to the size of the databases and tablespaces to get the space O(destination) needs.
-    type: float
-    default: 1.1
+options: {}
 notes:
   - Problem codes are V(server_too_old), V(wal_level_minimal), V(archive_mode_off), V(standby_archive_mode_not_always),
     V(archive_command_empty), V(both_command_and_library), V(archiver_failing), V(missing_backup_privilege),

@@ -28,6 +28,28 @@ def process_gone(pid: int) -> bool:
     return data[data.rindex(")") + 2] in "ZX"
 
 
+def tagged_processes(tag: str, keepers: bool | None = None) -> list:
+    """Live processes whose environment holds tag ("NAME=value"): a test's playbook run and
+    what it started. keepers: only session keepers (True), none of them (False), or all."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        comm, state = data[data.index("(") + 1 : data.rindex(")")], data[data.rindex(")") + 2]
+        if state in "ZX" or tag.encode() not in environ:
+            continue
+        if keepers is None or keepers == (comm == "pgops-keeper"):
+            found.append(int(name))
+    return found
+
+
 def pg_bin(major: int) -> str:
     return os.path.join(CACHE, "pg", str(major), "bin")
 
@@ -201,3 +223,28 @@ def restore_tar_backup(major: int, tar_path: str, label_dir: str, archive: str, 
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(c.data, name))
     return recover(c, archive, target)
+
+
+def make_standby(primary: Cluster, archive_mode: str | None = None, own_archive: bool = False) -> Cluster:
+    """A streaming standby of primary (Debian's PG 15 pg_basebackup), started and ready.
+
+    By default it archives into the primary's archive, as one cluster usually does
+    (whoever comes second finds the same file); own_archive gives it its own."""
+    s = Cluster(primary.major, name="standby")
+    as_postgres(
+        ["/usr/lib/postgresql/15/bin/pg_basebackup", "-h", primary.sock, "-p", str(primary.port), "-U", PG_USER,
+         "-D", s.data, "-R", "-X", "stream", "-c", "fast"]
+    )  # fmt: skip
+    archive = s.archive if own_archive else primary.archive
+    settings = {
+        "port": s.port,
+        "unix_socket_directories": f"'{s.sock}'",
+        "listen_addresses": "'127.0.0.1'",
+        "archive_command": f"'(test ! -f {archive}/%f && cp %p {archive}/%f) || cmp -s %p {archive}/%f'",
+    }
+    if archive_mode:
+        settings["archive_mode"] = archive_mode
+    s.set_conf(**settings)
+    s.start()
+    s.wait_ready()
+    return s

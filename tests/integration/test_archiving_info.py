@@ -8,42 +8,16 @@ import os
 import time
 
 import pytest
-from harness.pg import PG_USER, Cluster, as_postgres, chown_pg
+from harness.archiving import PASSWORD, as_role, codes, current_wal, play
+from harness.archiving import task as module_task
+from harness.pg import Cluster, chown_pg, make_standby
 
 MODULE = "pgops.online_backup.pg_archiving_info"
 CHECK_MODULE = "pgops.online_backup.pg_archiving_check"
-PG15_CLIENT = "/usr/lib/postgresql/15/bin"
-PASSWORD = "s3cret-Pw"
 
 
 def task(name: str, cluster: Cluster, module: str = MODULE, **params) -> dict:
-    return {"name": name, module: {**cluster.conn_vars(), **params}}
-
-
-def as_role(cluster: Cluster, role: str) -> dict:
-    # Non-postgres roles log in with scram over TCP (the harness's pg_hba.conf).
-    return {
-        "login_host": "127.0.0.1",
-        "login_unix_socket": "",
-        "port": cluster.port,
-        "login_user": role,
-        "login_password": PASSWORD,
-    }
-
-
-def play(tasks: list) -> list:
-    return [{"hosts": "postgresql", "gather_facts": False, "tasks": tasks}]
-
-
-def codes(result: dict) -> set:
-    return {p["code"] for p in result["problems"]}
-
-
-def current_wal(c: Cluster) -> str:
-    """The WAL file being written. Not pg_current_wal_lsn(): right after a switch it
-    sits exactly on the segment boundary, where pg_walfile_name() names the segment
-    just finished, so a switch would go unseen until more WAL is written."""
-    return c.sql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")[0][0]
+    return module_task(module, name, cluster, **params)
 
 
 def archiver(c: Cluster) -> dict:
@@ -283,21 +257,9 @@ def test_it_never_switches_wal_and_refuses_prove(major, make_cluster, playbook):
 
 def test_standby_settings(make_cluster, playbook):
     primary = make_cluster(15)
-    standby = Cluster(15, name="standby")
+    standby = None
     try:
-        as_postgres(
-            [f"{PG15_CLIENT}/pg_basebackup", "-D", standby.data, "-R", "-X", "stream", "-c", "fast",
-             "-h", "127.0.0.1", "-p", str(primary.port), "-U", PG_USER]
-        )  # fmt: skip
-        standby.set_conf(
-            port=standby.port,
-            unix_socket_directories=f"'{standby.sock}'",
-            listen_addresses="'127.0.0.1'",
-            # Its own archive: with archive_mode=always it archives what the primary archived too.
-            archive_command=f"'test ! -f {standby.archive}/%f && cp %p {standby.archive}/%f'",
-        )
-        standby.start()
-        standby.wait_ready()
+        standby = make_standby(primary, own_archive=True)
         primary_wal = current_wal(primary)
         run = playbook(play([task("primary", primary), task("standby", standby)]))
         assert run.rc == 0, run
@@ -322,4 +284,5 @@ def test_standby_settings(make_cluster, playbook):
         for c in (primary, standby):
             assert not c.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgops.online_backup%'")[0][0]
     finally:
-        standby.destroy()
+        if standby is not None:
+            standby.destroy()

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import pytest
-from harness.pg import MAJORS, restore_tar_backup
+from harness.pg import MAJORS, restore_tar_backup, tagged_processes
 
 MODULE = "pgops.online_backup.pg_backup_session"
 INFO = "pgops.online_backup.pg_backup_session_info"
@@ -286,40 +286,23 @@ def test_a_start_task_killed_while_the_checkpoint_runs_ends_its_keeper(make_clus
     )
     wait_until(lambda: _starting_session(playbook, sid), what="the start to wait")
     # The run and its module process, as Ctrl-C leaves them; the keeper (a daemon of its own) lives on.
-    run_pids = [p for p in _tagged(tag) if _comm(p) != "pgops-keeper"]
-    assert run_pids and any(_comm(p) != "pgops-keeper" for p in _tagged(tag)), "the start task's processes were not found"
+    run_pids = tagged_processes(tag, keepers=False)
+    assert run_pids and tagged_processes(tag, keepers=True), "the start task's processes (or its keeper) were not found"
     for pid in run_pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    wait_until(lambda: not _keeper_backends(c), timeout=10, what="the keeper to cancel the start and end its session")
-    state = json.loads((pathlib.Path.home() / ".pgops_online_backup" / "sessions" / sid / "state.json").read_text())
+    state_file = pathlib.Path.home() / ".pgops_online_backup" / "sessions" / sid / "state.json"
+    wait_until(
+        lambda: json.loads(state_file.read_text())["status"] != "starting" and not _keeper_backends(c),
+        timeout=10,
+        what="the keeper to cancel the start and end its session",
+    )
+    state = json.loads(state_file.read_text())
     assert state["status"] == "aborted" and "went away while the start waited" in state["reason"], state
     thread.join(60)
     assert c.backups_in_progress() == 0
-
-
-def _tagged(tag: str) -> list:
-    """Processes whose environment holds tag (a playbook run and everything it started)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != os.getpid():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as f:
-                    if tag.encode() in f.read().split(b"\0"):
-                        found.append(int(name))
-            except OSError:
-                continue
-    return found
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def test_abort_ends_the_backup_and_a_later_start_works(make_cluster, playbook):

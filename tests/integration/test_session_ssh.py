@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from harness.pg import PG_USER, Cluster, make_pg_dir, process_gone, restore_tar_backup
+from harness.pg import PG_USER, Cluster, make_pg_dir, process_gone, restore_tar_backup, tagged_processes
 from harness.ssh import ADMIN_USER
 
 pytestmark = pytest.mark.ssh
@@ -43,25 +43,10 @@ def no_leftover_keepers() -> Iterator[str]:
     """
     tag = f"{TAG_VAR}={secrets.token_hex(8)}"
     yield tag
-    left = [pid for pid in _tagged_keepers(tag) if _proc_alive(pid)]
+    left = [pid for pid in tagged_processes(tag, keepers=True) if _proc_alive(pid)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"session keeper(s) left running: {left}"
-
-
-def _tagged_keepers(tag: str) -> list:
-    pids = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{name}/comm") as f:
-                if f.read().strip() != "pgops-keeper":
-                    continue
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if tag.encode() in f.read().split(b"\0"):
-                    pids.append(int(name))
-        except OSError:
-            continue
-    return pids
 
 
 def _play(tasks: list, tag: str) -> list:
@@ -149,7 +134,7 @@ def test_start_copy_stop_restore_over_ssh(
 
         # The keeper outlived the task, as postgres, in its own session on the server.
         assert _proc_alive(keeper_pid)
-        assert _tagged_keepers(tag) == [keeper_pid]
+        assert tagged_processes(tag, keepers=True) == [keeper_pid]
         assert _status_ids(keeper_pid, "Uid") == [postgres_uid] * 4
         assert cluster.sql(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND usename = %s",

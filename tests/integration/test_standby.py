@@ -10,28 +10,11 @@ import time
 import pytest
 from harness.ansible import NODE_PYTHON, REPO
 from harness.layout import restore_backup
-from harness.pg import Cluster, as_postgres, make_pg_dir
+from harness.pg import Cluster, make_pg_dir, make_standby
 from harness.workload import Writer
 
 BACKUP = os.path.join(REPO, "playbooks", "backup.yml")
 PG15 = "/usr/lib/postgresql/15/bin"
-
-
-def make_standby(primary: Cluster, archive_mode: str = "always") -> Cluster:
-    s = Cluster(primary.major, name="standby")
-    as_postgres(
-        [f"{PG15}/pg_basebackup", "-h", primary.sock, "-p", str(primary.port), "-D", s.data, "-R", "-X", "stream", "-c", "fast"]
-    )
-    s.set_conf(
-        port=s.port,
-        unix_socket_directories=f"'{s.sock}'",
-        listen_addresses="'127.0.0.1'",
-        archive_mode=archive_mode,
-        # One archive for the cluster, as usual: whoever comes second finds the same file.
-        archive_command=f"'(test ! -f {primary.archive}/%f && cp %p {primary.archive}/%f) || cmp -s %p {primary.archive}/%f'",
-    )
-    s.start()
-    return s
 
 
 def caught_up(primary: Cluster, standby: Cluster, timeout: float = 30) -> None:
@@ -59,7 +42,7 @@ def pair(make_cluster):
 
     def build(archive_mode: str = "always"):
         nonlocal standby
-        standby = make_standby(primary, archive_mode)
+        standby = make_standby(primary, archive_mode=archive_mode)
         return primary, standby
 
     yield build

@@ -233,26 +233,62 @@ def is_complete(entry: dict) -> bool:
     return entry.get("status") == "complete"
 
 
-def latest(entries: list) -> dict | None:
-    """The newest complete backup; running, failed and unreadable ones never count."""
+def distrust(entry: dict) -> str | None:
+    """Why a complete backup is known to be damaged (its newest verification or drill
+    failed), else None. A later check that passed clears an earlier failure."""
+    checks = []
+    verification = entry.get("verification")
+    if isinstance(verification, dict) and verification.get("at"):
+        bad = verification.get("verified") is False
+        why = f"its verification at {verification['at']} found {verification.get('problems_count', 'some')} problem(s)"
+        checks.append((str(verification["at"]), bad, why))
+    drill = entry.get("drill")
+    if isinstance(drill, dict) and drill.get("at"):
+        bad = drill.get("result") == "failed"
+        why = f"its restore drill at {drill['at']} failed: {drill.get('error') or 'see its backup.json'}"
+        checks.append((str(drill["at"]), bad, why))
+    if not checks:
+        return None
+    _at, bad, why = max(checks)
+    return why if bad else None
+
+
+def latest(entries: list, allow_unverified: bool = False, skipped: list | None = None) -> dict | None:
+    """The newest complete backup that is not known to be damaged; running, failed and
+    unreadable ones never count. Passed-over damaged ones are appended to skipped."""
     for entry in sort_newest_first(entries):
-        if is_complete(entry):
+        if not is_complete(entry):
+            continue
+        why = None if allow_unverified else distrust(entry)
+        if why is None:
             return entry
+        if skipped is not None:
+            skipped.append({"id": entry.get("id"), "reason": why})
     return None
 
 
-def select(entries: list, wanted: str) -> dict:
-    """The backup named by wanted ("latest" or an id); raises RepositoryError with the reason."""
+def select(entries: list, wanted: str, allow_unverified: bool = False, skipped: list | None = None) -> dict:
+    """The backup named by wanted ("latest" or an id); raises RepositoryError with the reason.
+
+    A backup whose newest verification or drill failed is never chosen as latest, and
+    is refused by id, unless allow_unverified."""
     if wanted == "latest":
-        found = latest(entries)
+        found = latest(entries, allow_unverified, skipped)
         if found is None:
             states = ", ".join(f"{e['id']} ({e.get('status')})" for e in entries[:5]) or "none"
-            raise RepositoryError(f"no complete backup in the repository (newest backups: {states})")
+            damaged = " (damaged ones were skipped)" if skipped else ""
+            raise RepositoryError(f"no complete, trusted backup in the repository{damaged} (newest backups: {states})")
         return found
     for entry in entries:
         if str(entry.get("id")) == wanted:
             if not is_complete(entry):
                 raise RepositoryError(f"backup {wanted} is not complete (status: {entry.get('status')}); it cannot be trusted")
+            why = None if allow_unverified else distrust(entry)
+            if why:
+                raise RepositoryError(
+                    f"backup {wanted} is known to be damaged: {why}. Choose another backup, or set allow_unverified "
+                    "(pg_restore_force_unverified: true) to restore it anyway"
+                )
             return entry
     ids = ", ".join(str(e["id"]) for e in entries[:5]) or "none"
     raise RepositoryError(f"backup {wanted} not found in the repository (newest: {ids})")

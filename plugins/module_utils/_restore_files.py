@@ -22,6 +22,7 @@ from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
 from ._files import existing_ancestor, resolves_inside, write_private_file
 from ._layout import (
     BACKUP_JSON,
+    COMPRESSION,
     LABEL_FILES,
     RSYNC_DATA,
     RSYNC_TABLESPACES,
@@ -430,10 +431,12 @@ def wal_files_needed(start_wal: str, stop_wal: str, seg_size=None) -> list:
 
 
 def missing_wal(archive: str, names: list) -> list:
-    """Names (compressed variants count) not found in a WAL archive directory."""
+    """Names not found in a WAL archive directory: each must be there under its exact name, or
+    compressed (name.gz, .zst, .lz4). Other files that share its stem (the backup's own
+    <segment>.<offset>.backup history file, a .partial) do not stand in for it."""
     try:
         present = set(os.listdir(archive))
     except OSError as e:
         raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
-    stems = {n.split(".", 1)[0] for n in present}
-    return [n for n in names if n not in present and n not in stems]
+    suffixes = [""] + [spec[0] for spec in COMPRESSION.values() if spec[0]]
+    return [n for n in names if not any(n + suffix in present for suffix in suffixes)]

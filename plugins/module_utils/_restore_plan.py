@@ -171,7 +171,8 @@ def conf_quote(value) -> str:
 
 def restore_command_for(wal_archive: str) -> str:
     """Copy from a directory of archived WAL; fails (quietly) for a file that is not there, as PostgreSQL requires."""
-    src = shlex.quote(wal_archive.rstrip("/") or "/") + "/%f"
+    # PostgreSQL replaces %f, %p, %r and %% in the command: a % of the path itself must be written %%.
+    src = shlex.quote(wal_archive.rstrip("/") or "/").replace("%", "%%") + "/%f"
     return f"test -f {src} && cp {src} %p"
 
 

@@ -37,9 +37,18 @@ options:
     required: true
   backup:
     description:
-      - V(latest) for the newest complete backup, or a backup id. Returned as RV(backup).
+      - V(latest) for the newest complete backup that is not known to be damaged, or a backup id. Returned as
+        RV(backup).
+      - A backup whose newest verification (M(pgops.online_backup.pg_backup_manifest)) or restore drill failed is
+        known to be damaged - V(latest) skips it with a warning that names it and why, and asking for it by id
+        fails - unless O(allow_unverified).
       - The task fails when no such backup exists or it is not complete.
     type: str
+  allow_unverified:
+    description:
+      - Choose a backup whose newest verification or drill failed all the same.
+    type: bool
+    default: false
   status:
     description:
       - Only list backups with one of these statuses in RV(backups). V(invalid) is a C(backup.json)
@@ -101,9 +110,21 @@ backups:
       size_on_disk: 5271552
       verification: {verified: true, at: "2026-11-29T10:20:00Z", problems_count: 0, tool: pgops.online_backup.pg_backup_manifest}
 latest:
-  description: Id of the newest complete backup, or null when there is none.
+  description: Id of the newest complete backup that is not known to be damaged, or null when there is none.
   returned: always
   type: str
+skipped:
+  description: Complete backups passed over for RV(latest) because their newest verification or drill failed.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: The backup's id.
+      type: str
+    reason:
+      description: Which check failed, when, and why.
+      type: str
 count:
   description: Number of entries in RV(backups).
   returned: always
@@ -134,6 +155,7 @@ def main():
             backup=dict(type="str"),
             status=dict(type="list", elements="str", choices=list(STATUSES) + [INVALID]),
             size_on_disk=dict(type="bool", default=True),
+            allow_unverified=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -142,12 +164,15 @@ def main():
         entries = read_catalog(p["repository"], size=p["size_on_disk"])
     except (PgopsError, OSError) as e:
         module.fail_json(msg=str(e), backups=[], latest=None, count=0)
-    newest = latest(entries)
+    skipped = []
+    newest = latest(entries, p["allow_unverified"], skipped)
+    for s in skipped:
+        module.warn(f"backup {s['id']} is not chosen as the latest: {s['reason']}")
     listed = filter_status(entries, p["status"])
-    result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed)}
+    result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "skipped": skipped}
     if p["backup"]:
         try:
-            result["backup"] = select(entries, p["backup"])
+            result["backup"] = select(entries, p["backup"], p["allow_unverified"])
         except PgopsError as e:
             module.fail_json(msg=f"{p['repository']}: {e}", **result)
     module.exit_json(changed=False, **result)

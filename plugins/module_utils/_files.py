@@ -8,7 +8,7 @@ import json
 import os
 import stat
 
-from ._postgres import PgopsError
+from ._errors import PgopsError
 
 
 class UnsafePathError(PgopsError):

@@ -16,8 +16,8 @@ import shutil
 import stat
 import time
 
+from ._errors import PgopsError
 from ._files import read_json, write_json
-from ._postgres import PgopsError
 
 SCHEMA = 1
 COLLECTION_VERSION = "0.1.0"

@@ -80,10 +80,15 @@ options:
     type: str
   check_wal:
     description:
-      - With O(wal_archive), fail before restoring when the archive lacks a WAL segment the backup needs
-        (from C(start_wal) to C(stop_wal) of C(backup.json)).
+      - With O(wal_archive) (or O(wal_directory)), fail before restoring when the archive lacks a WAL segment the backup
+        needs (from C(start_wal) to C(stop_wal) of C(backup.json)), naming it.
     type: bool
     default: true
+  wal_directory:
+    description:
+      - With O(restore_command), the directory that command reads from, for the check of O(check_wal) (files there may
+        be compressed, as C(pgops-wal) stores them in C(<repository>/wal/<system identifier>/)).
+    type: path
   target:
     description:
       - Where recovery stops. V(latest) replays all archived WAL; V(immediate) stops as soon as the backup is
@@ -432,18 +437,16 @@ def plan(module) -> dict:
     needed_tools(sources)
     bin_dir = find_bin_dir(major, p["bin_dir"])
 
-    if p["wal_archive"]:
-        restore_command = restore_command_for(p["wal_archive"])
-        if p["check_wal"]:
-            needed = wal_files_needed(info.get("start_wal"), info.get("stop_wal"), info.get("wal_segment_size"))
-            lacking = missing_wal(p["wal_archive"], needed)
-            if lacking:
-                raise RestoreError(
-                    f"the WAL archive {p['wal_archive']} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
-                    "to become consistent; the restore could never succeed"
-                )
-    else:
-        restore_command = p["restore_command"]
+    restore_command = restore_command_for(p["wal_archive"]) if p["wal_archive"] else p["restore_command"]
+    wal_dir = p["wal_archive"] or p["wal_directory"]
+    if wal_dir and p["check_wal"]:
+        needed = wal_files_needed(info.get("start_wal"), info.get("stop_wal"), info.get("wal_segment_size"))
+        lacking = missing_wal(wal_dir, needed)
+        if lacking:
+            raise RestoreError(
+                f"the WAL archive {wal_dir} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
+                "to become consistent; the restore could never succeed"
+            )
 
     socket_dir = p["socket_directory"] or default_socket_directory()
     require_absolute("socket_directory", socket_dir)
@@ -543,6 +546,7 @@ def main():
             force=dict(type="bool", default=False),
             tablespace_map=dict(type="dict", default={}),
             wal_archive=dict(type="path"),
+            wal_directory=dict(type="path"),
             restore_command=dict(type="str"),
             check_wal=dict(type="bool", default=True),
             target=dict(type="str", default="latest", choices=list(TARGETS)),
@@ -559,7 +563,7 @@ def main():
             settings=dict(type="dict", default={}),
             bin_dir=dict(type="path"),
         ),
-        mutually_exclusive=[("wal_archive", "restore_command")],
+        mutually_exclusive=[("wal_archive", "restore_command"), ("wal_archive", "wal_directory")],
         required_one_of=[("wal_archive", "restore_command")],
         supports_check_mode=True,
     )

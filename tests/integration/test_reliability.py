@@ -235,7 +235,8 @@ def test_a_failed_drill_makes_latest_skip_the_backup(make_cluster, playbook, tmp
 
 def test_a_percent_sign_in_the_wal_archive_path_restores(make_cluster, playbook, tmp_path):
     c = make_cluster(15)
-    archive = os.path.join(make_pg_dir("pgops-wal-"), "100%_wal")
+    # "%p" is what PostgreSQL would replace: unescaped, recovery copies from a path that does not exist.
+    archive = os.path.join(make_pg_dir("pgops-wal-"), "50%off_%p_wal")
     os.mkdir(archive)
     shutil.chown(archive, "postgres", "postgres")
     # In archive_command too, a % of the path is written %%.

@@ -33,4 +33,21 @@ options:
       - Factor applied to the size of the databases and tablespaces to get the space O(destination) needs.
     type: float
     default: 1.1
+  repository:
+    description:
+      - A backup repository on the host the module runs on, into which C(pgops-wal) archives this cluster's WAL
+        (C(<repository>/wal/<system identifier>/)); its newest segment is reported in the archive guard.
+    type: path
+  archive_backlog_max:
+    description:
+      - Archive guard - report V(archive_backlog) when more WAL segments than this wait for the archiver (C(.ready)
+        files in C(pg_wal/archive_status)). V(0) is off.
+    type: int
+    default: 0
+  archive_age_max:
+    description:
+      - Archive guard - report V(archive_stale) when segments wait and nothing was archived for more seconds than
+        this. An idle server that has nothing to archive is never stale. V(0) is off.
+    type: int
+    default: 0
 """

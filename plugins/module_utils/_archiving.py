@@ -7,6 +7,8 @@ them. Only prove() changes anything (it switches WAL)."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name, wal_name_le
@@ -149,6 +151,7 @@ def wait_for_segment_or_failure(conn, name: str, timeout: float, failed_count: i
 # header (40 bytes); anything at or below this offset means an empty segment,
 # which pg_switch_wal() would not switch.
 EMPTY_SEGMENT_OFFSET = 64
+WAL_SEGMENT_RE = re.compile(r"^[0-9A-F]{24}(\.(gz|zst|lz4))?$")
 
 
 def _optional(conn, sql: str, args=None):
@@ -202,7 +205,49 @@ def gather(conn) -> dict:
     facts["system_identifier"] = row[0] if row else None
     facts["privileges"] = privileges(conn, major, facts["data_directory"] is not None)
     facts.update(sizes(conn))
+    facts["guard"] = guard_facts(conn, facts)
     return facts
+
+
+def guard_facts(conn, facts: dict) -> dict:
+    """How far the archiver is behind, read-only: what a disk filling with WAL shows first."""
+    row = query_one(
+        conn,
+        "SELECT EXTRACT(EPOCH FROM now() - last_archived_time)::float8, pg_size_bytes(current_setting('max_wal_size'))"
+        " FROM pg_stat_archiver",
+    )
+    wal = _optional(conn, "SELECT coalesce(sum(size), 0)::bigint FROM pg_ls_waldir()")  # pg_monitor or superuser
+    ready = facts["ready_count"]
+    seg = facts["wal_segment_size"] or 0
+    return {
+        "seconds_since_last_archived": round(row[0], 1) if row[0] is not None else None,
+        "ready_count": ready,
+        "ready_bytes": ready * seg if ready is not None else None,
+        "failed_count": facts["archiver"].get("failed_count"),
+        "last_failed_wal": facts["archiver"].get("last_failed_wal"),
+        "last_failed_time": facts["archiver"].get("last_failed_time"),
+        "pg_wal_bytes": wal[0] if wal else None,
+        "max_wal_size_bytes": row[1],
+    }
+
+
+def newest_archived(repository: str, system_identifier: str | None):
+    """(name, mtime) of the newest WAL segment pgops-wal archived for this cluster in a
+    repository on this host, or (None, None)."""
+    if not repository or not system_identifier:
+        return None, None
+    directory = os.path.join(repository, "wal", system_identifier)
+    try:
+        names = [n for n in os.listdir(directory) if WAL_SEGMENT_RE.match(n)]
+    except OSError:
+        return None, None
+    if not names:
+        return None, None
+    newest = max(names, key=lambda n: n[:24])
+    try:
+        return newest[:24], os.stat(os.path.join(directory, newest)).st_mtime
+    except OSError:
+        return newest[:24], None
 
 
 def privileges(conn, major: int, can_read_data_directory: bool) -> dict:
@@ -332,6 +377,7 @@ def inspect(
     require_privileges: bool = True,
     check_mode: bool = False,
     warn=None,
+    guard: dict | None = None,
 ) -> dict:
     """Every fact an online backup depends on, the archive proof, and the
     problems found (facts["problems"]). Changes nothing but the proof's WAL switch."""
@@ -351,6 +397,10 @@ def inspect(
     except psycopg2.Error as e:
         raise InspectError(f"{stage}: {error_text(e)}") from None
     check_destination(facts, destination, space_margin, warn or (lambda msg: None))
+    guard = guard or {}
+    facts["guard"]["newest_in_repository"], mtime = newest_archived(guard.get("repository"), facts["system_identifier"])
+    facts["guard"]["seconds_since_newest_in_repository"] = round(time.time() - mtime, 1) if mtime else None
+    facts["guard"].update(backlog_max=guard.get("backlog_max") or 0, age_max=guard.get("age_max") or 0)
     problems = evaluate(facts, prove=prove_wanted, require_privileges=require_privileges)
     facts.update(problems=problems, ok=not problems)
     return facts
@@ -375,6 +425,11 @@ def inspect_for_module(module, application_name: str, prove_wanted: bool, fail_p
             require_privileges=p.get("require_privileges", True),
             check_mode=module.check_mode,
             warn=module.warn,
+            guard={
+                "repository": p.get("repository"),
+                "backlog_max": p.get("archive_backlog_max"),
+                "age_max": p.get("archive_age_max"),
+            },
         )
     except InspectError as e:
         module.fail_json(msg=f"{fail_prefix}{e}")
@@ -390,6 +445,9 @@ def archiving_argument_spec(prove: bool = False) -> dict:
         fail_on_problems=dict(type="bool", default=False),
         destination=dict(type="path"),
         space_margin=dict(type="float", default=1.1),
+        repository=dict(type="path"),
+        archive_backlog_max=dict(type="int", default=0),
+        archive_age_max=dict(type="int", default=0),
     )
     if prove:
         spec["prove_timeout"] = dict(type="float", default=60)

@@ -70,12 +70,58 @@ def render(entries: list, repository: str) -> str:
         failed_backups="Failed backups in the repository.",
         last_failure_timestamp_seconds="When the newest failed backup failed (0: none).",
     )
+    return _text(PREFIX, series, helps)
+
+
+def _text(prefix: str, series: dict, helps: dict) -> str:
     lines = []
     for name in sorted(series):
-        lines.append(f"# HELP {PREFIX}_{name} {helps[name]}")
-        lines.append(f"# TYPE {PREFIX}_{name} gauge")
-        lines += [f"{PREFIX}_{name}{{{labels}}} {_value(value)}" for labels, value in series[name]]
+        lines.append(f"# HELP {prefix}_{name} {helps[name]}")
+        lines.append(f"# TYPE {prefix}_{name} gauge")
+        lines += [f"{prefix}_{name}{{{labels}}} {_value(value)}" for labels, value in series[name]]
     return "\n".join(lines) + "\n"
+
+
+ARCHIVE_PREFIX = "pgops_archive"
+ARCHIVE_GAUGES = (
+    ("seconds_since_last_archived", "Seconds since the archiver last archived a file (-1: never)."),
+    ("ready_segments", "WAL files waiting for the archiver (.ready in pg_wal/archive_status)."),
+    ("ready_bytes", "Their size in bytes."),
+    ("failed_total", "Failed archive attempts since the statistics were reset."),
+    ("pg_wal_bytes", "Size of pg_wal in bytes."),
+    ("max_wal_size_bytes", "max_wal_size in bytes."),
+    ("seconds_since_newest_in_repository", "Age of the newest segment pgops-wal archived in the repository."),
+)
+ARCHIVE_KEYS = {
+    "seconds_since_last_archived": "seconds_since_last_archived",
+    "ready_segments": "ready_count",
+    "ready_bytes": "ready_bytes",
+    "failed_total": "failed_count",
+    "pg_wal_bytes": "pg_wal_bytes",
+    "max_wal_size_bytes": "max_wal_size_bytes",
+    "seconds_since_newest_in_repository": "seconds_since_newest_in_repository",
+}
+
+
+def render_archive(facts: dict, host: str) -> str:
+    """The archive guard of one cluster (pg_archiving_info's facts), and one series per problem code."""
+    guard = facts.get("guard") or {}
+    labels = f'cluster="{_label(facts.get("system_identifier") or "unknown")}",host="{_label(host)}"'
+    series = {}
+    for name, _help in ARCHIVE_GAUGES:
+        value = guard.get(ARCHIVE_KEYS[name])
+        if name == "seconds_since_last_archived" and value is None:
+            value = -1
+        if value is not None:
+            series[name] = [(labels, float(value))]
+    codes = sorted({p["code"] for p in facts.get("problems") or []})
+    series["problem"] = [(labels + f',code="{_label(code)}"', 1) for code in codes]
+    series["problems"] = [(labels, len(codes))]
+    helps = dict(ARCHIVE_GAUGES)
+    helps.update(problem="A problem the archive guard found (1), by code.", problems="Problems the guard found.")
+    if not series["problem"]:
+        del series["problem"]
+    return _text(ARCHIVE_PREFIX, series, helps)
 
 
 def publish(path: str, entries: list, repository: str) -> None:

@@ -32,6 +32,8 @@ CODES = (
     "destination_inside_data_directory",
     "destination_inside_tablespace",
     "destination_insufficient_space",
+    "archive_backlog",
+    "archive_stale",
 )
 
 RELOAD = "then reload the configuration (SELECT pg_reload_conf(); no restart needed)"
@@ -257,7 +259,39 @@ def evaluate(facts: dict, prove: bool = True, require_privileges: bool = True) -
     if num and major_of(num) >= MIN_MAJOR:
         problems.extend(privilege_problems(facts, prove, require_privileges))
     problems.extend(destination_problems(facts.get("destination")))
+    problems.extend(guard_problems(facts.get("guard")))
     return problems
+
+
+def guard_problems(guard: dict | None) -> list:
+    """The archive guard: a backlog or an age past the thresholds the user set (0 is off)."""
+    if not guard:
+        return []
+    out = []
+    ready, limit = guard.get("ready_count"), guard.get("backlog_max") or 0
+    wal = guard.get("pg_wal_bytes")
+    disk = f"; pg_wal holds {mb(wal)} (max_wal_size {mb(guard.get('max_wal_size_bytes') or 0)})" if wal is not None else ""
+    if limit and ready is not None and ready > limit:
+        out.append(
+            make_problem(
+                "archive_backlog",
+                f"{ready} WAL segment(s) ({mb(guard.get('ready_bytes') or 0)}) wait for the archiver, more than "
+                f"archive_backlog_max ({limit}){disk}: they stay in pg_wal until archived, and pg_wal fills its disk",
+                "see why archiving is slow or failing (pg_stat_archiver, the server log, the archive's free space and "
+                f"reachability); the archiver works in order, so the oldest waiting segment is the one to look at; {RELOAD}"
+                " after changing archive_command",
+            )
+        )
+    age, age_max = guard.get("seconds_since_last_archived"), guard.get("age_max") or 0
+    if age_max and ready and age is not None and age > age_max:
+        out.append(
+            make_problem(
+                "archive_stale",
+                f"nothing was archived for {int(age)}s (archive_age_max {age_max}s) while {ready} segment(s) wait{disk}",
+                FIX_ARCHIVER,
+            )
+        )
+    return out
 
 
 # -- destination

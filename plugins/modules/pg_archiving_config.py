@@ -12,7 +12,7 @@ description:
   - Sets each of O(settings) that differs from the server's value with C(ALTER SYSTEM), then reloads the configuration.
     Settings that already have the wanted value are left alone, so a second run changes nothing.
   - Settings that only take effect at server start (C(archive_mode), C(wal_level)) are reported in RV(restart_needed)
-    and RV(pending_restart); this module never restarts the server (the role M(pgops.online_backup.pg_archiving#role)
+    and RV(pending_restart); this module never restarts the server (the role P(pgops.online_backup.pg_archiving#role)
     does when told to).
   - Values are passed to the server as literals quoted by the server itself (C(quote_literal)), never formatted into
     SQL; setting names are checked against C(pg_settings).

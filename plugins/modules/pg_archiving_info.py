@@ -37,7 +37,8 @@ notes:
   - Problem codes are V(server_too_old), V(wal_level_minimal), V(archive_mode_off), V(standby_archive_mode_not_always),
     V(archive_command_empty), V(both_command_and_library), V(archiver_failing), V(missing_backup_privilege),
     V(destination_not_absolute), V(destination_inside_data_directory), V(destination_inside_tablespace) and
-    V(destination_insufficient_space); M(pgops.online_backup.pg_archiving_check) adds those of its proof.
+    V(destination_insufficient_space), and for the archive guard V(archive_backlog) and V(archive_stale);
+    M(pgops.online_backup.pg_archiving_check) adds those of its proof.
   - The O(destination) checks compare paths of the managed node with the server's; run the module on the database host.
   - Tested against PostgreSQL 13, 15 and 18 (primary and streaming standby).
 seealso:
@@ -200,6 +201,49 @@ wal_segment_size:
   returned: always
   type: int
   sample: 16777216
+guard:
+  description:
+    - The archive guard - how far the archiver is behind, read-only, so that an alert fires long before pg_wal fills
+      its disk.
+  returned: always
+  type: dict
+  contains:
+    seconds_since_last_archived:
+      description: Seconds since the archiver last archived a file (null when it never did).
+      type: float
+    ready_count:
+      description: WAL files waiting for the archiver (null without the privilege to list C(pg_wal/archive_status)).
+      type: int
+    ready_bytes:
+      description: Their size (segments times the segment size).
+      type: int
+    failed_count:
+      description: Failed attempts since the statistics were reset.
+      type: int
+    last_failed_wal:
+      description: The last file the archiver failed on.
+      type: str
+    last_failed_time:
+      description: When.
+      type: str
+    pg_wal_bytes:
+      description: The size of C(pg_wal) (null without C(pg_monitor) or superuser).
+      type: int
+    max_wal_size_bytes:
+      description: C(max_wal_size), for comparison.
+      type: int
+    newest_in_repository:
+      description: With O(repository), the newest segment C(pgops-wal) archived there for this cluster.
+      type: str
+    seconds_since_newest_in_repository:
+      description: With O(repository), how old that file is.
+      type: float
+    backlog_max:
+      description: The O(archive_backlog_max) used.
+      type: int
+    age_max:
+      description: The O(archive_age_max) used.
+      type: int
 proof:
   description: Always C(performed=false) here, with the C(skipped_reason); M(pgops.online_backup.pg_archiving_check)
     returns the same fields with the proof's outcome.

@@ -234,3 +234,52 @@ def test_a_full_disk_fails_the_push_and_postgresql_retries_it_once_there_is_spac
     finally:
         c.stop("immediate")
         subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def test_the_guard_reports_a_growing_backlog_and_publishes_it(make_cluster, playbook, tmp_path):
+    c = make_cluster(17)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    os.mkdir(repo, 0o700)
+    subprocess.run(["chown", "postgres:postgres", repo], check=True)
+    prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))  # the postgres user runs it
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} %p",))
+    c.sql("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+    c.sql("SELECT pg_switch_wal()")
+    metrics = make_pg_dir("pgops-textfile-")
+    ev = {
+        "pg_backup_login_unix_socket": c.sock, "pg_backup_port": c.port, "pg_backup_repository": repo,
+        "pg_backup_preflight_prove": False, "pg_archiving_backlog_max": 3, "pg_archiving_age_max": 2,
+        "pg_archiving_metrics_file": os.path.join(metrics, "pgops_archive.prom"),
+    }  # fmt: skip
+    preflight = os.path.join(REPO, "playbooks", "preflight.yml")
+    healthy = playbook(preflight, extra_vars=ev)
+    assert healthy.rc == 0, healthy
+    sysid = str(c.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
+    guard = healthy.task("Check the server, its WAL archiving and the repository (read-only, no proof)")["guard"]
+    assert guard["newest_in_repository"] and guard["newest_in_repository"] in "".join(
+        os.listdir(os.path.join(repo, "wal", sysid))
+    )
+    text = open(ev["pg_archiving_metrics_file"]).read()
+    assert f'pgops_archive_problems{{cluster="{sysid}",host="localhost"}} 0' in text, text
+    # The archive becomes unwritable: segments pile up in pg_wal.
+    wal_dir = os.path.join(repo, "wal", sysid)
+    os.chmod(wal_dir, 0o500)
+    try:
+        for _ in range(5):
+            c.sql("CREATE TABLE IF NOT EXISTS w (x int); INSERT INTO w SELECT generate_series(1, 1000)")
+            c.sql("SELECT pg_switch_wal()")
+        time.sleep(3)
+        stuck = playbook(preflight, extra_vars=ev)
+        assert stuck.rc != 0
+        codes = {
+            p["code"]
+            for p in stuck.task("Check the server, its WAL archiving and the repository (read-only, no proof)")["problems"]
+        }
+        assert {"archive_backlog", "archiver_failing"} <= codes, codes
+        text = open(ev["pg_archiving_metrics_file"]).read()
+        assert f'pgops_archive_problem{{cluster="{sysid}",host="localhost",code="archive_backlog"}} 1' in text, text
+        ready = [line for line in text.splitlines() if line.startswith("pgops_archive_ready_segments")]
+        assert ready and float(ready[0].split()[-1]) >= 4, ready
+    finally:
+        os.chmod(wal_dir, 0o700)

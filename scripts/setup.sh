@@ -25,6 +25,8 @@ apt_packages=(openssh-server sudo rsync acl cpio tar pigz zstd lz4 gzip
   postgresql-15 postgresql-client-15 python3-psycopg2 python3-crc32c python3-venv procps)
 # The machine image ships Node.js with npm; Debian's npm only when it is absent.
 command -v npm >/dev/null || apt_packages+=(npm)
+# pgBackRest, for the benchmarks' side-by-side figures, where the distribution has it.
+if apt-cache show pgbackrest >/dev/null 2>&1; then apt_packages+=(pgbackrest); fi
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

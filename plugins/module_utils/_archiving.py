@@ -12,8 +12,8 @@ import re
 import time
 
 from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name, wal_name_le
+from ._errors import PgopsError
 from ._postgres import (
-    PgopsError,
     cluster_key,
     connect_or_fail,
     error_text,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from ._postgres import PgopsError
+from ._errors import PgopsError
 
 MIN_MAJOR = 12
 MAX_LABEL_BYTES = 1024  # server refuses longer: "backup label too long (max 1024 bytes)"

@@ -25,9 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
+from ._errors import PgopsError
 from ._files import fsync_dir, resolves_inside, write_json
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor
-from ._postgres import PgopsError
 from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).

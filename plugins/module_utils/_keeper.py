@@ -35,8 +35,9 @@ import threading
 import time
 
 from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
+from ._errors import PgopsError
 from ._files import ensure_private_dir, read_json, write_json
-from ._postgres import PgopsError, connect, error_text, psycopg2, query_one, server_version
+from ._postgres import connect, error_text, psycopg2, query_one, server_version
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ._checksum import ALGORITHMS, DIGEST_SIZES, default_algorithm, new_hasher
+from ._errors import PgopsError
 from ._files import write_private_file
 from ._layout import BACKUP_JSON, LABEL_FILES, MANIFEST, LayoutError, decompress_command, find_archives, parse_archive_name
-from ._postgres import PgopsError
 
 CHUNK = 1 << 20
 VERSION_KEY = "PostgreSQL-Backup-Manifest-Version"

@@ -1,7 +1,6 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""One PostgreSQL connection layer for every module of the collection (and,
-re-exported from _errors, the collection's base exception class).
+"""One PostgreSQL connection layer for every module of the collection.
 
 The only importer of psycopg2. Option names follow community.postgresql so
 users feel at home.
@@ -23,8 +22,6 @@ except ImportError:  # pragma: no cover - depends on the managed node
     psycopg2 = None
     HAS_PSYCOPG2 = False
     PSYCOPG2_IMP_ERR = traceback.format_exc()
-
-from ._errors import PgopsError  # noqa: F401 - re-exported: the modules' one error base
 
 # Kept alive over long copies: the keeper's session must survive idle minutes.
 TCP_KEEPALIVES = {

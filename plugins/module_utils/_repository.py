@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 
+from ._errors import PgopsError
 from ._files import ensure_private_dir, read_json, resolves_inside, write_json
 from ._keeper import liveness
 from ._layout import (
@@ -35,7 +36,6 @@ from ._layout import (
 )
 from ._manifest import write_backup_manifest
 from ._metrics import publish
-from ._postgres import PgopsError
 
 INVALID = "invalid"  # a backup.json that cannot be read as a JSON object
 # A lock no session has claimed yet (the run is between the record and the start)

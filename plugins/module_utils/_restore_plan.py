@@ -15,7 +15,7 @@ import re
 import shlex
 
 from ._backup_api import BackupApiError, parse_lsn
-from ._postgres import PgopsError
+from ._errors import PgopsError
 
 TARGETS = ("immediate", "latest", "time", "lsn", "name", "xid")
 ACTIONS = ("promote", "pause", "shutdown")

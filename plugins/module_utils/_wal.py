@@ -141,12 +141,17 @@ def ensure_wal_dir(repository: str, cluster: str) -> str:
     if not os.path.isdir(repository):
         raise WalError(f"repository {repository} does not exist: create it (the backup role does), or fix the path")
     directory = wal_dir(repository, cluster)
-    for path in (os.path.dirname(directory), directory):
+    _private_dirs([os.path.dirname(directory), directory])
+    return directory
+
+
+def _private_dirs(paths: list) -> None:
+    """Each directory, made 0700 when it is new (WAL holds every row of the cluster)."""
+    for path in paths:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
-    return directory
 
 
 def push_local(source: str, repository: str, cluster: str, compression: str, level=None) -> str:
@@ -169,7 +174,11 @@ def push_local(source: str, repository: str, cluster: str, compression: str, lev
 def put(directory: str, name: str, compression: str, digest: str) -> str:
     """The repository host's side of a push: stdin holds the stored (compressed) bytes."""
     check_name(name)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = directory.rstrip("/")
+    repository = os.path.dirname(os.path.dirname(directory))
+    if not os.path.isdir(repository):
+        raise WalError(f"repository {repository} does not exist on this host: create it (the archiving role does)")
+    _private_dirs([os.path.dirname(directory), directory])
 
     def fill(fd):
         for chunk in iter(lambda: sys.stdin.buffer.read(CHUNK), b""):
@@ -248,13 +257,13 @@ def push_remote(source, host, port, options, program, repository, cluster, compr
     with open(source, "rb") as src:
         if cmd:
             comp = subprocess.Popen(cmd, stdin=src, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=comp.stdout, capture_output=True)
+            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=comp.stdout, capture_output=True, check=False)
             comp.stdout.close()
             _out, comp_err = comp.communicate()
             if comp.returncode != 0:
                 raise WalError(f"{cmd[0]} exited {comp.returncode}: {comp_err.decode().strip()}")
         else:
-            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=src, capture_output=True)
+            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=src, capture_output=True, check=False)
     if ssh.returncode != 0:
         raise WalError(f"pushing {name} to {host} failed (exit {ssh.returncode}): {ssh.stderr.decode().strip()}")
     return ssh.stdout.decode().strip()
@@ -266,7 +275,7 @@ def get_remote(host, port, options, program, repository, cluster, name, target) 
     result = {}
 
     def fill(fd):
-        proc = subprocess.run(ssh_command(host, port, options, remote), stdout=fd, stderr=subprocess.PIPE)
+        proc = subprocess.run(ssh_command(host, port, options, remote), stdout=fd, stderr=subprocess.PIPE, check=False)
         result.update(rc=proc.returncode, err=proc.stderr.decode("utf-8", "replace").strip())
         if proc.returncode != 0:
             raise WalError(result["err"])
@@ -332,7 +341,7 @@ def main(argv=None) -> int:
     err = sys.stderr
     try:
         if args.command == "put":
-            print(put(args.dir, args.name, args.compression, args.sha256))
+            sys.stdout.write(put(args.dir, args.name, args.compression, args.sha256) + "\n")
             return 0
         if args.command == "cat":
             return cat(args.dir, args.name)
@@ -346,7 +355,7 @@ def main(argv=None) -> int:
             else:
                 msg = push_local(args.path, args.repository, cluster, args.compression, args.level)
             if msg.startswith(check_name(os.path.basename(args.path)) + " was already"):
-                print(f"pgops-wal: {msg}", file=err)  # worth a line in the server log: a retry after a crash
+                err.write(f"pgops-wal: {msg}\n")  # worth a line in the server log: a retry after a crash
             return 0
         try:
             if args.host:
@@ -354,8 +363,8 @@ def main(argv=None) -> int:
                                   cluster, args.name, args.target)  # fmt: skip
             return EXIT_FOUND if get_local(args.repository, cluster, args.name, args.target) else EXIT_MISSING
         except (PgopsError, OSError) as e:
-            print(f"pgops-wal: cannot get {args.name}: {e}", file=err)
+            err.write(f"pgops-wal: cannot get {args.name}: {e}\n")
             return EXIT_MISSING if args.errors_as_missing else EXIT_UNREADABLE
     except (PgopsError, OSError) as e:
-        print(f"pgops-wal: {args.command} failed: {e}", file=err)
+        err.write(f"pgops-wal: {args.command} failed: {e}\n")
         return 1

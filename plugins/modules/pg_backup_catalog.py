@@ -152,9 +152,9 @@ removed:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     complete_backup,
     fail_backup,

@@ -160,12 +160,12 @@ crc32c_implementation:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
     Attachment,
     default_runtime_dir,
     session_dir,
 )
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 
 
 def main():

@@ -137,8 +137,8 @@ backup:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import STATUSES
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     INVALID,
     filter_status,

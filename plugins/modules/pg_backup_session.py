@@ -342,9 +342,9 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api im
     wal_file_name,
     wal_segment_count,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
-    PgopsError,
     cluster_key,
     connect,
     connection_kwargs,

@@ -263,9 +263,9 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import BackupApiError, major_of
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import existing_ancestor, write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, read_backup
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
     backup_sources,
     check_targets,

@@ -162,7 +162,8 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import PgopsError, ensure_driver
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import ensure_driver
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import read_conf
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import RestoreError
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_server import (

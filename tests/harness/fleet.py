@@ -217,7 +217,10 @@ class Fleet:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         base = tempfile.mkdtemp(prefix="pgops-fleet-", dir="/tmp")
         os.chmod(base, 0o755)
-        self.state = {"base": base, "hosts": [], "created_at": time.time()}
+        # Where the archiving role installs pgops-wal on every host (they share this filesystem).
+        program = os.path.join(base, "program")
+        os.mkdir(program, 0o755)
+        self.state = {"base": base, "hosts": [], "created_at": time.time(), "program": program}
         self.save()
         self._make_keys()
         for spec, address in zip(FLEET, addrs):
@@ -381,6 +384,14 @@ class Fleet:
         else:
             c.sql("CREATE TABLE fleet_seed (id int PRIMARY KEY, note text NOT NULL)")
             c.sql("INSERT INTO fleet_seed SELECT g, 'row ' || g FROM generate_series(1, %s) g", (SEED_ROWS,))
+        if host["repository_host"]:
+            # The archiving playbook moves its WAL to pgops-wal: <repository>/wal/<system identifier> there.
+            sysid = str(c.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
+            host["archive"] = os.path.join(host["repository"], "wal", sysid)
+            store = self._host_by_name(host["repository_host"])
+            for held in store["holds"]:
+                if held["fleet_held_for"] == host["name"]:
+                    held["fleet_pg_archive"] = host["archive"]
 
     @staticmethod
     def _clone_standby(c: Cluster, primary: dict) -> None:
@@ -434,7 +445,7 @@ class Fleet:
         for host in self.state["hosts"]:
             with open(os.path.join(d, f"{host['name']}.yml"), "w") as f:
                 f.write("---\n")
-                yaml.safe_dump(host_vars(host), f, sort_keys=True)
+                yaml.safe_dump({**host_vars(host), "fleet_program_dir": self.state["program"]}, f, sort_keys=True)
 
     # -- destroy
 

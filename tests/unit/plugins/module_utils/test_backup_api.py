@@ -10,7 +10,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 api = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._backup_api")
-PgopsError = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._postgres").PgopsError
+PgopsError = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._errors").PgopsError
 
 SEG = 16 * 1024 * 1024
 

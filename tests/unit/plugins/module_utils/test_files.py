@@ -13,7 +13,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 files = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._files")
-PgopsError = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._postgres").PgopsError
+PgopsError = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._errors").PgopsError
 
 
 def test_path_inside():

@@ -258,8 +258,28 @@ def test_latest_never_trusts_incomplete(tmp_path, add_backup):
     add_backup(repo, "20261130T101500Z", "failed")
     entries = r.read_catalog(str(repo))
     assert r.latest(entries) is None
-    with pytest.raises(r.RepositoryError, match="no complete backup"):
+    with pytest.raises(r.RepositoryError, match="no complete, trusted backup"):
         r.select(entries, "latest")
+
+
+def test_latest_passes_over_a_backup_whose_newest_check_failed():
+    good = {"id": "20261129T101500Z", "status": "complete", "drill": {"at": "2026-11-29T12:00:00Z", "result": "passed"}}
+    failed_check = {"at": "2026-11-30T11:00:00Z", "verified": False}
+    bad_verify = {"id": "20261130T101500Z", "status": "complete", "verification": failed_check}
+    # A drill that failed, then a verification that passed later: the newest check decides.
+    recovered = {
+        "id": "20261201T101500Z", "status": "complete",
+        "drill": {"at": "2026-12-01T11:00:00Z", "result": "failed", "error": "boom"},
+        "verification": {"at": "2026-12-01T12:00:00Z", "verified": True},
+    }  # fmt: skip
+    skipped = []
+    assert r.latest([good, bad_verify], skipped=skipped)["id"] == good["id"]
+    assert skipped == [{"id": bad_verify["id"], "reason": r.distrust(bad_verify)}] and "verification" in skipped[0]["reason"]
+    assert r.latest([good, bad_verify, recovered])["id"] == recovered["id"]
+    assert r.latest([good, bad_verify], allow_unverified=True)["id"] == bad_verify["id"]
+    with pytest.raises(r.RepositoryError, match="is known to be damaged"):
+        r.select([good, bad_verify], bad_verify["id"])
+    assert r.select([good, bad_verify], bad_verify["id"], allow_unverified=True) is bad_verify
 
 
 def test_filter_status(repo):

@@ -13,7 +13,7 @@ from harness.ansible import collections_workspace
 sys.path.insert(0, collections_workspace())
 plan = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan")
 backup_api = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._backup_api")
-postgres = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._postgres")
+postgres = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._errors")
 RestoreError = plan.RestoreError
 BackupApiError = backup_api.BackupApiError
 

@@ -113,7 +113,7 @@ latest:
   description: Id of the newest complete backup that is not known to be damaged, or null when there is none.
   returned: always
   type: str
-skipped:
+passed_over:
   description: Complete backups passed over for RV(latest) because their newest verification or drill failed.
   returned: always
   type: list
@@ -169,7 +169,7 @@ def main():
     for s in skipped:
         module.warn(f"backup {s['id']} is not chosen as the latest: {s['reason']}")
     listed = filter_status(entries, p["status"])
-    result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "skipped": skipped}
+    result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "passed_over": skipped}
     if p["backup"]:
         try:
             result["backup"] = select(entries, p["backup"], p["allow_unverified"])

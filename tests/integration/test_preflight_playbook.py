@@ -56,8 +56,9 @@ def test_preflight_playbook_passes_a_good_host_and_names_problems_of_a_bad_one(m
     assert good.sql("SELECT archived_count FROM pg_stat_archiver")[0][0] > archived
     report = run.task(REPORT, host="good")["msg"]
     assert report[0].startswith("PostgreSQL 16") and "(primary)" in report[0] and good.data in report[0], report
-    assert "'archived': True" in report[2] and report[3] == "0 problem(s) []", report
-    assert run.task(REPORT, host="bad")["msg"][3] == "1 problem(s) ['archive_mode_off']"
+    assert "'archived': True" in report[2] and report[4] == "0 problem(s) []", report
+    assert report[3].startswith("archive guard: 0 segment(s) waiting"), report
+    assert run.task(REPORT, host="bad")["msg"][4] == "1 problem(s) ['archive_mode_off']"
 
     # pg_backup_preflight_prove=false (a string from the INI inventory): read-only, no WAL switch.
     wal = current_wal(good)

@@ -37,3 +37,18 @@ def current_wal(c: Cluster) -> str:
     sits exactly on the segment boundary, where pg_walfile_name() names the segment
     just finished, so a switch would go unseen until more WAL is written."""
     return c.sql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")[0][0]
+
+
+def backup_roles(cluster: Cluster) -> list:
+    """bob has nothing, carol may start and stop backups, dave may also switch WAL; returns the backup functions."""
+    cluster.sql(
+        "SET password_encryption = 'scram-sha-256';"
+        + "".join(f"CREATE ROLE {r} LOGIN PASSWORD '{PASSWORD}';" for r in ("bob", "carol", "dave"))
+    )
+    funcs = ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
+    if cluster.major < 15:
+        funcs = ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
+    for role in ("carol", "dave"):
+        cluster.sql("".join(f"GRANT EXECUTE ON FUNCTION {f} TO {role};" for f in funcs))
+    cluster.sql("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO dave")
+    return funcs

@@ -68,11 +68,11 @@ def slow_cluster(make_cluster):
     return c
 
 
-def start_backup_in_background(cluster, repo: str, workdir: str, **extra):
+def start_backup_in_background(cluster, repo: str, workdir: str, inventory: str | None = None, **extra):
     """ansible-playbook in the background; returns (Popen, results file)."""
     os.makedirs(workdir, exist_ok=True)
     inv = os.path.join(workdir, "inv.ini")
-    open(inv, "w").write(local_inventory())
+    open(inv, "w").write(inventory or local_inventory())
     ev = os.path.join(workdir, "ev.json")
     # gzip -9 on one thread: a copy that takes seconds, unless the test says otherwise.
     slow = {"pg_backup_compression": "gzip", "pg_backup_compression_level": 9, "pg_backup_compression_threads": 1}

@@ -9,7 +9,7 @@ import os
 import time
 
 import pytest
-from harness.archiving import PASSWORD, as_role, codes, current_wal, play
+from harness.archiving import as_role, backup_roles, codes, current_wal, play
 from harness.archiving import task as module_task
 from harness.pg import Cluster, make_standby
 
@@ -45,17 +45,7 @@ def test_proof_outcomes(major, make_cluster, playbook):
     failing = make_cluster(major, archive_command="'/bin/false'")
     slow = make_cluster(major, archive_command="'sleep 5'")
     off = make_cluster(major, archive_mode="off")
-    # bob has nothing, carol may start and stop backups, dave may also switch WAL.
-    good.sql(
-        "SET password_encryption = 'scram-sha-256';"
-        + "".join(f"CREATE ROLE {r} LOGIN PASSWORD '{PASSWORD}';" for r in ("bob", "carol", "dave"))
-    )
-    funcs = ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
-    if major < 15:
-        funcs = ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
-    for role in ("carol", "dave"):
-        good.sql("".join(f"GRANT EXECUTE ON FUNCTION {f} TO {role};" for f in funcs))
-    good.sql("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO dave")
+    funcs = backup_roles(good)
     clusters = (good, failing, slow, off)
 
     # 1. Every case where the proof must not run: nothing is switched, nothing changed.

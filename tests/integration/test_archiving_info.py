@@ -8,7 +8,7 @@ import os
 import time
 
 import pytest
-from harness.archiving import PASSWORD, as_role, codes, current_wal, play
+from harness.archiving import as_role, backup_roles, codes, current_wal, play
 from harness.archiving import task as module_task
 from harness.pg import Cluster, chown_pg, make_standby
 
@@ -84,17 +84,7 @@ def test_good_and_bad_configurations(major, make_cluster, playbook, tmp_path):
     os.mkdir(tsdir)
     chown_pg(tsdir)
     good.sql(f"CREATE TABLESPACE fast LOCATION '{tsdir}'")
-    # bob has nothing, carol may start and stop backups, dave may also switch WAL.
-    good.sql(
-        "SET password_encryption = 'scram-sha-256';"
-        + "".join(f"CREATE ROLE {r} LOGIN PASSWORD '{PASSWORD}';" for r in ("bob", "carol", "dave"))
-    )
-    funcs = ["pg_backup_start(text, boolean)", "pg_backup_stop(boolean)"]
-    if major < 15:
-        funcs = ["pg_start_backup(text, boolean, boolean)", "pg_stop_backup(boolean, boolean)"]
-    for role in ("carol", "dave"):
-        good.sql("".join(f"GRANT EXECUTE ON FUNCTION {f} TO {role};" for f in funcs))
-    good.sql("GRANT EXECUTE ON FUNCTION pg_switch_wal() TO dave")
+    funcs = backup_roles(good)
     link = tmp_path / "link-to-data"
     link.symlink_to(good.data, target_is_directory=True)
     wal_before = {c: current_wal(c) for c in (good, off, empty, failing)}

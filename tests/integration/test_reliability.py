@@ -58,6 +58,18 @@ def stop_restored(data_dir: str) -> None:
         wait_until(lambda: not os.path.exists(pid_file), what="the restored server to stop")
 
 
+def archive_through_a_gate(cluster) -> str:
+    """archive_command works while the returned file exists (the pre-flight's proof needs it) and fails once it is gone."""
+    gate = os.path.join(make_pg_dir("pgops-gate-"), "open")
+    open(gate, "w").close()
+    cluster.sql(
+        "ALTER SYSTEM SET archive_command = %s",
+        (f"test -f {gate} && test ! -f {cluster.archive}/%f && cp %p {cluster.archive}/%f",),
+    )
+    cluster.sql("SELECT pg_reload_conf()")
+    return gate
+
+
 def session_of(backup_id: str) -> dict | None:
     """The state of the session the role started for this backup (its id starts with the backup's)."""
     for path in glob.glob(os.path.join(SESSIONS, f"{backup_id}-*", "state.json")):
@@ -119,14 +131,7 @@ def test_interrupted_while_the_start_waits_for_its_checkpoint_the_next_run_start
 
 def test_interrupted_during_the_archive_wait_the_next_run_starts_within_seconds(make_cluster, playbook, tmp_path):
     c = slow_cluster(make_cluster)
-    gate = os.path.join(make_pg_dir("pgops-gate-"), "open")
-    open(gate, "w").close()
-    # Archiving works while the gate is open (the pre-flight's proof needs it), and fails once it is shut.
-    c.sql(
-        "ALTER SYSTEM SET archive_command = %s",
-        (f"test -f {gate} && test ! -f {c.archive}/%f && cp %p {c.archive}/%f",),
-    )
-    c.sql("SELECT pg_reload_conf()")
+    gate = archive_through_a_gate(c)
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_archive_timeout=600)
     running = wait_for_copy(repo)
@@ -143,6 +148,35 @@ def test_interrupted_during_the_archive_wait_the_next_run_starts_within_seconds(
     dead = next_run_succeeds_within(playbook, c, repo, 5, killed)
     assert dead["id"] == running["id"], dead
     assert "the run that was finishing it is gone" in dead["error"], dead["error"]
+
+
+def test_interrupted_mid_copy_over_ssh_the_next_run_starts_within_seconds(make_cluster, playbook, ssh_host, tmp_path):
+    """The same over SSH as a sudo user: the controller and the ssh connection die, and with them the
+    module processes on the host (the keeper, a daemon of its own, lives on and sees its copy go)."""
+    c = slow_cluster(make_cluster)
+    host = ssh_host("127.0.0.3")
+    inventory = host.inventory(ansible_pipelining=False)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"), inventory=inventory)
+    running = wait_for_copy(repo)
+    kill_run(proc)
+    for pid in descendants(host.pid):  # the ssh session's processes on the host: the module tasks
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "pgops-keeper":
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    killed = time.monotonic()
+    assert time.monotonic() - killed < 5
+    run = playbook(BACKUP, inventory, extra_vars=backup_vars(c, repo))
+    assert run.rc == 0, run
+    assert "removed a stale lock" in run.stdout + run.stderr
+    statuses = [b["status"] for b in backups(repo)]
+    assert statuses == ["failed", "complete"], statuses
+    assert backups(repo)[0]["id"] == running["id"]
+    assert "the copy task attached to this backup went away" in backups(repo)[0]["error"]
+    assert c.backups_in_progress() == 0
 
 
 # -- 3. a missing WAL segment is caught before a restore
@@ -261,13 +295,7 @@ def test_a_percent_sign_in_the_wal_archive_path_restores(make_cluster, playbook,
 def test_a_failed_archive_wait_does_not_advise_resuming_what_the_rescue_ended(make_cluster, playbook):
     c = make_cluster(15)
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
-    gate = os.path.join(make_pg_dir("pgops-gate-"), "open")
-    open(gate, "w").close()
-    c.sql(
-        "ALTER SYSTEM SET archive_command = %s",
-        (f"test -f {gate} && test ! -f {c.archive}/%f && cp %p {c.archive}/%f",),
-    )
-    c.sql("SELECT pg_reload_conf()")
+    gate = archive_through_a_gate(c)
     # The proof passes, then the gate shuts before the stop: a hook task in the play would be nicer,
     # but the role runs as one; a short archive timeout and a gate shut by the copy's start do it.
     repo_vars = backup_vars(c, repo, pg_backup_archive_timeout=3)

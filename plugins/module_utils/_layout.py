@@ -159,6 +159,25 @@ def decompress_command(path: str) -> list | None:
     return dec + (["--", path] if dec[0] in ("zstd", "lz4") else [path])
 
 
+# A file pgops-wal stores: a segment, a .partial segment, a .backup history file or a timeline .history file,
+# compressed or not.
+STORED_WAL_RE = re.compile(
+    r"^(?P<seg>[0-9A-F]{24})(?P<kind>\.partial|\.[0-9A-F]{8}\.backup)?(?:\.gz|\.zst|\.lz4)?$"
+    r"|^(?P<tli>[0-9A-F]{8})\.history(?:\.gz|\.zst|\.lz4)?$"
+)
+
+
+def parse_stored_wal(name: str):
+    """(segment name or None, kind) of a stored WAL file name (kind: segment, partial, backup or
+    history), or None for anything else."""
+    m = STORED_WAL_RE.match(name)
+    if not m:
+        return None
+    if m.group("tli"):
+        return None, "history"
+    return m.group("seg"), {None: "segment", ".partial": "partial"}.get(m.group("kind"), "backup")
+
+
 def wal_dir(repository: str, system_identifier: str) -> str:
     """Where the collection's archive command keeps a cluster's WAL."""
     if not str(system_identifier).isdigit():

@@ -17,8 +17,9 @@ import shutil
 import socket
 import time
 
+from ._backup_api import wal_segment_name, wal_segment_names, wal_segno
 from ._errors import PgopsError
-from ._files import ensure_private_dir, read_json, resolves_inside, write_json
+from ._files import ensure_private_dir, fsync_dir, read_json, resolves_inside, write_json
 from ._keeper import liveness
 from ._layout import (
     BACKUP_JSON,
@@ -29,9 +30,11 @@ from ._layout import (
     backup_dir,
     disk_usage,
     new_backup_id,
+    parse_stored_wal,
     read_backup,
     update_backup,
     valid_backup_id,
+    wal_dir,
     write_backup,
 )
 from ._manifest import write_backup_manifest
@@ -42,6 +45,7 @@ INVALID = "invalid"  # a backup.json that cannot be read as a JSON object
 # or whose session this process cannot see is trusted this long after its last sign of life.
 DEFAULT_GRACE = 120
 REMOTE_TRUST = 86400
+DEFAULT_SEGMENT_SIZE = 16 << 20  # a backup.json of an older version does not say
 
 
 class RepositoryError(PgopsError):
@@ -253,11 +257,16 @@ def distrust(entry: dict) -> str | None:
     return why if bad else None
 
 
-def latest(entries: list, allow_unverified: bool = False, skipped: list | None = None) -> dict | None:
-    """The newest complete backup that is not known to be damaged; running, failed and
-    unreadable ones never count. Passed-over damaged ones are appended to skipped."""
+def latest(
+    entries: list, allow_unverified: bool = False, skipped: list | None = None, before: float | None = None
+) -> dict | None:
+    """The newest complete backup that is not known to be damaged (and, with before, that
+    stopped before that time: the one a point-in-time recovery to it starts from); running,
+    failed and unreadable ones never count. Passed-over damaged ones are appended to skipped."""
     for entry in sort_newest_first(entries):
         if not is_complete(entry):
+            continue
+        if before is not None and not (_when(entry.get("stopped_at")) or before) < before:
             continue
         why = None if allow_unverified else distrust(entry)
         if why is None:
@@ -267,17 +276,20 @@ def latest(entries: list, allow_unverified: bool = False, skipped: list | None =
     return None
 
 
-def select(entries: list, wanted: str, allow_unverified: bool = False, skipped: list | None = None) -> dict:
+def select(
+    entries: list, wanted: str, allow_unverified: bool = False, skipped: list | None = None, before: float | None = None
+) -> dict:
     """The backup named by wanted ("latest" or an id); raises RepositoryError with the reason.
 
     A backup whose newest verification or drill failed is never chosen as latest, and
     is refused by id, unless allow_unverified."""
     if wanted == "latest":
-        found = latest(entries, allow_unverified, skipped)
+        found = latest(entries, allow_unverified, skipped, before)
         if found is None:
             states = ", ".join(f"{e['id']} ({e.get('status')})" for e in entries[:5]) or "none"
             damaged = " (damaged ones were skipped)" if skipped else ""
-            raise RepositoryError(f"no complete, trusted backup in the repository{damaged} (newest backups: {states})")
+            when = " that stopped before the recovery target" if before is not None else ""
+            raise RepositoryError(f"no complete, trusted backup{when} in the repository{damaged} (newest backups: {states})")
         return found
     for entry in entries:
         if str(entry.get("id")) == wanted:
@@ -357,9 +369,10 @@ def complete_backup(
     keep: int,
     warn,
     metrics_file: str | None = None,
+    keep_days: float = 0,
 ) -> dict:
     """Record fields, write the manifest (when manifest_checksum), mark the backup
-    complete, then release the lock and apply retention."""
+    complete, then release the lock and apply retention (and WAL expiry)."""
     path = backup_dir(repository, backup_id)
     info = read_backup(path)
     if info is None:
@@ -373,14 +386,16 @@ def complete_backup(
     info = update_backup(path, status="complete", completed_at=utcnow(), size_on_disk=disk_usage(path), manifest=manifest)
     # The backup is complete now: housekeeping problems are warnings, never a
     # failure that would make the caller's rescue discard a good backup.
-    released, removed = False, []
+    released, kept = False, {"removed": [], "wal_removed": []}
     try:
         released = release_lock(repository, cluster, backup_id)
     except OSError as e:
         warn(f"backup {backup_id} is complete but its lock could not be released: {e}")
     try:
-        removed = retention(repository, keep, info.get("system_identifier"))
-    except (OSError, RepositoryError) as e:
+        kept = retention(repository, info.get("system_identifier"), keep, keep_days)
+        if kept.get("wal_kept_because") and (keep or keep_days):
+            warn(f"WAL expiry: {kept['wal_kept_because']}")
+    except (OSError, PgopsError) as e:
         warn(f"backup {backup_id} is complete but retention failed: {e}")
     if metrics_file:
         try:
@@ -391,7 +406,8 @@ def complete_backup(
         "backup_id": backup_id,
         "path": path,
         "backup": info,
-        "removed": removed,
+        "removed": kept["removed"],
+        "retention": kept,
         "lock_released": released,
         "manifest": manifest,
     }
@@ -440,27 +456,252 @@ def fail_backup(
     return out
 
 
+# -- pins
+
+
+def pin_backup(repository: str, backup_id: str, pinned: bool, reason: str = "", by: str = "") -> tuple:
+    """(changed, backup.json) after pinning a complete backup (retention never removes it) or unpinning it."""
+    path = backup_dir(repository, backup_id)
+    info = read_backup(path)
+    if info is None:
+        raise RepositoryError(f"no backup {backup_id} in {repository}")
+    if pinned and info.get("status") != "complete":
+        raise RepositoryError(f"backup {backup_id} is {info.get('status')}: only a complete backup can be pinned")
+    current = info.get("pinned")
+    if pinned:
+        if current and current.get("reason") == reason:
+            return False, info
+        return True, update_backup(path, pinned={"at": utcnow(), "by": by or None, "reason": reason})
+    if not current:
+        return False, info
+    info.pop("pinned")
+    write_backup(path, info)
+    return True, info
+
+
 # -- retention
 
 
-def retention(repository: str, keep: int, system_identifier: str) -> list:
-    """Keep the newest `keep` complete backups of this cluster; remove older
-    complete ones and failed ones older than the oldest kept. Never touches a
-    running backup or another cluster's."""
-    if keep <= 0:
-        return []
+def _when(value) -> float | None:
+    try:
+        return datetime.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_days: float = 0, now: float | None = None) -> dict:
+    """What retention keeps and removes of one cluster's backups, and why (pure: entries in, a plan out).
+
+    A complete backup is kept when it is pinned, is the newest complete one, is among the newest
+    `keep`, or is needed for point-in-time recovery to any moment of the last `keep_days` days
+    (every backup that stopped inside the window, and the newest one that stopped before it).
+    Both rules set: a backup either keeps is kept. Neither set: everything is kept. Running
+    backups are never touched; failed ones go once they are older than the oldest kept backup
+    (and, with a window, older than the window)."""
+    now = time.time() if now is None else now
+    mine = [e for e in sort_newest_first(entries) if e.get("system_identifier") == system_identifier]
+    complete = [e for e in mine if is_complete(e)]
+    reasons = {}
+
+    def why(entry, reason):
+        reasons.setdefault(entry["id"], []).append(reason)
+
+    if complete:
+        why(complete[0], "the newest complete backup")
+    for e in complete:
+        if e.get("pinned"):
+            why(e, f"pinned ({(e['pinned'] or {}).get('reason') or 'no reason given'})")
+    window_start = now - keep_days * 86400 if keep_days else None
+    if not keep and not keep_days:
+        for e in complete:
+            why(e, "no retention rule is set")
+    if keep:
+        for e in complete[:keep]:
+            why(e, f"among the newest {keep}")
+    if window_start is not None:
+        older = None
+        for e in complete:
+            stopped = _when(e.get("stopped_at")) or _when(e.get("completed_at"))
+            if stopped is not None and stopped >= window_start:
+                why(e, f"stopped inside the {keep_days:g}-day window")
+            elif older is None:
+                older = e
+        if older is not None:
+            why(older, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
+    kept = [e for e in complete if e["id"] in reasons]
+    oldest_kept = kept[-1]["id"] if kept else None
+    remove = []
+    for e in mine:
+        if e["id"] in reasons or e.get("status") == "running":
+            continue
+        if is_complete(e):
+            remove.append({"id": e["id"], "status": "complete", "reason": "no rule keeps it"})
+        elif e.get("status") in ("failed", INVALID):
+            old_enough = oldest_kept is None or e["id"] < oldest_kept
+            if window_start is not None:
+                at = _when(e.get("failed_at")) or _when(e.get("created_at")) or 0
+                old_enough = old_enough and at < window_start
+            if old_enough:
+                remove.append({"id": e["id"], "status": e.get("status"), "reason": "failed, older than what is kept"})
+    return {
+        "keep": [{"id": e["id"], "reasons": reasons[e["id"]]} for e in kept],
+        "remove": remove,
+        "oldest_kept": kept[-1] if kept else None,
+        "window_start": window_start,
+        "keep_rule": bool(keep or keep_days),
+    }
+
+
+def retention(
+    repository: str, system_identifier: str, keep: int = 0, keep_days: float = 0, dry_run: bool = False, now: float | None = None
+) -> dict:
+    """Apply plan_retention to the repository, then expire the WAL no kept backup needs.
+    Never touches another cluster's backups; dry_run removes nothing and says what it would."""
     if not system_identifier:
         raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
-    entries = [
-        (e["id"], e.get("status"))
-        for e in read_catalog(repository)
-        if valid_backup_id(e["id"]) and e.get("system_identifier") == system_identifier
-    ]
-    complete = [n for n, s in entries if s == "complete"]
-    if len(complete) <= keep:
-        return []
-    oldest_kept = complete[keep - 1]
-    doomed = [n for n, s in entries if n < oldest_kept and s in ("complete", "failed")]
-    for name in doomed:
-        shutil.rmtree(os.path.join(repository, name), ignore_errors=True)
-    return doomed
+    entries = [e for e in read_catalog(repository) if valid_backup_id(e["id"])]
+    plan = plan_retention(entries, system_identifier, keep, keep_days, now)
+    if not dry_run:
+        for r in plan["remove"]:
+            shutil.rmtree(os.path.join(repository, r["id"]), ignore_errors=True)
+    out = {
+        "removed": [r["id"] for r in plan["remove"]],
+        "remove": plan["remove"],
+        "kept": plan["keep"],
+        "window_start": plan["window_start"],
+        "dry_run": dry_run,
+    }
+    out.update(expire_wal(repository, system_identifier, plan, dry_run))
+    return out
+
+
+def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: bool) -> dict:
+    """WAL older than the start segment of the oldest kept backup goes, unless a kept backup's own
+    WAL range is incomplete: then nothing goes, and why is said."""
+    directory = wal_dir(repository, system_identifier)
+    files = wal_files(directory)
+    oldest = plan["oldest_kept"]
+    if not (plan["keep_rule"]):
+        return {"wal_removed": [], "wal_kept_because": "no retention rule is set (keep, keep_days)"}
+    if not files or oldest is None:
+        return {"wal_removed": [], "wal_kept_because": None if files else "no WAL archived by pgops-wal here"}
+    kept = [e for e in read_catalog(repository) if e["id"] in {k["id"] for k in plan["keep"]}]
+    seg_size = int(oldest.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
+    report = coverage(sort_newest_first(kept), files, seg_size)
+    broken = [b for b in report["backups"] if not b["wal_complete"]]
+    if broken:
+        names = ", ".join(f"{b['id']} (missing {', '.join(b['missing'][:3]) or 'its WAL range'})" for b in broken)
+        return {"wal_removed": [], "wal_kept_because": f"kept backups lack WAL, so none was expired: {names}"}
+    doomed = plan_wal_expiry(files, oldest["start_wal"], seg_size)
+    if not dry_run:
+        for name in doomed:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+        if doomed:
+            fsync_dir(directory)
+    return {"wal_removed": doomed, "wal_kept_because": None, "wal_kept_from": oldest["start_wal"]}
+
+
+# -- the WAL archive of a cluster (what pgops-wal wrote into <repository>/wal/<system identifier>/)
+
+
+def wal_files(directory: str) -> list:
+    """[(file name, segment name or None, kind, mtime)] of a WAL directory; kind is segment,
+    partial, backup or history."""
+    out = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        parsed = parse_stored_wal(name)
+        if parsed is None:
+            continue
+        try:
+            mtime = os.stat(os.path.join(directory, name)).st_mtime
+        except OSError:
+            continue
+        out.append((name, parsed[0], parsed[1], mtime))
+    return out
+
+
+def coverage(backups: list, files: list, seg_size: int) -> dict:
+    """What the archive lets one restore (pure: the cluster's complete backups, newest first, and
+    wal_files() in; a report out). Segments count by their position on any timeline: after a
+    promotion the new timeline's segments continue where the old one's stopped."""
+    segments = {}  # position -> (name, mtime), the highest timeline's
+    for _name, seg, kind, mtime in files:
+        if kind == "segment":
+            pos = wal_segno(seg, seg_size)
+            if pos not in segments or seg > segments[pos][0]:
+                segments[pos] = (seg, mtime)
+    reports = []
+    for b in backups:
+        try:
+            needed = wal_segment_names(b["start_wal"], b["stop_wal"], seg_size)
+        except (KeyError, TypeError, PgopsError):
+            reports.append({"id": b.get("id"), "wal_complete": False, "missing": [], "error": "no WAL range recorded"})
+            continue
+        missing = [n for n in needed if wal_segno(n, seg_size) not in segments]
+        reports.append(
+            {
+                "id": b["id"],
+                "start_wal": b["start_wal"],
+                "stop_wal": b["stop_wal"],
+                "wal_complete": not missing,
+                "missing": missing,
+            }
+        )
+    newest = max(segments) if segments else None
+    window = None
+    restorable = [(b, r) for b, r in zip(backups, reports) if r["wal_complete"]]
+    if restorable:
+        base, _r = restorable[-1]  # the oldest restorable backup
+        pos = wal_segno(base["stop_wal"], seg_size)
+        while pos + 1 in segments:
+            pos += 1
+        window = {
+            "from_backup": base["id"],
+            "start": base.get("stopped_at"),
+            "end_wal": segments[pos][0],
+            "end": datetime.datetime.fromtimestamp(segments[pos][1], datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        start = _when(base.get("stopped_at"))
+        window["seconds"] = round(segments[pos][1] - start, 1) if start is not None else None
+    gaps = []
+    if segments:
+        first = min(segments)
+        hole = None
+        for pos in range(first, newest + 1):
+            if pos in segments:
+                if hole is not None:
+                    gaps.append(hole)
+                    hole = None
+                continue
+            tli = int(segments[max(p for p in segments if p < pos)][0][:8], 16)
+            if hole is None:
+                hole = {"after": segments[pos - 1][0] if pos - 1 in segments else None, "missing": [], "count": 0}
+            hole["count"] += 1
+            if len(hole["missing"]) < 20:
+                hole["missing"].append(wal_segment_name(tli, pos, seg_size))
+            if len(gaps) > 50:
+                break
+        if hole is not None:
+            gaps.append(hole)
+    return {
+        "backups": reports,
+        "window": window,
+        "gaps": gaps,
+        "segments": len(segments),
+        "newest_segment": segments[newest][0] if newest is not None else None,
+        "oldest_segment": segments[min(segments)][0] if segments else None,
+    }
+
+
+def plan_wal_expiry(files: list, oldest_kept_start: str, seg_size: int) -> list:
+    """WAL files older than the start segment of the oldest kept backup (any timeline); timeline
+    history files always stay."""
+    limit = wal_segno(oldest_kept_start, seg_size)
+    return sorted(name for name, seg, kind, _mtime in files if kind != "history" and wal_segno(seg, seg_size) < limit)

@@ -38,18 +38,23 @@ options:
     description:
       - V(running) creates the backup directory and C(backup.json), and takes the lock. Only the repository directory
         itself is created (mode 0700), never a missing parent.
-      - V(complete) merges O(fields), sets C(status=complete), releases the lock, applies O(keep).
+      - V(complete) merges O(fields), sets C(status=complete), releases the lock, applies retention (O(keep),
+        O(keep_days)) and WAL expiry.
       - V(failed) records O(error), removes the partial data (unless O(keep_failed_files)), releases the lock.
+      - V(expired) applies retention and WAL expiry on their own, to O(cluster) or to every cluster of the repository.
+        In check mode it removes nothing and says exactly which backups and WAL files it would remove and which
+        recovery window stays (with C(--diff), as a before/after list).
+      - V(pinned) pins a complete backup (O(reason) required, O(by) recorded), and retention never removes it;
+        V(unpinned) takes the pin away.
     type: str
-    choices: [running, complete, failed]
+    choices: [running, complete, failed, expired, pinned, unpinned]
     required: true
   backup_id:
-    description: The backup (required except for O(state=running)).
+    description: The backup (for every state but V(running) and V(expired)).
     type: str
   cluster:
-    description: The cluster's system identifier (names the lock).
+    description: The cluster's system identifier (names the lock; which cluster's backups retention judges).
     type: str
-    required: true
   fields:
     description: Values for C(backup.json) (for O(state=running) the initial record).
     type: dict
@@ -90,9 +95,28 @@ options:
     type: str
     choices: [auto, SHA224, SHA256, SHA384, SHA512, CRC32C, NONE]
   keep:
-    description: With O(state=complete), how many complete backups of this cluster to keep (0 keeps all).
+    description:
+      - With O(state=complete) or O(state=expired), keep the newest this many complete backups of the cluster.
+      - Whatever the rules, the newest complete backup and pinned backups are never removed, a running backup is
+        never touched, and with neither O(keep) nor O(keep_days) set nothing is removed at all.
     type: int
     default: 0
+  keep_days:
+    description:
+      - With O(state=complete) or O(state=expired), a recovery window in days - keep every backup needed to recover to
+        any moment of the last O(keep_days) days, that is every backup that stopped inside the window and the newest
+        one that stopped before it. With O(keep) too, a backup either rule keeps stays.
+      - Failed backups go once they are older than the window (and the oldest kept backup). WAL older than the start
+        of the oldest kept backup goes too, per timeline, keeping C(.history) files; no WAL goes while any kept
+        backup's own WAL range is incomplete (that is reported instead).
+    type: float
+    default: 0
+  reason:
+    description: With O(state=pinned), why the backup is kept (recorded in C(backup.json)).
+    type: str
+  by:
+    description: With O(state=pinned), who pinned it (recorded in C(backup.json)).
+    type: str
   error:
     description: With O(state=failed), what went wrong.
     type: str
@@ -112,6 +136,19 @@ options:
 """
 
 EXAMPLES = r"""
+- name: Preview retention by a 14-day window (run with --check --diff to remove nothing)
+  pgops.online_backup.pg_backup_catalog:
+    repository: /backup/pg
+    state: expired
+    keep_days: 14
+
+- name: Keep this backup whatever retention says
+  pgops.online_backup.pg_backup_catalog:
+    repository: /backup/pg
+    state: pinned
+    backup_id: 20261129T101500Z
+    reason: the audit of 2026
+
 - name: Open the backup record and take the lock
   pgops.online_backup.pg_backup_catalog:
     repository: /backup/pg
@@ -148,42 +185,112 @@ removed:
   returned: state is complete or failed
   type: list
   elements: str
+retention:
+  description: With O(state=complete), what retention kept (with why), removed, and the WAL it removed (or why none).
+  returned: state is complete
+  type: dict
+clusters:
+  description: With O(state=expired), per cluster, what retention kept (with why) and removed (C(removed), C(remove)),
+    the WAL files removed (C(wal_removed)) or why none (C(wal_kept_because)), and C(window_start).
+  returned: state is expired
+  type: dict
 """
+
+import datetime
+import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import read_backup, valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     complete_backup,
     fail_backup,
     open_backup,
+    pin_backup,
+    read_catalog,
+    retention,
     validate_repository,
 )
 
 CHECKSUMS = ["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]
 
 
+def window_text(plan: dict) -> str:
+    kept = plan["kept"]
+    if plan.get("window_start"):
+        start = datetime.datetime.fromtimestamp(plan["window_start"], datetime.timezone.utc).isoformat(timespec="seconds")
+        return f"point-in-time recovery from {start} on stays possible"
+    return f"{len(kept)} complete backup(s) stay"
+
+
+def retention_diff(plan: dict) -> dict:
+    """What --diff shows: the backups and WAL files before and after."""
+    kept = [k["id"] for k in plan["kept"]]
+    gone = plan["removed"]
+    wal = plan["wal_removed"]
+    before = "".join(f"backup {i}\n" for i in sorted(kept + gone)) + "".join(f"wal {n}\n" for n in wal)
+    after = "".join(f"backup {i}\n" for i in sorted(kept))
+    return {"before": before, "after": after}
+
+
+def expired(module, repo: str) -> None:
+    """Retention and WAL expiry on their own, for one cluster or every cluster of the repository."""
+    p = module.params
+    try:
+        clusters = (
+            [p["cluster"]]
+            if p["cluster"]
+            else sorted({str(e.get("system_identifier")) for e in read_catalog(repo) if e.get("system_identifier")})
+        )
+        results = {c: retention(repo, c, p["keep"], p["keep_days"], dry_run=module.check_mode) for c in clusters}
+    except (PgopsError, OSError) as e:
+        module.fail_json(msg=str(e))
+    changed = any(r["removed"] or r["wal_removed"] for r in results.values())
+    lines = []
+    for c, r in results.items():
+        verb = "would remove" if module.check_mode else "removed"
+        lines.append(
+            f"cluster {c}: {verb} {len(r['removed'])} backup(s) {', '.join(r['removed']) or ''} and {len(r['wal_removed'])} "
+            f"WAL file(s){' (' + r['wal_removed'][0] + ' .. ' + r['wal_removed'][-1] + ')' if r['wal_removed'] else ''}; "
+            + window_text(r)
+            + (f"; WAL kept: {r['wal_kept_because']}" if r.get("wal_kept_because") else "")
+        )
+    diff = [retention_diff(r) for r in results.values()]
+    module.exit_json(
+        changed=changed, clusters=results, msg="; ".join(lines) or "no backups", diff=diff[0] if len(diff) == 1 else diff
+    )
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
             repository=dict(type="path", required=True),
-            state=dict(type="str", required=True, choices=["running", "complete", "failed"]),
+            state=dict(type="str", required=True, choices=["running", "complete", "failed", "expired", "pinned", "unpinned"]),
             backup_id=dict(type="str"),
-            cluster=dict(type="str", required=True),
+            cluster=dict(type="str"),
             fields=dict(type="dict", default={}),
             forbidden_roots=dict(type="list", elements="path", default=[]),
             lock_grace=dict(type="float", default=120),
             session_local=dict(type="bool", default=False),
             session_runtime_dir=dict(type="path"),
             keep=dict(type="int", default=0),
+            keep_days=dict(type="float", default=0),
+            reason=dict(type="str"),
+            by=dict(type="str"),
             manifest_checksum=dict(type="str", choices=CHECKSUMS),
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
             metrics_file=dict(type="path"),
         ),
-        required_if=[("state", "complete", ["backup_id"]), ("state", "failed", ["backup_id"])],
+        required_if=[
+            ("state", "running", ["cluster"]),
+            ("state", "complete", ["backup_id", "cluster"]),
+            ("state", "failed", ["backup_id", "cluster"]),
+            ("state", "pinned", ["backup_id", "reason"]),
+            ("state", "unpinned", ["backup_id"]),
+        ],
         supports_check_mode=True,
     )
     p = module.params
@@ -193,8 +300,21 @@ def main():
         module.fail_json(msg=problem)
     if bid is not None and not valid_backup_id(bid):
         module.fail_json(msg=f"invalid backup_id {bid!r}: expected the form 20261129T101500Z")
-    if p["keep"] < 0:
-        module.fail_json(msg=f"keep must be 0 (keep all) or more, got {p['keep']}")
+    if p["keep"] < 0 or p["keep_days"] < 0:
+        module.fail_json(msg=f"keep and keep_days must be 0 (off) or more, got {p['keep']} and {p['keep_days']:g}")
+    if state == "expired":
+        expired(module, repo)
+    if state in ("pinned", "unpinned"):
+        try:
+            if module.check_mode:
+                info = read_backup(os.path.join(repo, bid)) or {}
+                module.exit_json(changed=bool(info.get("pinned")) != (state == "pinned"), backup_id=bid)
+            changed, info = pin_backup(repo, bid, state == "pinned", p["reason"] or "", p["by"] or "")
+        except (PgopsError, OSError) as e:
+            module.fail_json(msg=str(e), backup_id=bid)
+        module.exit_json(
+            changed=changed, backup_id=bid, backup=info, msg=f"backup {bid} is {'pinned' if state == 'pinned' else 'not pinned'}"
+        )
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=bid, path=None)
     try:
@@ -204,8 +324,9 @@ def main():
             module.exit_json(changed=True, msg=f"backup {out['backup_id']} is running in {out['path']}", **out)
         if state == "complete":
             out = complete_backup(
-                repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn, p["metrics_file"]
-            )
+                repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn, p["metrics_file"],
+                p["keep_days"],
+            )  # fmt: skip
             module.exit_json(changed=True, msg=f"backup {bid} is complete", **out)
         out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"], p["metrics_file"])
         if out.get("metrics_error"):

@@ -49,6 +49,11 @@ options:
       - Choose a backup whose newest verification or drill failed all the same.
     type: bool
     default: false
+  before:
+    description:
+      - With O(backup=latest), the newest backup that stopped before this time (ISO 8601 with a time zone, e.g.
+        C(2026-11-29 10:15:00+00)) - the one a point-in-time recovery to that time starts from.
+    type: str
   status:
     description:
       - Only list backups with one of these statuses in RV(backups). V(invalid) is a C(backup.json)
@@ -146,6 +151,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     read_catalog,
     select,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import parse_target_time
 
 
 def main():
@@ -156,6 +162,7 @@ def main():
             status=dict(type="list", elements="str", choices=list(STATUSES) + [INVALID]),
             size_on_disk=dict(type="bool", default=True),
             allow_unverified=dict(type="bool", default=False),
+            before=dict(type="str"),
         ),
         supports_check_mode=True,
     )
@@ -164,6 +171,15 @@ def main():
         entries = read_catalog(p["repository"], size=p["size_on_disk"])
     except (PgopsError, OSError) as e:
         module.fail_json(msg=str(e), backups=[], latest=None, count=0)
+    before = None
+    if p["before"]:
+        try:
+            when, _zone = parse_target_time(p["before"])
+        except PgopsError as e:
+            module.fail_json(msg=str(e))
+        if when is None:
+            module.fail_json(msg=f"before {p['before']!r} needs a numeric time zone (like +00 or Z) to be compared")
+        before = when.timestamp()
     skipped = []
     newest = latest(entries, p["allow_unverified"], skipped)
     for s in skipped:
@@ -172,7 +188,7 @@ def main():
     result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "passed_over": skipped}
     if p["backup"]:
         try:
-            result["backup"] = select(entries, p["backup"], p["allow_unverified"])
+            result["backup"] = select(entries, p["backup"], p["allow_unverified"], before=before)
         except PgopsError as e:
             module.fail_json(msg=f"{p['repository']}: {e}", **result)
     module.exit_json(changed=False, **result)

@@ -435,9 +435,105 @@ def test_retention_keeps_newest_complete_and_never_running(tmp_path, add_backup)
     ]:
         add_backup(repo, bid, status, system_identifier="1")
     add_backup(repo, "20261100T000000Z", "complete", system_identifier="other")
-    removed = r.retention(repo, 2, "1")
+    removed = r.retention(repo, "1", keep=2)["removed"]
     assert sorted(removed) == ["20261101T000000Z", "20261102T000000Z"]
     assert sorted(os.listdir(repo)) == ["20261100T000000Z", "20261103T000000Z", "20261104T000000Z", "20261105T000000Z"]
-    assert r.retention(repo, 0, "1") == []
+    assert r.retention(repo, "1")["removed"] == []  # no rule: everything stays
     with pytest.raises(r.RepositoryError, match="system identifier"):
-        r.retention(repo, 1, "")
+        r.retention(repo, "", keep=1)
+
+
+DAY = 86400
+NOW = 1796169600.0  # 2026-12-02T00:00:00Z
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _entry(bid: str, days_ago: float, status: str = "complete", **more) -> dict:
+    return {"id": bid, "status": status, "system_identifier": "1", "stopped_at": _iso(NOW - days_ago * DAY), **more}
+
+
+def test_a_recovery_window_keeps_the_backup_it_starts_from():
+    entries = [
+        _entry("20261201T000000Z", 1), _entry("20261128T000000Z", 4), _entry("20261125T000000Z", 7.5),
+        _entry("20261120T000000Z", 12), _entry("20261115T000000Z", 17), _entry("20261110T000000Z", 22, "failed"),
+        _entry("20261126T000000Z", 6, "running"),
+    ]  # fmt: skip
+    plan = r.plan_retention(entries, "1", keep_days=7, now=NOW)
+    kept = [k["id"] for k in plan["keep"]]
+    # Inside the window: 1 and 4 days; the newest before it (7.5 days) is the base for PITR to the window's start.
+    assert kept == ["20261201T000000Z", "20261128T000000Z", "20261125T000000Z"], plan
+    assert sorted(x["id"] for x in plan["remove"]) == ["20261110T000000Z", "20261115T000000Z", "20261120T000000Z"]
+    assert "20261126T000000Z" not in kept + [x["id"] for x in plan["remove"]]  # running: never touched
+    # Count and window together: a backup either rule keeps stays.
+    both = r.plan_retention(entries, "1", keep=4, keep_days=7, now=NOW)
+    assert [k["id"] for k in both["keep"]][-1] == "20261120T000000Z"
+
+
+def test_a_pinned_backup_and_the_newest_are_never_removed():
+    entries = [_entry("20261201T000000Z", 1), _entry("20261101T000000Z", 31, pinned={"reason": "audit", "by": "dba"})]
+    plan = r.plan_retention(entries, "1", keep=1, now=NOW)
+    assert [k["id"] for k in plan["keep"]] == ["20261201T000000Z", "20261101T000000Z"]
+    assert any("pinned (audit)" in reason for reason in plan["keep"][1]["reasons"])
+    only = r.plan_retention([_entry("20261101T000000Z", 31)], "1", keep_days=7, now=NOW)
+    assert [k["id"] for k in only["keep"]] == ["20261101T000000Z"]  # the newest complete backup, even outside the window
+
+
+SEG = 16 << 20
+
+
+def _wal(names: list) -> list:
+    return [(n, layout.parse_stored_wal(n)[0], layout.parse_stored_wal(n)[1], NOW - 60) for n in names]
+
+
+def test_coverage_names_each_gap_and_ends_the_window_at_the_first():
+    files = _wal(
+        [f"0000000100000000000000{i:02X}.zst" for i in range(2, 8)] + [f"0000000100000000000000{i:02X}.zst" for i in (9, 10)]
+        + ["00000002.history.zst", "000000010000000000000003.00000028.backup.zst"]
+    )  # fmt: skip
+    seg = "0000000100000000000000"
+    backups = [
+        {"id": "b2", "start_wal": f"{seg}09", "stop_wal": f"{seg}0A", "stopped_at": _iso(NOW - 100)},
+        {"id": "b1", "start_wal": f"{seg}03", "stop_wal": f"{seg}04", "stopped_at": _iso(NOW - 900)},
+    ]
+    report = r.coverage(backups, files, SEG)
+    assert [b["wal_complete"] for b in report["backups"]] == [True, True]
+    assert report["gaps"] == [{"after": "000000010000000000000007", "missing": ["000000010000000000000008"], "count": 1}]
+    # From the oldest restorable backup's stop, as far as the segments run without a hole.
+    assert report["window"]["from_backup"] == "b1" and report["window"]["end_wal"] == "000000010000000000000007"
+    assert report["newest_segment"] == "00000001000000000000000A" and report["segments"] == 8
+    broken = r.coverage([{**backups[1], "stop_wal": "000000010000000000000008"}], files, SEG)
+    assert broken["backups"][0]["missing"] == ["000000010000000000000008"] and broken["window"] is None
+
+
+def test_wal_expiry_keeps_history_and_what_the_oldest_kept_backup_needs():
+    files = _wal(
+        ["000000010000000000000001.zst", "000000010000000000000002.partial.zst", "000000010000000000000003.zst",
+         "000000010000000000000003.00000028.backup.zst", "00000001.history", "000000020000000000000002.zst"]
+    )  # fmt: skip
+    assert r.plan_wal_expiry(files, "000000010000000000000003", SEG) == [
+        "000000010000000000000001.zst", "000000010000000000000002.partial.zst", "000000020000000000000002.zst",
+    ]  # fmt: skip
+
+
+def test_wal_expiry_refuses_while_a_kept_backup_lacks_wal(tmp_path, add_backup):
+    repo = str(tmp_path)
+    for bid, start, stop in (("20261101T000000Z", "02", "03"), ("20261102T000000Z", "05", "06")):
+        add_backup(repo, bid, "complete", system_identifier="1",
+                   start_wal=f"0000000100000000000000{start}", stop_wal=f"0000000100000000000000{stop}")  # fmt: skip
+    wal = tmp_path / "wal" / "1"
+    wal.mkdir(parents=True)
+    for i in (1, 2, 3, 5):  # 06, which the newer backup needs, is missing
+        (wal / f"0000000100000000000000{i:02X}.zst").write_bytes(b"x")
+    out = r.retention(repo, "1", keep=1)
+    assert out["removed"] == ["20261101T000000Z"] and out["wal_removed"] == []
+    assert "20261102T000000Z (missing 000000010000000000000006)" in out["wal_kept_because"]
+    (wal / "000000010000000000000006.zst").write_bytes(b"x")
+    out = r.retention(repo, "1", keep=1, dry_run=True)
+    assert out["wal_removed"] == ["000000010000000000000001.zst", "000000010000000000000002.zst",
+                                  "000000010000000000000003.zst"]  # fmt: skip
+    assert len(os.listdir(wal)) == 5, "a dry run removes nothing"
+    r.retention(repo, "1", keep=1)
+    assert sorted(os.listdir(wal)) == ["000000010000000000000005.zst", "000000010000000000000006.zst"]

@@ -1,0 +1,132 @@
+"""Retention by count and by recovery window with WAL expiry, pins, the preview, and the
+coverage of the archive, against a real server under pgbench load archiving with pgops-wal."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import time
+
+import psycopg2
+from harness.ansible import REPO
+from harness.backup import BACKUP, backup_vars, backups
+from harness.pg import make_pg_dir
+from harness.wal import install_pgops_wal
+from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop
+
+EXPIRE = os.path.join(REPO, "playbooks", "expire.yml")
+PIN = os.path.join(REPO, "playbooks", "pin.yml")
+RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
+COVERAGE = "pgops.online_backup.pg_backup_coverage"
+
+
+def utc(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+def wal_names(repo: str, sysid: str) -> list:
+    return sorted(os.listdir(os.path.join(repo, "wal", sysid)))
+
+
+def test_retention_by_window_and_count_keeps_what_pitr_needs(make_cluster, playbook, tmp_path):
+    c = make_cluster(17)
+    prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    os.mkdir(repo, 0o700)
+    subprocess.run(["chown", "postgres:postgres", repo], check=True)
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} %p",))
+    c.sql("SELECT pg_reload_conf()")
+    sysid = str(c.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
+    pgbench_init(c)
+    bench = pgbench_start(c)
+    writer = Writer(c)
+    writer.start()
+    try:
+        for _ in range(5):
+            run = playbook(BACKUP, extra_vars=backup_vars(c, repo))
+            assert run.rc == 0, run
+            c.sql("SELECT pg_switch_wal()")  # some WAL between backups, under load anyway
+            time.sleep(1.2)  # one backup id per second
+    finally:
+        writer.stop()
+        pgbench_stop(bench)
+    b1, b2, b3, b4, b5 = backups(repo)
+    ev = {"pg_backup_repository": repo, "pg_backup_login_unix_socket": c.sock, "pg_backup_port": c.port}
+
+    # A pinned backup survives every rule.
+    pin = playbook(PIN, extra_vars={**ev, "pg_backup_pin_backup": b2["id"], "pg_backup_pin_reason": "audit"})
+    assert pin.rc == 0, pin
+    assert backups(repo)[1]["pinned"]["reason"] == "audit"
+
+    # The window starts between b3's and b4's stop: b4 and b5 inside, b3 the base of PITR to its start.
+    window_start = utc(b3["stopped_at"]) + (utc(b4["stopped_at"]) - utc(b3["stopped_at"])) / 2
+    keep_days = (datetime.datetime.now(datetime.timezone.utc) - window_start).total_seconds() / 86400
+    wal_before = wal_names(repo, sysid)
+    preview = playbook(EXPIRE, extra_vars={**ev, "pg_backup_keep_days": keep_days}, check=True, args=["--diff"])
+    assert preview.rc == 0, preview
+    said = preview.task("Say what was (or would be) removed and what stays")["msg"]
+    assert f"would remove 1 backup(s) {b1['id']}" in said and "WAL file(s)" in said, said
+    assert f"-backup {b1['id']}" in preview.stdout, "the diff lists what would go"
+    assert [b["id"] for b in backups(repo)] == [b["id"] for b in (b1, b2, b3, b4, b5)] and wal_names(repo, sysid) == wal_before
+
+    expire = playbook(EXPIRE, extra_vars={**ev, "pg_backup_keep_days": keep_days})
+    assert expire.rc == 0, expire
+    result = expire.task("Apply retention (pg_backup_keep, pg_backup_keep_days) and WAL expiry")["clusters"][sysid]
+    assert result["removed"] == [b1["id"]], result
+    assert [b["id"] for b in backups(repo)] == [b["id"] for b in (b2, b3, b4, b5)]
+    # WAL older than the oldest kept backup (the pinned b2) is gone, history files stay, b2's own WAL stays.
+    left = wal_names(repo, sysid)
+    assert result["wal_removed"] and all(n[:24] < b2["start_wal"] for n in result["wal_removed"])
+    assert min(n[:24] for n in left if len(n.split(".")[0]) == 24) == b2["start_wal"], left
+
+    # The oldest moment inside the window is restorable with what is left: from b3, with pgops-wal.
+    target = (window_start + datetime.timedelta(seconds=0.2)).isoformat(sep=" ")
+    root = make_pg_dir("pgops-restore-")
+    data = os.path.join(root, "data")
+    rv = {
+        "pg_restore_repository": repo, "pg_restore_data_directory": data, "pg_restore_port": 0,
+        "pg_restore_unix_socket_directory": root, "pg_restore_recovery_timeout": 120, "pg_restore_target": "time",
+        "pg_restore_target_value": target, "pg_restore_wal_program": prog,
+    }  # fmt: skip
+    run = playbook(RESTORE, extra_vars=rv)
+    try:
+        assert run.rc == 0, run
+        assert run.task(f"Find backup latest in {repo}")["backup"]["id"] == b3["id"]
+        port = run.task(f"Restore backup {b3['id']} into {data}")["port"]
+        conn = psycopg2.connect(host=root, port=port, user="postgres", dbname="postgres")
+        with conn.cursor() as cur:
+            cur.execute("SELECT id FROM writer_log")
+            ids = {r[0] for r in cur.fetchall()}
+        conn.close()
+        when = utc(target.replace(" ", "T"))
+        # Every row committed before the target (the writer stamps a commit when it returns: a little slack).
+        assert writer.committed_before(when - datetime.timedelta(seconds=0.1)) <= ids
+        assert ids <= writer.committed_before(when + datetime.timedelta(seconds=0.1))
+    finally:
+        pid_file = os.path.join(data, "postmaster.pid")
+        if os.path.exists(pid_file):
+            os.kill(int(open(pid_file).readline()), signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while os.path.exists(pid_file) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    # By count: the newest two and the pin stay.
+    run = playbook(EXPIRE, extra_vars={**ev, "pg_backup_keep": 2})
+    assert run.rc == 0, run
+    assert [b["id"] for b in backups(repo)] == [b2["id"], b4["id"], b5["id"]]
+
+    # A hole in the archive: coverage names it and the window ends before it.
+    hole = sorted(n for n in wal_names(repo, sysid) if n[:24] > b4["stop_wal"] and n[:24] < b5["start_wal"] and len(n) == 28)
+    assert hole, "no segment between b4 and b5 to take away"
+    os.unlink(os.path.join(repo, "wal", sysid, hole[0]))
+    cov = playbook(
+        [{"hosts": "postgresql", "gather_facts": False, "tasks": [{"name": "coverage", COVERAGE: {"repository": repo}}]}]
+    )
+    assert cov.rc == 0, cov
+    (report,) = cov.task("coverage")["clusters"]
+    assert report["gaps"][0]["missing"][0] == hole[0][:24], report["gaps"]
+    assert report["window"]["end_wal"] < hole[0][:24], report["window"]
+    assert report["window"]["from_backup"] == b2["id"]
+    assert [b["wal_complete"] for b in report["backups"]] == [True, True, True]

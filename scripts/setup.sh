@@ -22,7 +22,8 @@ declare -A PG_NPM=(
 log() { printf '== %s\n' "$*"; }
 
 apt_packages=(openssh-server sudo rsync acl cpio tar pigz zstd lz4 gzip
-  postgresql-15 postgresql-client-15 python3-psycopg2 python3-crc32c python3-venv procps)
+  postgresql-15 postgresql-client-15 python3-psycopg2 python3-crc32c python3-venv procps
+  prometheus prometheus-node-exporter)
 # The machine image ships Node.js with npm; Debian's npm only when it is absent.
 command -v npm >/dev/null || apt_packages+=(npm)
 # pgBackRest, for the benchmarks' side-by-side figures, where the distribution has it.
@@ -34,8 +35,15 @@ done
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
   apt-get update -qq
-  # The package's own cluster is not needed: tests start their own.
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # No package's service is needed (PostgreSQL's cluster, Prometheus, node_exporter): tests start
+  # their own on ports they own, so packages are installed without starting theirs.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1; fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  if ((own_policy)); then rm -f "$policy"; fi
+  if ((rc)); then exit "$rc"; fi
 fi
 mkdir -p /run/sshd
 

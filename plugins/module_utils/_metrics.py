@@ -124,6 +124,72 @@ def render_archive(facts: dict, host: str) -> str:
     return _text(ARCHIVE_PREFIX, series, helps)
 
 
+STATUS_PREFIX = "pgops_status"
+STATUS_GAUGES = (
+    ("newest_backup_timestamp_seconds", "When the newest complete backup stopped (0: none)."),
+    ("complete_backups", "Complete backups of the cluster."),
+    ("newest_failure_timestamp_seconds", "When the newest failed backup failed (0: none)."),
+    ("window_seconds", "Length of the continuous point-in-time recovery window."),
+    ("window_end_timestamp_seconds", "The newest moment it reaches (0: no window)."),
+    ("wal_missing_segments", "WAL segments missing from the archive after its oldest one."),
+    ("drill_timestamp_seconds", "When the newest passing restore drill ran (0: none)."),
+    ("last_drill_passed", "Whether the newest restore drill passed (1) or failed (0); absent before the first."),
+    ("drill_recovery_seconds", "Seconds the newest passing drill's server took to reach consistency and its target."),
+    ("archive_problems", "Problems the archive guard found."),
+    ("policy_violations", "Rules of the policy the cluster breaks."),
+    ("policy_max_backup_age_seconds", "Policy: the newest complete backup may be this old (0: no rule)."),
+    ("policy_min_window_seconds", "Policy: point-in-time recovery must cover this long (0: no rule)."),
+    ("policy_max_drill_age_seconds", "Policy: the newest passing drill may be this old (0: no rule)."),
+)
+
+
+def render_status(rows: list, policy: dict, now: float) -> str:
+    """The fleet's recoverability report (rows of _status.judge) as gauges per host and cluster;
+    the policy is exported too, so alert rules compare against what the user set."""
+    series = {}
+    for r in rows:
+        labels = f'cluster="{_label(r["cluster"])}",host="{_label(r["host"])}"'
+        values = {
+            "newest_backup_timestamp_seconds": _timestamp(r.get("newest_backup_at")) or 0,
+            "complete_backups": r.get("complete_backups") or 0,
+            "newest_failure_timestamp_seconds": _timestamp(r.get("newest_failure_at")) or 0,
+            "window_seconds": round((r.get("window_hours") or 0) * 3600),
+            "window_end_timestamp_seconds": _timestamp(r.get("window_end")) or 0,
+            "wal_missing_segments": r.get("gaps") or 0,
+            "drill_timestamp_seconds": _timestamp(r.get("drill_at")) or 0,
+            "last_drill_passed": {"passed": 1, "failed": 0}.get(r.get("last_drill_result")),
+            "drill_recovery_seconds": _number(r.get("drill_restore_seconds")),
+            "archive_problems": len(r.get("archive_problems") or []),
+            "policy_violations": len(r.get("violations") or []),
+            "policy_max_backup_age_seconds": float(policy.get("max_backup_age") or 0) * 3600,
+            "policy_min_window_seconds": float(policy.get("min_window") or 0) * 3600,
+            "policy_max_drill_age_seconds": float(policy.get("max_drill_age") or 0) * 3600,
+        }
+        for name, value in values.items():
+            if value is not None:
+                series.setdefault(name, []).append((labels, value))
+    helps = dict(STATUS_GAUGES)
+    helps["report_timestamp_seconds"] = "When the status playbook wrote this report."
+    text = _text(STATUS_PREFIX, series, helps) if series else ""
+    # One series without labels: alert when the report itself goes stale.
+    return text + _text(STATUS_PREFIX, {"report_timestamp_seconds": [("", round(now))]}, helps).replace("{}", "")
+
+
+def write_if_changed(path: str, text: str, check_mode: bool = False) -> bool:
+    """Write a metrics (or report) file atomically, only when its content changes;
+    readable by all (a collector runs as another user), it holds no secret."""
+    data = text.encode()
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except OSError:
+        pass
+    if not check_mode:
+        write_file_atomically(path, data, 0o644)
+    return True
+
+
 def publish(path: str, entries: list, repository: str) -> None:
     """Write the metrics file for the catalog entries atomically; readable by all
     (a collector runs as another user), it holds no secret: sizes, times and counts."""

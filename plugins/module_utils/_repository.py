@@ -670,6 +670,7 @@ def coverage(backups: list, files: list, seg_size: int) -> dict:
         }
         start = _when(base.get("stopped_at"))
         window["seconds"] = round(segments[pos][1] - start, 1) if start is not None else None
+        window["start_timestamp"], window["end_timestamp"] = start, segments[pos][1]
     gaps = []
     if segments:
         first = min(segments)

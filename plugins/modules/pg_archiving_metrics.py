@@ -69,8 +69,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_file_atomically
-from ansible_collections.pgops.online_backup.plugins.module_utils._metrics import render_archive
+from ansible_collections.pgops.online_backup.plugins.module_utils._metrics import render_archive, write_if_changed
 
 
 def main():
@@ -85,18 +84,11 @@ def main():
     p = module.params
     if not os.path.isdir(os.path.dirname(p["path"]) or "."):
         module.fail_json(msg=f"the directory of {p['path']} does not exist (node_exporter's textfile directory)")
-    text = render_archive(p["facts"], p["host"]).encode()
     try:
-        with open(p["path"], "rb") as f:
-            same = f.read() == text
-    except OSError:
-        same = False
-    if not same and not module.check_mode:
-        try:
-            write_file_atomically(p["path"], text, 0o644)
-        except OSError as e:
-            module.fail_json(msg=f"could not write {p['path']}: {e}")
-    module.exit_json(changed=not same, path=p["path"])
+        changed = write_if_changed(p["path"], render_archive(p["facts"], p["host"]), module.check_mode)
+    except OSError as e:
+        module.fail_json(msg=f"could not write {p['path']}: {e}")
+    module.exit_json(changed=changed, path=p["path"])
 
 
 if __name__ == "__main__":

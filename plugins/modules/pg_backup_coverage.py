@@ -68,8 +68,8 @@ clusters:
       type: list
       elements: dict
     window:
-      description: The continuous PITR window, C(start) and C(end) (times), C(seconds), C(from_backup) and C(end_wal);
-        null when no backup can be restored.
+      description: The continuous PITR window, C(start) and C(end) (times; C(start_timestamp) and C(end_timestamp) as
+        seconds since the epoch), C(seconds), C(from_backup) and C(end_wal); null when no backup can be restored.
       type: dict
     gaps:
       description: Holes in the archive after its oldest segment, each with C(after) (the last segment before it),

@@ -54,6 +54,11 @@ options:
       - With O(backup=latest), the newest backup that stopped before this time (ISO 8601 with a time zone, e.g.
         C(2026-11-29 10:15:00+00)) - the one a point-in-time recovery to that time starts from.
     type: str
+  cluster:
+    description:
+      - Only the backups of this cluster (its system identifier), in RV(backups) and for O(backup) - in a repository
+        several clusters share, V(latest) is then that cluster's newest.
+    type: str
   status:
     description:
       - Only list backups with one of these statuses in RV(backups). V(invalid) is a C(backup.json)
@@ -134,6 +139,20 @@ count:
   description: Number of entries in RV(backups).
   returned: always
   type: int
+drill_order:
+  description:
+    - The clusters with a complete backup (of O(cluster) when set), the one whose newest restore drill is oldest
+      first and the never drilled before them - the order the drill playbook's rotation follows.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    system_identifier:
+      description: The cluster.
+      type: str
+    last_drill_at:
+      description: When its newest drill ran, or null.
+      type: str
 backup:
   description: The backup chosen by O(backup), same fields as an entry of RV(backups).
   returned: when O(backup) is set
@@ -152,6 +171,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     select,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import parse_target_time
+from ansible_collections.pgops.online_backup.plugins.module_utils._status import drill_order
 
 
 def main():
@@ -163,6 +183,7 @@ def main():
             size_on_disk=dict(type="bool", default=True),
             allow_unverified=dict(type="bool", default=False),
             before=dict(type="str"),
+            cluster=dict(type="str"),
         ),
         supports_check_mode=True,
     )
@@ -171,6 +192,8 @@ def main():
         entries = read_catalog(p["repository"], size=p["size_on_disk"])
     except (PgopsError, OSError) as e:
         module.fail_json(msg=str(e), backups=[], latest=None, count=0)
+    if p["cluster"]:
+        entries = [e for e in entries if str(e.get("system_identifier")) == p["cluster"]]
     before = None
     if p["before"]:
         try:
@@ -186,6 +209,7 @@ def main():
         module.warn(f"backup {s['id']} is not chosen as the latest: {s['reason']}")
     listed = filter_status(entries, p["status"])
     result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "passed_over": skipped}
+    result["drill_order"] = drill_order(entries)
     if p["backup"]:
         try:
             result["backup"] = select(entries, p["backup"], p["allow_unverified"], before=before)

@@ -77,9 +77,12 @@ options:
     description: With O(state=recorded), the backup directory whose C(backup.json) gets the result.
     type: path
   result:
-    description: With O(state=recorded), the outcome.
+    description:
+      - With O(state=recorded), the outcome. V(inconclusive) says the drill could not reach its target for a reason
+        that is not the backup's (recovery to a random time after the last archived commit); it does not mark the backup
+        damaged; it is kept as C(inconclusive_drill), apart from C(drill).
     type: str
-    choices: [passed, failed]
+    choices: [passed, failed, inconclusive]
   checks:
     description: With O(state=recorded), the checks that ran (RV(checks) of O(state=checked)).
     type: list
@@ -247,7 +250,8 @@ def recorded(module) -> None:
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would record drill {p['result']} in {p['backup_path']}/{BACKUP_JSON}", drill=record)
     try:
-        update_backup(p["backup_path"], drill=record)
+        # An inconclusive drill neither clears nor hides the verdict of the drills before it.
+        update_backup(p["backup_path"], **{"inconclusive_drill" if p["result"] == "inconclusive" else "drill": record})
     except (LayoutError, OSError) as e:
         module.fail_json(msg=f"could not record the drill: {e}", drill=record)
     module.exit_json(changed=True, msg=f"drill {p['result']} recorded in {p['backup_path']}/{BACKUP_JSON}", drill=record)
@@ -268,7 +272,7 @@ def main():
             bin_dir=dict(type="path"),
             fail_on_error=dict(type="bool", default=True),
             backup_path=dict(type="path"),
-            result=dict(type="str", choices=["passed", "failed"]),
+            result=dict(type="str", choices=["passed", "failed", "inconclusive"]),
             checks=dict(type="list", elements="dict", default=[]),
             error=dict(type="str", default=""),
             seconds=dict(type="float"),

@@ -4,6 +4,7 @@ on a loopback port the test owns, stopped by its pid."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -51,11 +52,17 @@ def scrape_textfiles(directory: str, address: str = "127.0.0.1", timeout: float 
         proc.stderr.close()
 
 
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
 def samples(text: str) -> dict:
-    """Exposition text to {series: value}, comments left out."""
+    """Exposition text to {series: value}, comments left out; labels in name order (an exporter may reorder them)."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             series, value = line.rsplit(" ", 1)
+            if "{" in series:
+                name, labels = series.split("{", 1)
+                series = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(LABEL.findall(labels))) + "}"
             out[series] = float(value)
     return out

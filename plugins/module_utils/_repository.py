@@ -495,7 +495,8 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
     A complete backup is kept when it is pinned, is the newest complete one, is among the newest
     `keep`, or is needed for point-in-time recovery to any moment of the last `keep_days` days
     (every backup that stopped inside the window, and the newest one that stopped before it).
-    Both rules set: a backup either keeps is kept. Neither set: everything is kept. Running
+    Both rules set: a backup either keeps is kept. Neither set: everything is kept, failed
+    backups too (they say why a run failed until a rule retires them). Running
     backups are never touched; failed ones go once they are older than the oldest kept backup
     (and, with a window, older than the window)."""
     now = time.time() if now is None else now
@@ -536,7 +537,7 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
             continue
         if is_complete(e):
             remove.append({"id": e["id"], "status": "complete", "reason": "no rule keeps it"})
-        elif e.get("status") in ("failed", INVALID):
+        elif e.get("status") in ("failed", INVALID) and (keep or keep_days):
             old_enough = oldest_kept is None or e["id"] < oldest_kept
             if window_start is not None:
                 at = _when(e.get("failed_at")) or _when(e.get("created_at")) or 0

@@ -470,6 +470,9 @@ def test_a_recovery_window_keeps_the_backup_it_starts_from():
     # Count and window together: a backup either rule keeps stays.
     both = r.plan_retention(entries, "1", keep=4, keep_days=7, now=NOW)
     assert [k["id"] for k in both["keep"]][-1] == "20261120T000000Z"
+    # No rule: nothing goes, not even a failed backup older than every complete one.
+    none = r.plan_retention(entries + [_entry("20261102T000000Z", 30, "failed")], "1", now=NOW)
+    assert none["remove"] == [] and len(none["keep"]) == 5, none
 
 
 def test_a_pinned_backup_and_the_newest_are_never_removed():

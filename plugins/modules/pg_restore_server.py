@@ -245,6 +245,13 @@ def started(module, data_dir: str, result: dict) -> None:
             try:
                 answer = recovery_state(p, port, socket_dir, major) or answer
             except RestoreError as e:
+                # A server going down (a FATAL during recovery) can refuse a connection in odd ways for a
+                # moment; once it has exited, the next turn reports why from its log.
+                gone_by = time.monotonic() + 5
+                while running_postmaster(data_dir) is not None and time.monotonic() < gone_by:
+                    time.sleep(POLL)
+                if running_postmaster(data_dir) is None:
+                    continue
                 module.fail_json(msg=str(e), pid=pid, log=tail(log.text()), **result)
             if answer and not answer["in_recovery"]:
                 state = "promoted" if recovering else "running"

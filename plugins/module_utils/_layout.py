@@ -10,10 +10,13 @@ restorable by hand with PostgreSQL's docs and standard tools.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
 import stat
+import subprocess
+import tempfile
 import time
 
 from ._errors import PgopsError
@@ -44,8 +47,18 @@ COMPRESSION = {
     "lz4": (".lz4", (["lz4", "-q", "-{level}"],), (["lz4", "-dcq"],), 1),
 }
 COMPRESSIONS = tuple(COMPRESSION)
-# base.tar, 16384.cpio.zst, ...: the data directory (base) or a tablespace (its oid).
-ARCHIVE_RE = re.compile(r"^(base|[0-9]+)\.(tar|cpio)(\.gz|\.zst|\.lz4)?$")
+# Client-side encryption: age, after compression (ciphertext does not compress), as a last suffix.
+ENCRYPTIONS = ("none", "age")
+AGE_SUFFIX = ".age"
+# An age X25519 recipient (bech32), or an SSH public key age accepts.
+AGE_RECIPIENT_RE = re.compile(r"^(age1[02-9ac-hj-np-z]{58}|ssh-(ed25519|rsa) [A-Za-z0-9+/=]+( \S.*)?)$")
+# Beside an encrypted WAL file: the sha256 of its plain content, so that a second push can be compared
+# without the private key (which is never on a database host that only archives).
+DIGEST_SUFFIX = ".sha256"
+# What may follow a WAL file's name in the archive: compression, then encryption.
+STORED_SUFFIXES = tuple(spec[0] + enc for enc in ("", ".age") for spec in COMPRESSION.values())
+# base.tar, 16384.cpio.zst, base.tar.zst.age, ...: the data directory (base) or a tablespace (its oid).
+ARCHIVE_RE = re.compile(r"^(base|[0-9]+)\.(tar|cpio)(\.gz|\.zst|\.lz4)?(\.age)?$")
 _ID_RE = re.compile(r"^\d{8}T\d{6}Z(-\d{2})?$")
 
 
@@ -84,9 +97,9 @@ def suffix_of(compression: str) -> str:
     return COMPRESSION[compression][0]
 
 
-def archive_name(key: str, method: str, compression: str) -> str:
-    """base.tar.zst for the data directory, <oid>.tar.zst for a tablespace."""
-    return f"{key}.{method}{suffix_of(compression)}"
+def archive_name(key: str, method: str, compression: str, encryption: str = "none") -> str:
+    """base.tar.zst for the data directory, <oid>.tar.zst for a tablespace (.age appended when encrypted)."""
+    return f"{key}.{method}{suffix_of(compression)}{AGE_SUFFIX if encryption == 'age' else ''}"
 
 
 def parse_archive_name(name: str):
@@ -117,7 +130,13 @@ def compression_of_suffix(suffix: str) -> str:
     raise LayoutError(f"unknown compression suffix {suffix!r}")
 
 
+def is_encrypted(path: str) -> bool:
+    return path.endswith(AGE_SUFFIX)
+
+
 def compression_of_file(path: str) -> str:
+    if is_encrypted(path):
+        path = path[: -len(AGE_SUFFIX)]
     for name, spec in COMPRESSION.items():
         if spec[0] and path.endswith(spec[0]):
             return name
@@ -150,20 +169,193 @@ def decompressor(path: str) -> list | None:
     return _first_installed(commands, os.path.basename(path), "decompressed")
 
 
-def decompress_command(path: str) -> list | None:
-    """The command that writes path decompressed to stdout (None for a plain file)."""
+def bad_recipients(recipients) -> str | None:
+    """Why these age recipients cannot encrypt (None when they can): checked before anything is written."""
+    if not recipients:
+        return "encryption age needs at least one public key in the recipients (age-keygen -y <identity file> prints one)"
+    wrong = [r for r in recipients if not (isinstance(r, str) and AGE_RECIPIENT_RE.match(r.strip()))]
+    if wrong:
+        return f"not an age public key (age1... or ssh-ed25519/ssh-rsa ...): {', '.join(repr(w) for w in wrong)}"
+    return None
+
+
+def encryptor(encryption: str, recipients) -> list:
+    """The command that encrypts stdin to stdout ([] for none); LayoutError when it cannot run, so that
+    nothing is ever written in clear when encryption was asked for."""
+    if encryption == "none":
+        return []
+    if encryption != "age":
+        raise LayoutError(f"unknown encryption {encryption!r}: expected one of {', '.join(ENCRYPTIONS)}")
+    why = bad_recipients(recipients)
+    if why:
+        raise LayoutError(why)
+    if not shutil.which("age"):
+        raise LayoutError("encryption age needs the age tool on this host (Debian package age); nothing was written")
+    cmd = ["age"]
+    for r in recipients:
+        cmd += ["-r", r.strip()]
+    return cmd
+
+
+# Restores and verification decrypt with this key file (set_age_identity); one per process.
+_age_identity = {"file": None}
+
+
+def set_age_identity(path: str | None) -> None:
+    """The age identity (private key) file that decrypts .age files in this process."""
+    if path is not None and not os.path.isfile(path):
+        raise LayoutError(f"age identity file {path} does not exist")
+    _age_identity["file"] = path
+
+
+# The options of modules that read encrypted files (merged into their argument_spec).
+AGE_IDENTITY_OPTIONS = {
+    "age_identity": {"type": "str", "no_log": True},
+    "age_identity_file": {"type": "path"},
+}
+
+
+def use_age_identity(params: dict) -> None:
+    """Decrypt with the module's age_identity (the key text, written to a private temporary file
+    that is removed when the module exits) or age_identity_file."""
+    text, path = params.get("age_identity"), params.get("age_identity_file")
+    if text:
+        fd, path = tempfile.mkstemp(prefix=".pgops-age-", suffix=".key")  # 0600: the key never sits in argv
+        try:
+            os.write(fd, text.strip().encode() + b"\n")
+        finally:
+            os.close(fd)
+        atexit.register(_remove_quietly, path)
+    set_age_identity(path)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def decryptor(path: str) -> list:
+    """age -d with the identity; LayoutError naming what is missing."""
+    if not shutil.which("age"):
+        raise LayoutError(f"{os.path.basename(path)} is encrypted with age: install the age tool (Debian package age)")
+    if not _age_identity["file"]:
+        raise LayoutError(
+            f"{os.path.basename(path)} is encrypted with age: give the private key (pg_restore_age_identity or "
+            "pg_restore_age_identity_file; the module option age_identity_file)"
+        )
+    return ["age", "-d", "-i", _age_identity["file"]]
+
+
+def read_commands(path: str, stdin: bool = False) -> list:
+    """Commands, piped in this order, that write path's plain content to stdout ([] for a plain
+    file); the first one reads path (or, with stdin, every one reads its stdin: path is then only
+    the stored name). LayoutError when a tool or the age identity is missing."""
+    cmds = []
+    if is_encrypted(path):
+        cmds.append(decryptor(path) + ([] if stdin else [path]))
     dec = decompressor(path)
-    if dec is None:
-        return None
-    # zstd and lz4 take "--" before a name; pigz and gzip are given the name alone.
-    return dec + (["--", path] if dec[0] in ("zstd", "lz4") else [path])
+    if dec is not None:
+        # zstd and lz4 take "--" before a name; pigz and gzip are given the name alone.
+        cmds.append(dec if cmds or stdin else dec + (["--", path] if dec[0] in ("zstd", "lz4") else [path]))
+    return cmds
+
+
+def run_pipeline(cmds: list, stdin, stdout) -> None:
+    """Run commands piped into each other from stdin to stdout (files or fds); LayoutError naming
+    each tool that failed, with its message."""
+    procs = []
+    upstream = stdin
+    try:
+        for i, cmd in enumerate(cmds):
+            last = i == len(cmds) - 1
+            err = tempfile.TemporaryFile()
+            p = subprocess.Popen(cmd, stdin=upstream, stdout=stdout if last else subprocess.PIPE, stderr=err)
+            if i > 0:
+                upstream.close()  # only the next stage holds it
+            procs.append((p, err))
+            upstream = p.stdout
+        failures = []
+        for p, err in procs:
+            p.wait()
+            err.seek(0)
+            if p.returncode != 0:
+                text = err.read().decode("utf-8", "replace").strip()
+                failures.append(f"{os.path.basename(p.args[0])} exited {p.returncode}: {text}")
+    finally:
+        for p, err in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            err.close()
+    if failures:
+        raise LayoutError("; ".join(failures))
+
+
+class PlainReader:
+    """path's plain content as a forward-only stream (decrypted, decompressed by child processes).
+    On a clean exit every child must have succeeded (LayoutError naming the tool otherwise)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.procs = []  # (process, its stderr file)
+        self.stream = None
+        self.abandoned = False
+
+    def __enter__(self):
+        cmds = read_commands(self.path)
+        if not cmds:
+            self.stream = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
+            return self.stream
+        upstream = subprocess.DEVNULL
+        for cmd in cmds:
+            err = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the stream flows
+            p = subprocess.Popen(cmd, stdin=upstream, stdout=subprocess.PIPE, stderr=err)
+            if upstream is not subprocess.DEVNULL:
+                upstream.close()  # only the next stage holds it
+            self.procs.append((p, err))
+            upstream = p.stdout
+        self.stream = upstream
+        return self.stream
+
+    def abandon(self) -> None:
+        """Stop reading early: the tools are stopped and their exit is not judged."""
+        for p, _err in self.procs:
+            if p.poll() is None:
+                p.kill()
+        self.abandoned = True
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stream.close()
+        failures = []
+        for p, err_file in self.procs:
+            if exc_type is not None and issubclass(exc_type, Exception) and not self.abandoned:
+                # A tool that already gave up (wrong key, garbage, truncated input) explains
+                # the reader's error better than the reader can.
+                try:
+                    p.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+            killed = p.poll() is None and (exc_type is not None or self.abandoned)
+            if killed:
+                p.kill()
+            p.wait()
+            err_file.seek(0)
+            err = err_file.read().decode("utf-8", "replace").strip()
+            err_file.close()
+            if p.returncode and not (killed or self.abandoned):
+                failures.append(f"{p.args[0]} failed on {os.path.basename(self.path)} (exit {p.returncode}): {err}")
+        if failures:
+            raise LayoutError("; ".join(failures))
+        return False
 
 
 # A file pgops-wal stores: a segment, a .partial segment, a .backup history file or a timeline .history file,
 # compressed or not.
 STORED_WAL_RE = re.compile(
-    r"^(?P<seg>[0-9A-F]{24})(?P<kind>\.partial|\.[0-9A-F]{8}\.backup)?(?:\.gz|\.zst|\.lz4)?$"
-    r"|^(?P<tli>[0-9A-F]{8})\.history(?:\.gz|\.zst|\.lz4)?$"
+    r"^(?P<seg>[0-9A-F]{24})(?P<kind>\.partial|\.[0-9A-F]{8}\.backup)?(?:\.gz|\.zst|\.lz4)?(?:\.age)?$"
+    r"|^(?P<tli>[0-9A-F]{8})\.history(?:\.gz|\.zst|\.lz4)?(?:\.age)?$"
 )
 
 

@@ -20,9 +20,7 @@ import json
 import os
 import re
 import stat
-import subprocess
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from typing import Callable
 from ._checksum import ALGORITHMS, DIGEST_SIZES, default_algorithm, new_hasher
 from ._errors import PgopsError
 from ._files import write_private_file
-from ._layout import BACKUP_JSON, LABEL_FILES, MANIFEST, LayoutError, decompress_command, find_archives, parse_archive_name
+from ._layout import BACKUP_JSON, LABEL_FILES, MANIFEST, LayoutError, PlainReader, find_archives, parse_archive_name
 
 CHUNK = 1 << 20
 VERSION_KEY = "PostgreSQL-Backup-Manifest-Version"
@@ -388,70 +386,44 @@ def scan_file(abspath: str, path: str, want: Want, errors: list) -> Iterator[Fil
 
 
 class ArchiveStream:
-    """An archive file as a decompressed, forward-only byte stream.
+    """An archive file as a plain, forward-only byte stream.
 
-    zstd and lz4 run as child processes (they also decompress while we hash);
-    gzip uses Python's gzip module. Reading to the end also checks the
-    compressed file's own integrity.
+    age, zstd and lz4 run as child processes (they also decrypt and decompress
+    while we hash); a gzip file that is not encrypted uses Python's gzip module.
+    Reading to the end also checks the stored file's own integrity.
     """
 
     def __init__(self, path: str):
         self.path = path
-        self.gzip = path.endswith(".gz")
-        self.proc = None
-        self._stderr = None
+        self.reader = None
         self._file = None
 
     def __enter__(self):
-        if self.gzip:
+        if self.path.endswith(".gz"):
             self._file = gzip.open(self.path, "rb")
             return self._file
+        if not os.access(self.path, os.R_OK):
+            raise ArchiveError(f"cannot read {self.path}: permission denied")
+        self.reader = PlainReader(self.path)
         try:
-            cmd = decompress_command(self.path)
+            self._file = self.reader.__enter__()
         except LayoutError as e:
             raise ArchiveError(str(e)) from None
-        if cmd is not None:
-            if not os.access(self.path, os.R_OK):
-                raise ArchiveError(f"cannot read {self.path}: permission denied")
-            self._stderr = tempfile.TemporaryFile()
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, close_fds=True
-            )
-            self._file = self.proc.stdout
-        else:
-            self._file = open(self.path, "rb")
         return self._file
 
     def __exit__(self, exc_type, exc, tb):
-        rc = None
-        try:
-            if exc_type is None:
-                # Readers stop at the end-of-archive marker: drain the padding
-                # after it so the decompressor finishes and reports its status.
-                while self._file.read(CHUNK):
-                    pass
-            elif self.proc is not None and issubclass(exc_type, Exception):
-                # A decompressor that already gave up (garbage, truncated input)
-                # explains the reader's error better than the reader can.
-                try:
-                    rc = self.proc.wait(timeout=1)
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            self._file.close()
-        if self.proc is None:
-            return False
         if exc_type is None:
-            rc = self.proc.wait()
-        elif rc is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._stderr.seek(0)
-        err = self._stderr.read().decode("utf-8", "replace").strip()
-        self._stderr.close()
-        if rc and (exc_type is None or issubclass(exc_type, Exception)):
-            tool = self.proc.args[0]
-            raise ArchiveError(f"{tool} failed on {os.path.basename(self.path)} (exit {rc}): {err}")
+            # Readers stop at the end-of-archive marker: drain the padding
+            # after it so the tools finish and report their status.
+            while self._file.read(CHUNK):
+                pass
+        if self.reader is None:
+            self._file.close()
+            return False
+        try:
+            self.reader.__exit__(exc_type, exc, tb)
+        except LayoutError as e:
+            raise ArchiveError(str(e)) from None
         return False
 
 

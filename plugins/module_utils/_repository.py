@@ -25,10 +25,12 @@ from ._layout import (
     BACKUP_JSON,
     COLLECTION_VERSION,
     COPY_ENTRIES,
+    DIGEST_SUFFIX,
     LOCK_DIR,
     SCHEMA,
     backup_dir,
     disk_usage,
+    is_encrypted,
     new_backup_id,
     parse_stored_wal,
     read_backup,
@@ -596,10 +598,11 @@ def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: boo
     doomed = plan_wal_expiry(files, oldest["start_wal"], seg_size)
     if not dry_run:
         for name in doomed:
-            try:
-                os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
+            for doomed_file in (name, name + DIGEST_SUFFIX) if is_encrypted(name) else (name,):
+                try:
+                    os.unlink(os.path.join(directory, doomed_file))
+                except FileNotFoundError:
+                    pass
         if doomed:
             fsync_dir(directory)
     return {"wal_removed": doomed, "wal_kept_because": None, "wal_kept_from": oldest["start_wal"]}

@@ -22,14 +22,14 @@ from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
 from ._files import existing_ancestor, resolves_inside, write_private_file
 from ._layout import (
     BACKUP_JSON,
-    COMPRESSION,
     LABEL_FILES,
     RSYNC_DATA,
     RSYNC_TABLESPACES,
+    STORED_SUFFIXES,
     LayoutError,
-    decompress_command,
-    decompressor,
+    PlainReader,
     parse_archive_name,
+    read_commands,
 )
 from ._restore_plan import RestoreError, conf_key, conf_value
 from ._restore_server import running_postmaster
@@ -196,7 +196,7 @@ def needed_tools(sources: dict) -> list:
     missing = [] if shutil.which(tools) else [tools]
     for path in paths if method != "rsync" else []:
         try:
-            decompressor(path)
+            read_commands(path)
         except LayoutError as e:
             missing.append(str(e))
     if missing:
@@ -246,8 +246,11 @@ def extract(source: str, dest: str, method: str) -> None:
         "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore"],
         "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
     }[method]
-    dec = decompress_command(source)
-    stages = [(dec, None), (unpack, None)] if dec else [(unpack, source)]
+    try:
+        reads = read_commands(source)
+    except LayoutError as e:
+        raise RestoreError(str(e)) from None
+    stages = [(cmd, None) for cmd in reads] + [(unpack, None)] if reads else [(unpack, source)]
     _run_pipeline(stages, what, dest)
 
 
@@ -260,15 +263,9 @@ def peek_tar_config(archive: str, limit: int = 5000) -> dict:
 
     wanted = {"postgresql.conf", "postgresql.auto.conf"}
     found = {}
-    cmd = decompress_command(archive)
-    proc = None
     try:
-        if cmd:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            stream = proc.stdout
-        else:
-            stream = open(archive, "rb")  # noqa: SIM115 - closed below
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
+        reader = PlainReader(archive)
+        with reader as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
             for n, member in enumerate(tf):
                 name = member.name
                 while name.startswith("./"):
@@ -277,13 +274,9 @@ def peek_tar_config(archive: str, limit: int = 5000) -> dict:
                     found[name] = tf.extractfile(member).read().decode("utf-8", "replace")
                 if len(found) == len(wanted) or n > limit:
                     break
-        stream.close()
-    except (OSError, tarfile.TarError, EOFError):
+            reader.abandon()  # the rest of the archive is not needed
+    except (LayoutError, OSError, tarfile.TarError, EOFError):
         return found
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return found
 
 
@@ -432,11 +425,10 @@ def wal_files_needed(start_wal: str, stop_wal: str, seg_size=None) -> list:
 
 def missing_wal(archive: str, names: list) -> list:
     """Names not found in a WAL archive directory: each must be there under its exact name, or
-    compressed (name.gz, .zst, .lz4). Other files that share its stem (the backup's own
+    compressed (name.gz, .zst, .lz4), encrypted or not (.age). Other files that share its stem (the backup's own
     <segment>.<offset>.backup history file, a .partial) do not stand in for it."""
     try:
         present = set(os.listdir(archive))
     except OSError as e:
         raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
-    suffixes = [""] + [spec[0] for spec in COMPRESSION.values() if spec[0]]
-    return [n for n in names if not any(n + suffix in present for suffix in suffixes)]
+    return [n for n in names if not any(n + suffix in present for suffix in STORED_SUFFIXES)]

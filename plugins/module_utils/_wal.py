@@ -16,15 +16,20 @@ existing file) and fsyncs the directory. A file already archived with the same
 content is success (PostgreSQL retries after a crash); different content under
 the same name is refused loudly and the archived file is left untouched.
 
-Get finds the file (compressed or not), decompresses it to a temporary name and
-renames it to %p, so %p never holds part of a file. Exit codes follow
+With --age-recipient, push encrypts with age after compressing (<name>.zst.age)
+and writes the plain content's sha256 beside it (<name>.zst.age.sha256), so a
+second push compares without the private key. Get decrypts with
+--age-identity-file.
+
+Get finds the file (compressed, encrypted or not), decodes it to a temporary
+name and renames it to %p, so %p never holds part of a file. Exit codes follow
 PostgreSQL: 0 found, 1 not found (recovery ends or waits cleanly), 126 when the
 archive cannot be read at all (recovery stops instead of ending early at an
 older point than the user asked for).
 
 With --host the repository is on another host reached over ssh, where
-pgops-wal is installed too: push streams the compressed file to `pgops-wal put`
-there, get reads it from `pgops-wal cat`.
+pgops-wal is installed too: push streams the stored bytes to `pgops-wal put`
+there, get reads them from `pgops-wal cat` and decodes them here.
 """
 
 from __future__ import annotations
@@ -40,14 +45,28 @@ import tempfile
 
 from ._errors import PgopsError
 from ._files import fsync_dir
-from ._layout import COMPRESSION, compression_of_file, compressor, decompressor, wal_dir
+from ._layout import (
+    AGE_SUFFIX,
+    COMPRESSION,
+    DIGEST_SUFFIX,
+    STORED_SUFFIXES,
+    LayoutError,
+    PlainReader,
+    compression_of_file,
+    compressor,
+    encryptor,
+    is_encrypted,
+    read_commands,
+    run_pipeline,
+    set_age_identity,
+    wal_dir,
+)
 
 CHUNK = 1 << 20
 # What PostgreSQL archives: segments, partial segments (a promotion's last one),
 # backup history files and timeline history files.
 WAL_FILE_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
 EXIT_FOUND, EXIT_MISSING, EXIT_UNREADABLE = 0, 1, 126
-SUFFIXES = [""] + [spec[0] for spec in COMPRESSION.values() if spec[0]]
 
 
 class WalError(PgopsError):
@@ -62,35 +81,45 @@ def check_name(name: str) -> str:
 
 def stored(directory: str, name: str):
     """(path, compression) of the archived copy of name, or None."""
-    for suffix in SUFFIXES:
+    for suffix in STORED_SUFFIXES:
         path = os.path.join(directory, name + suffix)
         if os.path.isfile(path):
             return path, compression_of_file(path)
     return None
 
 
-def _pipe(cmd: list, stdin, stdout) -> None:
-    proc = subprocess.run(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip()
-        raise WalError(f"{os.path.basename(cmd[0])} exited {proc.returncode}: {err}")
+def _pipeline(cmds: list, stdin, stdout) -> None:
+    """cmds piped from stdin to stdout; with no command, a plain copy."""
+    if not cmds:
+        src = stdin if hasattr(stdin, "read") else os.fdopen(os.dup(stdin), "rb")
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            os.write(stdout if isinstance(stdout, int) else stdout.fileno(), chunk)
+        return
+    try:
+        run_pipeline(cmds, stdin, stdout)
+    except LayoutError as e:
+        raise WalError(str(e)) from None
 
 
 def content_digest(path: str) -> str:
-    """sha256 of what path holds once decompressed."""
+    """sha256 of what path holds once decrypted and decompressed (for an encrypted file: what
+    the digest file beside it says)."""
+    if is_encrypted(path):
+        try:
+            with open(path + DIGEST_SUFFIX) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            raise WalError(
+                f"{path} is encrypted and {os.path.basename(path)}{DIGEST_SUFFIX} is missing beside it, so a second "
+                "push cannot be compared with it; investigate (restore it, or remove both if the file is bad)"
+            ) from None
     h = hashlib.sha256()
-    dec = decompressor(path)
-    with open(path, "rb") as f:
-        if dec is None:
-            for chunk in iter(lambda: f.read(CHUNK), b""):
+    try:
+        with PlainReader(path) as stream:
+            for chunk in iter(lambda: stream.read(CHUNK), b""):
                 h.update(chunk)
-            return h.hexdigest()
-        proc = subprocess.Popen(dec, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for chunk in iter(lambda: proc.stdout.read(CHUNK), b""):
-            h.update(chunk)
-        _out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise WalError(f"cannot read the archived {path}: {dec[0]} exited {proc.returncode}: {err.decode().strip()}")
+    except LayoutError as e:
+        raise WalError(f"cannot read the archived {path}: {e}") from None
     return h.hexdigest()
 
 
@@ -111,13 +140,16 @@ def _same_or_refuse(existing: str, name: str, digest: str) -> str:
     )
 
 
-def store(directory: str, name: str, fill, digest: str, compression: str) -> str:
+def store(directory: str, name: str, fill, digest: str, compression: str, encrypted: bool = False) -> str:
     """Write name into directory through a temporary file (fill(fd) writes the
     stored bytes), fsynced, linked into place, the directory fsynced."""
     old = stored(directory, name)
     if old:
         return _same_or_refuse(old[0], name, digest)
-    final = os.path.join(directory, name + COMPRESSION[compression][0])
+    final = os.path.join(directory, name + COMPRESSION[compression][0] + (AGE_SUFFIX if encrypted else ""))
+    if encrypted:
+        # Before the file itself: the digest is only read once the file is in place.
+        _write_digest(final + DIGEST_SUFFIX, digest)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         fill(fd)
@@ -134,6 +166,16 @@ def store(directory: str, name: str, fill, digest: str, compression: str) -> str
         if fd is not None:
             os.close(fd)
         os.unlink(tmp)
+
+
+def _write_digest(path: str, digest: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".digest.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        os.write(fd, digest.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def ensure_wal_dir(repository: str, cluster: str) -> str:
@@ -154,25 +196,32 @@ def _private_dirs(paths: list) -> None:
             pass
 
 
-def push_local(source: str, repository: str, cluster: str, compression: str, level=None) -> str:
+def store_commands(compression: str, level, recipients) -> list:
+    """Compress, then encrypt when there are recipients (WalError before anything is written
+    when a tool or a key is missing: nothing goes to the archive in clear by mistake)."""
+    try:
+        return [
+            cmd for cmd in (compressor(compression, level, threads=1), encryptor("age", recipients) if recipients else []) if cmd
+        ]
+    except LayoutError as e:
+        raise WalError(str(e)) from None
+
+
+def push_local(source: str, repository: str, cluster: str, compression: str, level=None, recipients=None) -> str:
     name = check_name(os.path.basename(source))
+    cmds = store_commands(compression, level, recipients)
     directory = ensure_wal_dir(repository, cluster)
     digest = file_digest(source)
-    cmd = compressor(compression, level, threads=1)
 
     def fill(fd):
         with open(source, "rb") as src:
-            if cmd:
-                _pipe(cmd, src, fd)
-            else:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    os.write(fd, chunk)
+            _pipeline(cmds, src, fd)
 
-    return store(directory, name, fill, digest, compression)
+    return store(directory, name, fill, digest, compression, encrypted=bool(recipients))
 
 
-def put(directory: str, name: str, compression: str, digest: str) -> str:
-    """The repository host's side of a push: stdin holds the stored (compressed) bytes."""
+def put(directory: str, name: str, compression: str, digest: str, encrypted: bool = False) -> str:
+    """The repository host's side of a push: stdin holds the stored (compressed, maybe encrypted) bytes."""
     check_name(name)
     directory = directory.rstrip("/")
     repository = os.path.dirname(os.path.dirname(directory))
@@ -184,7 +233,7 @@ def put(directory: str, name: str, compression: str, digest: str) -> str:
         for chunk in iter(lambda: sys.stdin.buffer.read(CHUNK), b""):
             os.write(fd, chunk)
 
-    return store(directory, name, fill, digest, compression)
+    return store(directory, name, fill, digest, compression, encrypted)
 
 
 def get_local(repository: str, cluster: str, name: str, target: str) -> bool:
@@ -196,18 +245,18 @@ def get_local(repository: str, cluster: str, name: str, target: str) -> bool:
     if found is None:
         return False
     path, _compression = found
+    cmds = _decode_commands(path)
     with open(path, "rb") as src:
-        _deliver(target, lambda fd: _decompress(path, src, fd))
+        _deliver(target, lambda fd: _pipeline(cmds, src, fd))
     return True
 
 
-def _decompress(path: str, src, fd) -> None:
-    dec = decompressor(path)
-    if dec:
-        _pipe(dec, src, fd)
-    else:
-        for chunk in iter(lambda: src.read(CHUNK), b""):
-            os.write(fd, chunk)
+def _decode_commands(stored_name: str) -> list:
+    """What turns the stored bytes (on stdin) of stored_name back into the WAL file."""
+    try:
+        return read_commands(stored_name, stdin=True)
+    except LayoutError as e:
+        raise WalError(str(e)) from None
 
 
 def _deliver(target: str, fill) -> None:
@@ -227,16 +276,20 @@ def _deliver(target: str, fill) -> None:
 
 
 def cat(directory: str, name: str) -> int:
-    """The repository host's side of a get: the decompressed file on stdout."""
+    """The repository host's side of a get: a line with the stored file's name, then its stored
+    bytes (the database host decrypts and decompresses: the key never has to be here)."""
     check_name(name)
     if not os.path.isdir(directory):
         return EXIT_UNREADABLE if not os.path.isdir(os.path.dirname(directory)) else EXIT_MISSING
     found = stored(directory, name)
     if found is None:
         return EXIT_MISSING
-    sys.stdout.flush()
+    out = sys.stdout.buffer
+    out.write(os.path.basename(found[0]).encode() + b"\n")
     with open(found[0], "rb") as src:
-        _decompress(found[0], src, sys.stdout.buffer.fileno())
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            out.write(chunk)
+    out.flush()
     return EXIT_FOUND
 
 
@@ -248,25 +301,19 @@ def ssh_command(host: str, port: int, options: list, remote: list) -> list:
     return ["ssh", "-o", "BatchMode=yes", "-p", str(port), *options, host, "--", " ".join(shlex.quote(a) for a in remote)]
 
 
-def push_remote(source, host, port, options, program, repository, cluster, compression, level=None) -> str:
+def push_remote(source, host, port, options, program, repository, cluster, compression, level=None, recipients=None) -> str:
     name = check_name(os.path.basename(source))
+    cmds = store_commands(compression, level, recipients)
     digest = file_digest(source)
     remote = [program, "put", "--dir", wal_dir(repository, cluster), "--name", name, "--compression", compression,
-              "--sha256", digest]  # fmt: skip
-    cmd = compressor(compression, level, threads=1)
-    with open(source, "rb") as src:
-        if cmd:
-            comp = subprocess.Popen(cmd, stdin=src, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=comp.stdout, capture_output=True, check=False)
-            comp.stdout.close()
-            _out, comp_err = comp.communicate()
-            if comp.returncode != 0:
-                raise WalError(f"{cmd[0]} exited {comp.returncode}: {comp_err.decode().strip()}")
-        else:
-            ssh = subprocess.run(ssh_command(host, port, options, remote), stdin=src, capture_output=True, check=False)
-    if ssh.returncode != 0:
-        raise WalError(f"pushing {name} to {host} failed (exit {ssh.returncode}): {ssh.stderr.decode().strip()}")
-    return ssh.stdout.decode().strip()
+              "--sha256", digest] + (["--encrypted"] if recipients else [])  # fmt: skip
+    with open(source, "rb") as src, tempfile.TemporaryFile() as out:
+        try:
+            run_pipeline(cmds + [ssh_command(host, port, options, remote)], src, out)
+        except LayoutError as e:
+            raise WalError(f"pushing {name} to {host} failed: {e}") from None
+        out.seek(0)
+        return out.read().decode("utf-8", "replace").strip()
 
 
 def get_remote(host, port, options, program, repository, cluster, name, target) -> int:
@@ -275,10 +322,30 @@ def get_remote(host, port, options, program, repository, cluster, name, target) 
     result = {}
 
     def fill(fd):
-        proc = subprocess.run(ssh_command(host, port, options, remote), stdout=fd, stderr=subprocess.PIPE, check=False)
-        result.update(rc=proc.returncode, err=proc.stderr.decode("utf-8", "replace").strip())
+        # Unbuffered: the first line (the stored name) is read here, the rest goes to the decoders.
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(ssh_command(host, port, options, remote), stdout=subprocess.PIPE, stderr=err, bufsize=0)
+            try:
+                header = b""
+                while not header.endswith(b"\n"):
+                    byte = proc.stdout.read(1)
+                    if not byte:
+                        break
+                    header += byte
+                if header.endswith(b"\n"):
+                    stored_name = header.decode("utf-8", "replace").strip()
+                    if stored_name.split(".")[0] != name.split(".")[0]:
+                        raise WalError(f"{host} answered with {stored_name!r} for {name}: is pgops-wal there the same version?")
+                    _pipeline(_decode_commands(stored_name), proc.stdout, fd)
+            finally:
+                proc.stdout.close()
+                proc.wait()
+            err.seek(0)
+            result.update(rc=proc.returncode, err=err.read().decode("utf-8", "replace").strip())
         if proc.returncode != 0:
-            raise WalError(result["err"])
+            raise WalError(result["err"] or f"ssh exited {proc.returncode}")
+        if not header.endswith(b"\n"):
+            raise WalError(f"{host} sent nothing for {name}")
 
     try:
         _deliver(target, fill)
@@ -315,10 +382,12 @@ def parser() -> argparse.ArgumentParser:
     where(push)
     push.add_argument("--compression", default="zstd", choices=list(COMPRESSION))
     push.add_argument("--level", type=int)
+    push.add_argument("--age-recipient", action="append", default=[], help="encrypt with age for this public key (repeat)")
     push.add_argument("path")
     get = sub.add_parser("get", help="restore_command: get %%f %%p")
     where(get)
     get.add_argument("--errors-as-missing", action="store_true", help="a standby: an unreadable archive means 'not there yet'")
+    get.add_argument("--age-identity-file", help="the age private key that decrypts encrypted WAL")
     get.add_argument("name")
     get.add_argument("target")
     put_p = sub.add_parser("put", help="(repository host) store stdin as name")
@@ -326,7 +395,8 @@ def parser() -> argparse.ArgumentParser:
     put_p.add_argument("--name", required=True)
     put_p.add_argument("--compression", required=True, choices=list(COMPRESSION))
     put_p.add_argument("--sha256", required=True)
-    cat_p = sub.add_parser("cat", help="(repository host) write name, decompressed, to stdout")
+    put_p.add_argument("--encrypted", action="store_true", help="stdin is age-encrypted (stored as .age)")
+    cat_p = sub.add_parser("cat", help="(repository host) write the stored name, a newline and its stored bytes to stdout")
     cat_p.add_argument("--dir", required=True)
     cat_p.add_argument("--name", required=True)
     return ap
@@ -341,7 +411,7 @@ def main(argv=None) -> int:
     err = sys.stderr
     try:
         if args.command == "put":
-            sys.stdout.write(put(args.dir, args.name, args.compression, args.sha256) + "\n")
+            sys.stdout.write(put(args.dir, args.name, args.compression, args.sha256, args.encrypted) + "\n")
             return 0
         if args.command == "cat":
             return cat(args.dir, args.name)
@@ -351,13 +421,14 @@ def main(argv=None) -> int:
         if args.command == "push":
             if args.host:
                 msg = push_remote(args.path, args.host, args.ssh_port, _ssh_options(args), args.remote_program,
-                                  args.repository, cluster, args.compression, args.level)  # fmt: skip
+                                  args.repository, cluster, args.compression, args.level, args.age_recipient)  # fmt: skip
             else:
-                msg = push_local(args.path, args.repository, cluster, args.compression, args.level)
+                msg = push_local(args.path, args.repository, cluster, args.compression, args.level, args.age_recipient)
             if msg.startswith(check_name(os.path.basename(args.path)) + " was already"):
                 err.write(f"pgops-wal: {msg}\n")  # worth a line in the server log: a retry after a crash
             return 0
         try:
+            set_age_identity(args.age_identity_file)
             if args.host:
                 return get_remote(args.host, args.ssh_port, _ssh_options(args), args.remote_program, args.repository,
                                   cluster, args.name, args.target)  # fmt: skip

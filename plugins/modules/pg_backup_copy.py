@@ -59,6 +59,20 @@ options:
   compression_level:
     description: Compression level; the compressor's default when unset.
     type: int
+  encryption:
+    description:
+      - V(age) encrypts every archive with the C(age) tool after compression, for O(age_recipients), as
+        C(base.tar.zst.age); only the holder of a matching private key can restore it.
+      - When C(age) or a valid recipient is missing, the module fails before it writes anything.
+      - Not with O(method=rsync), which copies a plain directory.
+    type: str
+    choices: [none, age]
+    default: none
+  age_recipients:
+    description: The age public keys (C(age1...), or SSH public keys) that may decrypt the backup.
+    type: list
+    elements: str
+    default: []
   threads:
     description: Compression threads (zstd, pigz); 0 means one per core.
     type: int
@@ -177,6 +191,8 @@ def main():
             method=dict(type="str", default="tar", choices=["tar", "cpio", "rsync"]),
             compression=dict(type="str", default="none", choices=["none", "gzip", "zstd", "lz4"]),
             compression_level=dict(type="int"),
+            encryption=dict(type="str", default="none", choices=["none", "age"]),
+            age_recipients=dict(type="list", elements="str", default=[]),
             threads=dict(type="int", default=0),
             server_version_num=dict(type="int", default=150000),
             exclude_directories=dict(type="list", elements="str", default=[]),
@@ -187,6 +203,7 @@ def main():
             runtime_dir=dict(type="path"),
             manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
+        required_if=[("encryption", "age", ["age_recipients"])],
         supports_check_mode=True,
     )
     p = module.params

@@ -28,6 +28,7 @@ description:
     one is found. The result is recorded as C(verification) in the backup's C(backup.json).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.age_identity
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -257,11 +258,13 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import format_lsn, parse_lsn
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
+    AGE_IDENTITY_OPTIONS,
     BACKUP_JSON,
     COPY_ENTRIES,
     LayoutError,
     read_backup,
     update_backup,
+    use_age_identity,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._manifest import (
     ManifestError,
@@ -576,9 +579,15 @@ def main():
             pg_verifybackup=dict(type="path"),
             wal_archive=dict(type="path"),
             record=dict(type="bool", default=True),
+            **AGE_IDENTITY_OPTIONS,
         ),
+        mutually_exclusive=[("age_identity", "age_identity_file")],
         supports_check_mode=True,
     )
+    try:
+        use_age_identity(module.params)
+    except LayoutError as e:
+        module.fail_json(msg=str(e))
     root = module.params["path"]
     if not os.path.isdir(root):
         module.fail_json(msg=f"backup directory {root} does not exist")

@@ -31,6 +31,7 @@ description:
     decompressors, the WAL archive); a failure while restoring puts the target directories back as they were.
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.age_identity
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -265,7 +266,12 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import BackupApiError, major_of
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import existing_ancestor, write_private_file
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, read_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
+    AGE_IDENTITY_OPTIONS,
+    BACKUP_JSON,
+    read_backup,
+    use_age_identity,
+)
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
     backup_sources,
     check_targets,
@@ -562,13 +568,19 @@ def main():
             access=dict(type="str", default="keep", choices=["keep", "socket_trust"]),
             settings=dict(type="dict", default={}),
             bin_dir=dict(type="path"),
+            **AGE_IDENTITY_OPTIONS,
         ),
-        mutually_exclusive=[("wal_archive", "restore_command"), ("wal_archive", "wal_directory")],
+        mutually_exclusive=[
+            ("wal_archive", "restore_command"),
+            ("wal_archive", "wal_directory"),
+            ("age_identity", "age_identity_file"),
+        ],
         required_one_of=[("wal_archive", "restore_command")],
         supports_check_mode=True,
     )
     began = time.monotonic()
     try:
+        use_age_identity(module.params)
         pl = plan(module)
     except (PgopsError, OSError) as e:
         module.fail_json(msg=f"restore refused, nothing was changed: {e}")

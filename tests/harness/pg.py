@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -48,6 +49,16 @@ def tagged_processes(tag: str, keepers: bool | None = None) -> list:
         if keepers is None or keepers == (comm == "pgops-keeper"):
             found.append(int(name))
     return found
+
+
+def stop_data_directory(data: str, timeout: float = 30) -> None:
+    """Stop the server running in data (a restore's), if any: SIGINT (fast shutdown) and wait."""
+    pid_file = os.path.join(data, "postmaster.pid")
+    if os.path.exists(pid_file):
+        os.kill(int(open(pid_file).readline()), signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        while os.path.exists(pid_file) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def pg_bin(major: int) -> str:

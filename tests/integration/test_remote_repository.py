@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 
@@ -23,9 +24,20 @@ BACKUP = os.path.join(REPO, "playbooks", "backup.yml")
 
 
 @pytest.mark.ssh
-@pytest.mark.parametrize("method,compression", [("tar", "zstd"), ("rsync", "none")])
-def test_backup_streams_to_a_repository_host(method, compression, make_cluster, playbook, ssh_host):
+@pytest.mark.parametrize(
+    "method,compression,encrypted", [("tar", "zstd", False), ("rsync", "none", False), ("tar", "none", True)]
+)
+def test_backup_streams_to_a_repository_host(method, compression, encrypted, make_cluster, playbook, ssh_host):
     c = make_cluster(15)
+    identity = public = None
+    if encrypted:
+        # Encrypted on the database host: only ciphertext crosses ssh and lands on the repository host.
+        identity = os.path.join(tempfile.mkdtemp(prefix="pgops-keys-"), "identity.txt")
+        subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
+        public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
+        marker = f"PGOPS-CLEARTEXT-MARKER-{os.urandom(6).hex()}"
+        c.sql("CREATE TABLE secret AS SELECT %s::text AS t FROM generate_series(1, 50)", (marker,))
+        c.sql("CHECKPOINT")
     host = ssh_host("127.0.0.5")
     # The database host's OS user (postgres) reaches the repository host with its own key.
     keydir = make_pg_dir("pgops-pgkey-")
@@ -51,6 +63,8 @@ def test_backup_streams_to_a_repository_host(method, compression, make_cluster, 
                 "pg_backup_fast_checkpoint": True,
                 "pg_backup_method": method,
                 "pg_backup_compression": compression,
+                "pg_backup_encryption": "age" if encrypted else "none",
+                "pg_backup_age_recipients": [public] if encrypted else [],
                 "pg_backup_repository_host": "repo1",
                 "pg_backup_repository_user": ADMIN_USER,
                 "pg_backup_repository_ssh_port": host.port,
@@ -85,7 +99,12 @@ def test_backup_streams_to_a_repository_host(method, compression, make_cluster, 
         )
         assert not os.path.exists(os.path.join(bdir, ".pgops-copy-entries.json"))
         assert not glob.glob(os.path.join(repo, ".locks", "*.lock"))
-        restored = restore_backup(bdir, c.archive, 15)
+        if encrypted:
+            assert info["files"] == ["base.tar.age"] and info["encryption"]["recipients"] == [public], info
+            for base, _dirs, names in os.walk(root):
+                for name in names:
+                    assert marker.encode() not in open(os.path.join(base, name), "rb").read(), f"cleartext in {name}"
+        restored = restore_backup(bdir, c.archive, 15, identity=identity)
         try:
             got = {r[0] for r in restored.sql("SELECT id FROM writer_log")}
             assert writer.committed_before(datetime.datetime.fromisoformat(info["stop_requested_at"])) <= got

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -14,7 +13,7 @@ import psycopg2
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
 from harness.monitoring import samples, scrape_textfiles
-from harness.pg import make_pg_dir
+from harness.pg import make_pg_dir, stop_data_directory
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop
 
@@ -109,12 +108,7 @@ def test_retention_by_window_and_count_keeps_what_pitr_needs(make_cluster, playb
         assert writer.committed_before(when - datetime.timedelta(seconds=0.1)) <= ids
         assert ids <= writer.committed_before(when + datetime.timedelta(seconds=0.1))
     finally:
-        pid_file = os.path.join(data, "postmaster.pid")
-        if os.path.exists(pid_file):
-            os.kill(int(open(pid_file).readline()), signal.SIGINT)
-            deadline = time.monotonic() + 30
-            while os.path.exists(pid_file) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        stop_data_directory(data)
 
     # By count: the newest two and the pin stay.
     run = playbook(EXPIRE, extra_vars={**ev, "pg_backup_keep": 2})

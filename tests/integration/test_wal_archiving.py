@@ -12,7 +12,7 @@ import time
 import pytest
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
-from harness.pg import make_pg_dir, pg_bin
+from harness.pg import make_pg_dir, pg_bin, stop_data_directory
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, balances, pgbench_init, pgbench_start, pgbench_stop
 
@@ -120,12 +120,7 @@ def test_archiving_from_off_then_backup_under_load_then_pitr_with_only_pgops_wal
         assert b[0] == b[1] == b[2] == b[3], b  # pgbench's invariant: the four balance sums agree
         conn.close()
     finally:
-        pid_file = os.path.join(data, "postmaster.pid")
-        if os.path.exists(pid_file):
-            os.kill(int(open(pid_file).readline()), signal.SIGINT)
-            deadline = time.monotonic() + 30
-            while os.path.exists(pid_file) and time.monotonic() < deadline:
-                time.sleep(0.1)
+        stop_data_directory(data)
 
 
 def _pgops_wal(prog: str, *args, **kw) -> subprocess.CompletedProcess:

@@ -150,30 +150,30 @@ def test_unknown_suffix_is_refused():
 
 
 @pytest.mark.parametrize("compression", [c for c in layout.COMPRESSIONS if c != "none"])
-def test_compressor_and_decompress_command_round_trip(tmp_path, compression):
-    """What compressor() writes, decompress_command() reads back: with real tools, as setup.sh installs them."""
+def test_compressor_and_read_commands_round_trip(tmp_path, compression):
+    """What compressor() writes, read_commands() reads back: with real tools, as setup.sh installs them."""
     data = os.urandom(5000) + b"\0" * 100000
     packed = subprocess.run(layout.compressor(compression, None, 2), input=data, capture_output=True, check=True).stdout
     assert packed != data and len(packed) < len(data)
     path = tmp_path / layout.archive_name("base", "tar", compression)
     path.write_bytes(packed)
-    cmd = layout.decompress_command(str(path))
+    cmd = layout.read_commands(str(path))[0]
     assert subprocess.run(cmd, capture_output=True, check=True).stdout == data
     # From stdin too (the restore pipes a file into it).
     assert subprocess.run(layout.decompressor(str(path)), input=packed, capture_output=True, check=True).stdout == data
 
 
-def test_decompress_command_argument_order(tmp_path):
+def test_read_commands_argument_order(tmp_path):
     for compression in ("zstd", "lz4"):
         path = "/r/-dangerous" + layout.suffix_of(compression)
-        cmd = layout.decompress_command(path)
+        cmd = layout.read_commands(path)[0]
         # The options, then "--" so that a name is never read as an option, then the name.
         assert cmd == layout.decompressor(path) + ["--", path]
         assert cmd[0] == compression and cmd.index("--") == len(cmd) - 2
-    gz = layout.decompress_command("/r/base.tar.gz")
+    gz = layout.read_commands("/r/base.tar.gz")[0]
     assert gz[0] in ("pigz", "gzip") and gz[-1] == "/r/base.tar.gz" and "--" not in gz
     assert gz[1:-1] == ["-dc"]
-    assert layout.decompress_command("/r/base.tar") is None and layout.decompressor("/r/base.tar") is None
+    assert layout.read_commands("/r/base.tar") == [] and layout.decompressor("/r/base.tar") is None
 
 
 def test_compressor_levels_and_threads():
@@ -190,15 +190,79 @@ def test_missing_tools_are_named(monkeypatch):
     with pytest.raises(layout.LayoutError, match="compression zstd needs zstd on this host"):
         layout.compressor("zstd", 3, 1)
     with pytest.raises(layout.LayoutError, match="base.tar.gz needs pigz or gzip on this host to be decompressed"):
-        layout.decompress_command("/r/base.tar.gz")
-    assert layout.decompress_command("/r/base.cpio") is None  # a plain file needs no tool
+        layout.read_commands("/r/base.tar.gz")[0]
+    assert layout.read_commands("/r/base.cpio") == []  # a plain file needs no tool
 
 
 def test_gzip_falls_back_when_pigz_is_missing(monkeypatch):
     real = shutil.which
     monkeypatch.setattr(layout.shutil, "which", lambda name: None if name == "pigz" else real(name))
-    assert layout.decompress_command("/r/base.tar.gz") == ["gzip", "-dc", "/r/base.tar.gz"]
+    assert layout.read_commands("/r/base.tar.gz")[0] == ["gzip", "-dc", "/r/base.tar.gz"]
     assert layout.compressor("gzip", 5, 8) == ["gzip", "-5"]
+
+
+# -- encryption
+
+
+def _keypair(tmp_path) -> tuple:
+    identity = tmp_path / "identity.txt"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], check=True, capture_output=True, text=True).stdout.strip()
+    return str(identity), recipient
+
+
+def test_encrypted_archive_round_trip_needs_the_identity(tmp_path):
+    """compress | age -r writes base.tar.zst.age; read_commands decrypts then decompresses, with real tools."""
+    identity, recipient = _keypair(tmp_path)
+    data = b"pgops-marker-" + os.urandom(3000) + b"\0" * 50000
+    path = tmp_path / layout.archive_name("base", "tar", "zstd", "age")
+    assert path.name == "base.tar.zst.age" and layout.parse_archive_name(path.name) == ("base", "tar", "zstd")
+    with open(path, "wb") as out:
+        proc = subprocess.run(layout.compressor("zstd", None, 1), input=data, capture_output=True, check=True)
+        out.write(subprocess.run(layout.encryptor("age", [recipient]), input=proc.stdout, capture_output=True, check=True).stdout)
+    assert b"pgops-marker" not in path.read_bytes() and path.read_bytes().startswith(b"age-encryption.org/v1")
+    assert layout.compression_of_file(str(path)) == "zstd" and layout.is_encrypted(str(path))
+    layout.set_age_identity(None)
+    with pytest.raises(layout.LayoutError, match="encrypted with age: give the private key"):
+        layout.read_commands(str(path))
+    layout.set_age_identity(identity)
+    try:
+        cmds = layout.read_commands(str(path))
+        assert [c[0] for c in cmds] == ["age", "zstd"] and cmds[0][-1] == str(path)
+        with layout.PlainReader(str(path)) as stream:
+            assert stream.read() == data
+        # The wrong key: age's own message comes out, naming the file.
+        (tmp_path / "other").mkdir()
+        other, _ = _keypair(tmp_path / "other")
+        layout.set_age_identity(other)
+        with pytest.raises(layout.LayoutError, match=r"age failed on base.tar.zst.age \(exit 1\).*no identity matched"):
+            with layout.PlainReader(str(path)) as stream:
+                stream.read()
+    finally:
+        layout.set_age_identity(None)
+
+
+def test_bad_recipients_are_refused_before_anything_runs(monkeypatch):
+    good = "age1" + "q" * 58
+    assert layout.bad_recipients([good]) is None
+    assert layout.bad_recipients(["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHx user@host"]) is None
+    assert "at least one public key" in layout.bad_recipients([])
+    assert "'AGE-SECRET-KEY-1XYZ'" in layout.bad_recipients([good, "AGE-SECRET-KEY-1XYZ"])
+    with pytest.raises(layout.LayoutError, match="not an age public key"):
+        layout.encryptor("age", ["age1short"])
+    with pytest.raises(layout.LayoutError, match="unknown encryption 'gpg'"):
+        layout.encryptor("gpg", [good])
+    assert layout.encryptor("none", []) == []
+    monkeypatch.setattr(layout.shutil, "which", lambda name: None)
+    with pytest.raises(layout.LayoutError, match="needs the age tool on this host"):
+        layout.encryptor("age", [good])
+
+
+def test_stored_wal_names_may_be_encrypted():
+    assert layout.parse_stored_wal("000000010000000000000003.zst.age") == ("000000010000000000000003", "segment")
+    assert layout.parse_stored_wal("00000002.history.age") == (None, "history")
+    assert layout.parse_stored_wal("000000010000000000000003.zst.age.sha256") is None
+    assert ".zst.age" in layout.STORED_SUFFIXES and "" in layout.STORED_SUFFIXES
 
 
 # -- WAL

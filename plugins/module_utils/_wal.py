@@ -9,6 +9,7 @@ per WAL segment, so it starts fast and never imports the database driver.
 
     archive_command = 'pgops-wal push --repository /backup/pg --cluster <sysid> %p'
     restore_command = 'pgops-wal get --repository /backup/pg --cluster <sysid> %f %p'
+    archive_command = 'pgops-wal push --repository s3://bucket/pg --s3-config /etc/pgops/s3.json %p'
 
 Push compresses the file into <repository>/wal/<system identifier>/<name>[.zst]
 through a temporary name, fsyncs it, links it into place (never over an
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -356,6 +358,96 @@ def get_remote(host, port, options, program, repository, cluster, name, target) 
     return EXIT_FOUND
 
 
+# -- in an S3 bucket (the same names under s3://bucket/prefix/wal/<system identifier>/)
+
+
+def s3_store(repository: str, config_file: str | None):
+    """The Store of an s3:// repository; its settings (endpoint, region, keys: never in argv,
+    which pg_settings shows) from a JSON file of the s3_* options, else AWS's own chain."""
+    from ._s3 import Store, config_from_params  # only S3 repositories need boto3
+
+    params = {}
+    if config_file:
+        try:
+            with open(config_file) as f:
+                params = json.load(f)
+        except (OSError, ValueError) as e:
+            raise WalError(f"cannot read the S3 settings {config_file}: {e}") from None
+    return Store(repository, config_from_params(params))
+
+
+def _s3_wal_prefix(cluster: str) -> str:
+    return wal_dir("", cluster).lstrip("/") + "/"
+
+
+def stored_s3(store, cluster: str, name: str):
+    """The path (relative to the repository) of name's archived copy in the bucket, or None."""
+    prefix = _s3_wal_prefix(cluster) + name
+    present = {path for path, _size in store.list(prefix)}
+    for suffix in STORED_SUFFIXES:
+        if prefix + suffix in present:
+            return prefix + suffix
+    return None
+
+
+def _s3_digest(store, rel: str) -> str:
+    if is_encrypted(rel):
+        text = store.get_bytes(rel + DIGEST_SUFFIX)
+        if text is None:
+            raise WalError(f"{store.uri(rel)} is encrypted and its {DIGEST_SUFFIX} is missing: investigate")
+        return text.decode().strip()
+    with tempfile.TemporaryDirectory(prefix=".pgops-wal-") as tmp:
+        local = os.path.join(tmp, os.path.basename(rel))  # the name says how to decode it
+        store.download(rel, local)
+        return content_digest(local)
+
+
+def _s3_same_or_refuse(store, rel: str, name: str, digest: str) -> str:
+    if _s3_digest(store, rel) == digest:
+        return f"{name} was already archived with the same content ({store.uri(rel)})"
+    raise WalError(
+        f"{store.uri(rel)} already holds a different {name}: refusing to overwrite it. Two clusters may be archiving into "
+        "one place (check --cluster), or the archive was tampered with; investigate before archiving continues"
+    )
+
+
+def push_s3(source: str, store, cluster: str, compression: str, level=None, recipients=None) -> str:
+    name = check_name(os.path.basename(source))
+    cmds = store_commands(compression, level, recipients)
+    digest = file_digest(source)
+    old = stored_s3(store, cluster, name)
+    if old:
+        return _s3_same_or_refuse(store, old, name, digest)
+    rel = _s3_wal_prefix(cluster) + name + COMPRESSION[compression][0] + (AGE_SUFFIX if recipients else "")
+    with open(source, "rb") as src, tempfile.TemporaryFile() as out:
+        _pipeline(cmds, src, out.fileno())
+        out.seek(0)
+        data = out.read()  # one segment (16 MB by default): one PUT, no multipart
+    if recipients:
+        store.put_bytes(rel + DIGEST_SUFFIX, digest.encode() + b"\n")
+    # Conditional: a concurrent push of the same name (or a retried PUT) shows up here, never overwrites.
+    if not store.put_bytes(rel, data, if_none_match=True):
+        return _s3_same_or_refuse(store, rel, name, digest)
+    return f"archived {name} as {store.uri(rel)}"
+
+
+def get_s3(store, cluster: str, name: str, target: str) -> bool:
+    check_name(name)
+    rel = stored_s3(store, cluster, name)
+    if rel is None:
+        return False
+    cmds = _decode_commands(rel)
+
+    def fill(fd):
+        with tempfile.TemporaryFile() as stored_bytes:
+            store.download(rel, stored_bytes.fileno())
+            stored_bytes.seek(0)
+            _pipeline(cmds, stored_bytes, fd)
+
+    _deliver(target, fill)
+    return True
+
+
 # -- the command line
 
 
@@ -377,6 +469,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--ssh-port", type=int, default=22)
         p.add_argument("--ssh-option", action="append", default=[], help="one ssh argument (repeat, in order)")
         p.add_argument("--remote-program", default="pgops-wal", help="pgops-wal on the repository host")
+        p.add_argument("--s3-config", help="JSON file of the s3_* settings of an s3:// repository (keys never in argv)")
 
     push = sub.add_parser("push", help="archive_command: push %%p")
     where(push)
@@ -390,6 +483,8 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("--age-identity-file", help="the age private key that decrypts encrypted WAL")
     get.add_argument("name")
     get.add_argument("target")
+    check_p = sub.add_parser("check", help="the archive is reachable and writable (an s3:// bucket: credentials, bucket)")
+    where(check_p)
     put_p = sub.add_parser("put", help="(repository host) store stdin as name")
     put_p.add_argument("--dir", required=True)
     put_p.add_argument("--name", required=True)
@@ -415,11 +510,24 @@ def main(argv=None) -> int:
             return 0
         if args.command == "cat":
             return cat(args.dir, args.name)
-        if not os.path.isabs(args.repository):
-            raise WalError(f"--repository must be an absolute path, got {args.repository!r}")
+        s3 = args.repository.startswith("s3://")
+        if not (s3 or os.path.isabs(args.repository)):
+            raise WalError(f"--repository must be an absolute path or an s3:// URL, got {args.repository!r}")
+        if s3 and args.host:
+            raise WalError("--host is for a repository on another host over ssh, not for an s3:// repository")
+        if args.command == "check":
+            if s3:
+                s3_store(args.repository, args.s3_config).check()
+            elif not args.host and not os.path.isdir(args.repository):
+                raise WalError(f"repository {args.repository} does not exist")
+            sys.stdout.write(f"{args.repository} is reachable\n")
+            return 0
         cluster = args.cluster or read_system_identifier()
         if args.command == "push":
-            if args.host:
+            if s3:
+                msg = push_s3(args.path, s3_store(args.repository, args.s3_config), cluster, args.compression, args.level,
+                              args.age_recipient)  # fmt: skip
+            elif args.host:
                 msg = push_remote(args.path, args.host, args.ssh_port, _ssh_options(args), args.remote_program,
                                   args.repository, cluster, args.compression, args.level, args.age_recipient)  # fmt: skip
             else:
@@ -429,6 +537,9 @@ def main(argv=None) -> int:
             return 0
         try:
             set_age_identity(args.age_identity_file)
+            if s3:
+                found = get_s3(s3_store(args.repository, args.s3_config), cluster, args.name, args.target)
+                return EXIT_FOUND if found else EXIT_MISSING
             if args.host:
                 return get_remote(args.host, args.ssh_port, _ssh_options(args), args.remote_program, args.repository,
                                   cluster, args.name, args.target)  # fmt: skip

@@ -8,7 +8,7 @@ import shutil
 
 from harness.ansible import NODE_PYTHON, REPO
 
-FILES = ("_errors.py", "_files.py", "_layout.py", "_wal.py")
+FILES = ("_errors.py", "_files.py", "_layout.py", "_s3.py", "_wal.py")
 
 
 def install_pgops_wal(install_dir: str, program: str | None = None) -> str:

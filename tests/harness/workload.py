@@ -64,6 +64,17 @@ def balances(conn) -> tuple:
         return tuple(int(v) for v in cur.fetchone())
 
 
+def written_ids(host: str, port: int, table: str = "writer_log") -> set:
+    """The ids a Writer's rows have in a (restored) server reached at host:port."""
+    conn = psycopg2.connect(host=host, port=port, user="postgres", dbname="postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT id FROM {table}")
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
 class Writer(threading.Thread):
     """Inserts rows one commit at a time; remembers (id, UTC time the commit returned)."""
 

@@ -9,13 +9,12 @@ import os
 import subprocess
 import time
 
-import psycopg2
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
 from harness.monitoring import samples, scrape_textfiles
 from harness.pg import make_pg_dir, stop_data_directory
 from harness.wal import install_pgops_wal
-from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop
+from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
 
 EXPIRE = os.path.join(REPO, "playbooks", "expire.yml")
 PIN = os.path.join(REPO, "playbooks", "pin.yml")
@@ -98,11 +97,7 @@ def test_retention_by_window_and_count_keeps_what_pitr_needs(make_cluster, playb
         assert run.rc == 0, run
         assert run.task(f"Find backup latest in {repo}")["backup"]["id"] == b3["id"]
         port = run.task(f"Restore backup {b3['id']} into {data}")["port"]
-        conn = psycopg2.connect(host=root, port=port, user="postgres", dbname="postgres")
-        with conn.cursor() as cur:
-            cur.execute("SELECT id FROM writer_log")
-            ids = {r[0] for r in cur.fetchall()}
-        conn.close()
+        ids = written_ids(root, port)
         when = utc(target.replace(" ", "T"))
         # Every row committed before the target (the writer stamps a commit when it returns: a little slack).
         assert writer.committed_before(when - datetime.timedelta(seconds=0.1)) <= ids

@@ -28,6 +28,7 @@ from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
 from ._errors import PgopsError
 from ._files import fsync_dir, resolves_inside, write_json
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
+from ._s3 import Store, is_s3
 from ._stream import scanner_for
 
 # Directories whose contents are never copied (the directory itself is).
@@ -219,6 +220,7 @@ def archive(
     scanner=None,
     cancel: Cancel | None = None,
     encrypt: list | None = None,
+    upload=None,
 ) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
@@ -226,6 +228,8 @@ def archive(
     scanner: a _stream scanner; the archive stream is teed through it on its
     way to the compressor, so the manifest needs no second read.
     encrypt: the encryption command, run after the compressor (ciphertext does not compress).
+    upload: (an _s3.Store, name): the stream goes into a multipart upload instead of a file; it
+    is completed only when every step succeeded, and aborted otherwise.
     Written as <out_path>.partial and renamed when every step succeeded.
     """
     t0 = time.monotonic()
@@ -236,13 +240,20 @@ def archive(
         stages.append(("compress", comp))
     if encrypt:
         stages.append(("encrypt", encrypt))
+    if upload and len(stages) == 1 and scanner is not None:
+        stages.append(("upload", ["cat"]))  # the tee writes into a pipe; the uploader reads the other end
     out_f = None
-    if remote:
+    writer = None
+    if upload:
+        writer = upload[0].open_write(upload[1])
+    elif remote:
         stages.append(("ssh", remote + [f"umask 077 && cat > {_sh_quote(tmp)}"]))
     else:
         out_f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     procs = []
     feeder = None
+    pump = None
+    upload_errors = []
     tee_error = None
     try:
         upstream = subprocess.PIPE
@@ -257,7 +268,7 @@ def archive(
                 stdin=subprocess.PIPE if tee_here else upstream,
                 stdout=(
                     subprocess.PIPE
-                    if (scanner is not None and i == 0) or not last
+                    if (scanner is not None and i == 0) or not last or writer is not None
                     else out_f
                     if out_f is not None
                     else subprocess.DEVNULL
@@ -270,6 +281,9 @@ def archive(
             if cancel is not None:
                 cancel.track(p)
             upstream = p.stdout
+        if writer is not None:
+            pump = threading.Thread(target=_pump, args=(procs[-1][1].stdout, writer, upload_errors))
+            pump.start()
         archiver = procs[0][1]
         # The file list goes in from a thread: the archiver reads it while we read its output.
         feeder = threading.Thread(
@@ -297,11 +311,15 @@ def archive(
     finally:
         if feeder is not None:
             feeder.join()
+        if pump is not None:
+            pump.join()
         if out_f is not None:
             os.close(out_f)
         if cancel is not None:
             for _name, proc, _err in procs:
                 cancel.untrack(proc)
+    if writer is not None:
+        return _finish_upload(writer, upload, results, method, upload_errors, scanner, cancel, t0)
     if cancel is not None and cancel.fired:
         _cleanup(tmp, remote)
         raise CopyError(CANCELLED)
@@ -591,6 +609,55 @@ CANCELLED = "the copy was cancelled (the backup was aborted)"
 CPIO_TRAILER = "TRAILER!!!"
 
 
+def _pump(stream, writer, errors: list) -> None:
+    """Read the pipeline's output into the upload. On a failure the pipe is closed, so the
+    stages upstream stop (broken pipe) instead of waiting for a reader."""
+    fd = stream.fileno()
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            writer.write(chunk)
+    except Exception as e:  # noqa: BLE001 - any failure ends the copy, reported by the caller
+        errors.append(e)
+    finally:
+        stream.close()
+
+
+def _finish_upload(writer, upload, results: dict, method: str, upload_errors: list, scanner, cancel, t0) -> dict:
+    """Complete the multipart upload only when every stage and the upload itself succeeded."""
+    ok_codes = (0, 1) if method == "tar" else (0, 2)
+    rc, err = results["archive"]
+    problems = [f"uploading {upload[1]} failed: {e}" for e in upload_errors]
+    serious = _serious(err)
+    if rc not in ok_codes or serious:
+        problems.append(f"{method} failed (exit {rc}): {' | '.join(serious) or err.strip()}")
+    problems += [
+        f"{name} step failed (exit {code}): {text.strip()}"
+        for name, (code, text) in results.items()
+        if name != "archive" and code
+    ]
+    if scanner is not None and not scanner.done and not problems:
+        problems.append(f"the {method} stream ended early: the archive is incomplete")
+    if cancel is not None and cancel.fired:
+        problems.insert(0, CANCELLED)
+    if problems:
+        writer.abort()
+        raise CopyError(problems[0] if problems[0] == CANCELLED else "; ".join(problems))
+    try:
+        writer.close()
+    except PgopsError as e:
+        raise CopyError(f"uploading {upload[1]} failed: {e}") from None
+    path = upload[0].uri(upload[1])
+    return {
+        "path": path,
+        "bytes": writer.bytes_written,
+        "seconds": round(time.monotonic() - t0, 3),
+        "warnings": err.strip()[:2000],
+    }
+
+
 def _check(cancel: Cancel | None) -> None:
     """Between steps of a copy: stop at once when it was cancelled."""
     if cancel is not None and cancel.fired:
@@ -611,6 +678,7 @@ COPY_DEFAULTS = {
     "manifest_checksum": None,
     "encryption": "none",
     "age_recipients": [],
+    "s3": None,  # an s3:// dest's settings (_s3.config_from_params)
 }
 
 
@@ -623,6 +691,12 @@ def check_copy(spec: dict) -> str | None:
     data, dest = spec["data_directory"], spec["dest"]
     if not data or not os.path.isfile(os.path.join(data, "PG_VERSION")):
         return f"{data} is not a PostgreSQL data directory (no PG_VERSION)"
+    if is_s3(dest):
+        if spec["method"] == "rsync":
+            return "rsync copies into a directory: a backup into an s3:// repository uses method tar or cpio"
+        if spec["repository_host"]:
+            return "repository_host is for a repository reached over ssh, not for an s3:// dest"
+        return _check_encryption(spec)
     remote = _remote_of(spec)
     if not (remote.is_dir(dest) if remote else os.path.isdir(dest)):
         where = f" on {spec['repository_host']}" if remote else ""
@@ -635,6 +709,10 @@ def check_copy(spec: dict) -> str | None:
             return f"dest {dest} is inside {root}: the backup would copy itself"
     if spec["method"] == "rsync" and spec["compression"] != "none":
         return "rsync copies a plain data directory: compression must be none"
+    return _check_encryption(spec)
+
+
+def _check_encryption(spec: dict) -> str | None:
     if spec["encryption"] != "none":
         if spec["method"] == "rsync":
             return "rsync copies a plain data directory, which cannot be encrypted: use method tar or cpio with encryption"
@@ -675,6 +753,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
     plan = plan or plan_copy(spec)
     data, dest, method = spec["data_directory"], spec["dest"], spec["method"]
     remote = _remote_of(spec)
+    store = Store(dest, spec["s3"]) if is_s3(dest) else None
     threads = spec["threads"] or os.cpu_count() or 1
     algorithm = default_algorithm() if spec["manifest_checksum"] == "auto" else spec["manifest_checksum"]
     if remote and method == "rsync":
@@ -720,7 +799,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
                 method,
                 root,
                 flist,
-                os.path.join(dest, out_name),
+                out_name if store else os.path.join(dest, out_name),
                 spec["compression"],
                 spec["compression_level"],
                 threads,
@@ -728,6 +807,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
                 scanner=scanner,
                 cancel=cancel,
                 encrypt=encrypt,
+                upload=(store, out_name) if store else None,
             )
             if scanner is not None:
                 entries += scanner.entries
@@ -736,7 +816,9 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
     _check(cancel)
     if entries is not None:
         record = {"algorithm": algorithm, "entries": entries}
-        if remote:
+        if store:
+            store.put_bytes(COPY_ENTRIES, json.dumps(record).encode())
+        elif remote:
             remote.write(os.path.join(dest, COPY_ENTRIES), json.dumps(record).encode())
         else:
             write_json(os.path.join(dest, COPY_ENTRIES), record)

@@ -742,7 +742,9 @@ def verify_layout(layout: Layout, manifest: Manifest) -> tuple:
     return problems, counted["files"], counted["bytes"]
 
 
-def write_backup_manifest(root: str, info: dict, algorithm: str, copy_entries_file: str | None = None) -> dict:
+def write_backup_manifest(
+    root: str, info: dict, algorithm: str, copy_entries_file: str | None = None, require_copy_entries: bool = False
+) -> dict:
     """Write the manifest of a finished backup of our layout (used when the
     backup is marked complete). Takes the copy step's recorded checksums when
     they match the algorithm, else reads the backup."""
@@ -757,6 +759,11 @@ def write_backup_manifest(root: str, info: dict, algorithm: str, copy_entries_fi
         algorithm = recorded if recorded in ALGORITHMS else default_algorithm()
     if copy_entries_file and os.path.exists(copy_entries_file):
         collected = entries_from_copy(layout, algorithm, copy_entries_file)
+    if collected is None and require_copy_entries:
+        raise ManifestError(
+            f"the copy step recorded no {algorithm} checksums for this backup, and its archives are not read back: "
+            "take the backup with the manifest checksum the copy step uses (pg_backup_manifest_checksum)"
+        )
     entries, errors = collected if collected is not None else collect_entries(layout, algorithm)
     if errors:
         raise ManifestError("; ".join(f"{e['path']}: {e['actual']}" for e in errors[:20]))

@@ -13,23 +13,20 @@ import datetime
 import os
 import re
 import secrets
-import shutil
 import socket
 import time
 
 from ._backup_api import wal_segment_name, wal_segment_names, wal_segno
 from ._errors import PgopsError
-from ._files import ensure_private_dir, fsync_dir, read_json, resolves_inside, write_json
+from ._files import resolves_inside
 from ._keeper import liveness
 from ._layout import (
     BACKUP_JSON,
     COLLECTION_VERSION,
-    COPY_ENTRIES,
     DIGEST_SUFFIX,
     LOCK_DIR,
     SCHEMA,
     backup_dir,
-    disk_usage,
     is_encrypted,
     new_backup_id,
     parse_stored_wal,
@@ -39,8 +36,9 @@ from ._layout import (
     wal_dir,
     write_backup,
 )
-from ._manifest import write_backup_manifest
 from ._metrics import publish
+from ._s3 import parse_url
+from ._storage import is_s3_url, open_storage
 
 INVALID = "invalid"  # a backup.json that cannot be read as a JSON object
 # A lock no session has claimed yet (the run is between the record and the start)
@@ -60,16 +58,28 @@ def utcnow() -> str:
 
 def validate_repository(path: str, forbidden_roots: list) -> str | None:
     """Why path cannot be a repository (None when it can)."""
+    if is_s3_url(path):
+        try:
+            parse_url(path)
+        except PgopsError as e:
+            return str(e)
+        return None
     if not path or not os.path.isabs(path):
-        return f"repository {path!r} must be an absolute path"
+        return f"repository {path!r} must be an absolute path or an s3://bucket/prefix URL"
     for root in forbidden_roots:
         if root and resolves_inside(path, root):
             return f"repository {path} is inside {root} (the data directory or a tablespace): the backup would copy itself"
     return None
 
 
-def ensure_repository(path: str) -> None:
-    """Create the repository itself (0700) but never a missing parent: that is a typo until proven otherwise."""
+def ensure_repository(repository) -> None:
+    """Create the repository itself (0700) but never a missing parent: that is a typo until proven otherwise.
+    A bucket is checked instead (it must exist, the keys must work)."""
+    st = open_storage(repository)
+    if st.kind == "s3":
+        st.store.check()
+        return
+    path = st.root
     parent = os.path.dirname(path.rstrip("/")) or "/"
     if not os.path.isdir(path):
         if not os.path.isdir(parent):
@@ -86,43 +96,32 @@ def ensure_repository(path: str) -> None:
 # -- the lock
 
 
-def lock_path(repository: str, cluster: str) -> str:
+def lock_rel(cluster: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", cluster)
-    return os.path.join(repository, LOCK_DIR, f"{safe}.lock")
+    return f"{LOCK_DIR}/{safe}.lock"
 
 
-def _last_touched(path: str) -> float:
-    """Newest mtime in a backup's directory (its files are written as the run goes)."""
-    newest = 0.0
-    try:
-        newest = os.stat(path).st_mtime
-        with os.scandir(path) as it:
-            for entry in it:
-                try:
-                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-                except OSError:
-                    continue
-    except OSError:
-        pass
-    return newest
+def lock_path(repository, cluster: str) -> str:
+    return open_storage(repository).path(lock_rel(cluster))
 
 
-def lock_holder(repository: str, path: str, lock: dict, grace: float, now: float | None = None) -> tuple:
+def lock_holder(repository, rel: str, lock: dict, grace: float, now: float | None = None) -> tuple:
     """(live, why) of the run that holds an existing lock.
 
     The holder is the backup's session (its keeper, then its archive wait):
     gone means the lock is free at once. Only a lock whose session has not
     started yet, or that this process cannot see (another host, another user),
     is trusted for a while by its last sign of life."""
+    st = open_storage(repository)
     now = time.time() if now is None else now
     bid = lock.get("backup_id")
-    info = read_backup(os.path.join(repository, bid)) if valid_backup_id(bid) else None
+    info = st.read_backup(bid) if valid_backup_id(bid) else None
     if info is not None and info.get("status") in ("complete", "failed"):
         return False, f"its backup {bid} is {info['status']}"
-    try:
-        age = now - os.stat(path).st_mtime
-    except OSError:
+    taken = st.mtime(rel)
+    if taken is None:
         return False, "it is gone"
+    age = now - taken
     session = lock.get("session") or {}
     if lock.get("host") != socket.gethostname() or not session.get("runtime_dir"):
         # The session is on another host (a repository host's lock): nothing here can see it.
@@ -130,67 +129,58 @@ def lock_holder(repository: str, path: str, lock: dict, grace: float, now: float
     live, why = liveness(session["runtime_dir"], session["id"], grace, now)
     if live is not None:
         return live, why
-    touched = _last_touched(os.path.join(repository, bid)) if valid_backup_id(bid) else 0.0
+    touched = st.newest_mtime(bid) if valid_backup_id(bid) else 0.0
     quiet = now - max(touched, now - age)
     if quiet <= grace:
         return True, f"its run started {int(age)}s ago and its session has not started yet"
     return False, f"no session holds it and backup {bid} has not been touched for {int(quiet)}s"
 
 
-def acquire_lock(repository: str, cluster: str, backup_id: str, grace: float, session: dict | None) -> tuple:
+def acquire_lock(repository, cluster: str, backup_id: str, grace: float, session: dict | None) -> tuple:
     """Take the cluster's lock in this repository; (path, note about a broken stale lock).
 
-    The lock is written in full to a temporary name and linked into place, so
-    nobody ever reads a half-written lock."""
-    ensure_private_dir(os.path.join(repository, LOCK_DIR))
-    path = lock_path(repository, cluster)
+    The lock is created only where none exists (written in full, then linked into
+    place; in a bucket, a conditional PUT), so nobody ever reads a half-written lock."""
+    st = open_storage(repository)
+    rel = lock_rel(cluster)
     content = {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "session": session or {}}
-    tmp = f"{path}.{backup_id}.{os.getpid()}"
-    write_json(tmp, content)
     note = None
-    try:
-        for _attempt in range(2):
-            try:
-                os.link(tmp, path)
-                return path, note
-            except FileExistsError:
-                lock = read_json(path) or {}
-                live, why = lock_holder(repository, path, lock, grace)
-                if live:
-                    raise RepositoryError(
-                        f"another backup of this cluster into {repository} is running: backup {lock.get('backup_id')} "
-                        f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {path} ({why}). Wait "
-                        "for it to finish, or end it: pgops.online_backup.pg_backup_session_info lists the sessions "
-                        f"and pg_backup_session state=aborted session_id={(lock.get('session') or {}).get('id')} ends it"
-                    ) from None
-                note = f"removed a stale lock {path} ({why})"
-                dead = lock.get("backup_id")
-                if valid_backup_id(dead):
-                    _mark_dead_run_failed(repository, dead, why)
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        raise RepositoryError(f"could not take the lock {path}")
-    finally:
-        os.unlink(tmp)
+    for _attempt in range(2):
+        if st.claim(rel, content):
+            return st.path(rel), note
+        lock = st.read_json(rel) or {}
+        live, why = lock_holder(st, rel, lock, grace)
+        if live:
+            raise RepositoryError(
+                f"another backup of this cluster into {st.url} is running: backup {lock.get('backup_id')} "
+                f"started at {lock.get('created_at')} on {lock.get('host')} holds the lock {st.path(rel)} ({why}). Wait "
+                "for it to finish, or end it: pgops.online_backup.pg_backup_session_info lists the sessions "
+                f"and pg_backup_session state=aborted session_id={(lock.get('session') or {}).get('id')} ends it"
+            ) from None
+        note = f"removed a stale lock {st.path(rel)} ({why})"
+        dead = lock.get("backup_id")
+        if valid_backup_id(dead):
+            _mark_dead_run_failed(st, dead, why)
+        st.delete(rel)
+    raise RepositoryError(f"could not take the lock {st.path(rel)}")
 
 
-def _mark_dead_run_failed(repository: str, backup_id: str, why: str) -> None:
+def _mark_dead_run_failed(st, backup_id: str, why: str) -> None:
     """A run that died holding the lock left a backup marked running: say what happened."""
-    path = os.path.join(repository, backup_id)
-    info = read_backup(path)
+    info = st.read_backup(backup_id)
     if info is not None and info.get("status") == "running":
         info.update(status="failed", failed_at=utcnow(), error=f"the run died before finishing ({why})")
-        write_backup(path, info)
+        st.write_backup(backup_id, info)
+        st.abandon(backup_id)
 
 
-def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
+def release_lock(repository, cluster: str, backup_id: str) -> bool:
     """Remove the lock if this backup holds it."""
-    path = lock_path(repository, cluster)
-    lock = read_json(path)
+    st = open_storage(repository)
+    rel = lock_rel(cluster)
+    lock = st.read_json(rel)
     if lock and lock.get("backup_id") == backup_id:
-        os.unlink(path)
+        st.delete(rel)
         return True
     return False
 
@@ -198,34 +188,37 @@ def release_lock(repository: str, cluster: str, backup_id: str) -> bool:
 # -- the catalog
 
 
-def read_entry(path: str, size: bool = False) -> dict | None:
-    """The catalog entry of one backup directory, or None when it has no backup.json."""
-    if not os.path.isfile(os.path.join(path, BACKUP_JSON)):
+def read_entry(repository, backup_id: str, size: bool = False) -> dict | None:
+    """The catalog entry of one backup, or None when it has no backup.json."""
+    st = open_storage(repository)
+    if not st.has_backup_json(backup_id):
         return None
-    doc = read_backup(path)
-    name = os.path.basename(path.rstrip("/"))
+    doc = st.read_backup(backup_id)
+    path = st.path(backup_id)
     if doc is None:
         # Listed so that a damaged catalog is seen, but never trusted.
-        entry = {"id": name, "status": INVALID, "error": f"{os.path.join(path, BACKUP_JSON)} is not a JSON object"}
+        entry = {"id": backup_id, "status": INVALID, "error": f"{path}/{BACKUP_JSON} is not a JSON object"}
     else:
         entry = dict(doc)
-        entry.setdefault("id", name)
+        entry.setdefault("id", backup_id)
     entry["path"] = path
     if size:
-        entry["size_on_disk"] = disk_usage(path)
+        entry["size_on_disk"] = st.tree_size(backup_id)
     return entry
 
 
-def read_catalog(repository: str, size: bool = False) -> list:
+def read_catalog(repository, size: bool = False) -> list:
     """Every backup of the repository, newest first (ids sort by time, e.g. 20261129T101500Z)."""
-    if not os.path.isdir(repository):
-        raise RepositoryError(f"repository {repository} does not exist or is not a directory")
+    st = open_storage(repository)
+    if st.kind == "file" and not os.path.isdir(st.root):
+        raise RepositoryError(f"repository {st.root} does not exist or is not a directory")
     entries = []
-    for name in os.listdir(repository):
-        path = os.path.join(repository, name)
-        if name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
-            continue  # lock files, temporary directories, links to elsewhere
-        entry = read_entry(path, size=size)
+    for name in st.list_dir() if st.kind == "file" else st.backup_ids():
+        if st.kind == "file":
+            path = st.path(name)
+            if name.startswith(".") or os.path.islink(path) or not os.path.isdir(path):
+                continue  # lock files, temporary directories, links to elsewhere
+        entry = read_entry(st, name, size=size)
         if entry is not None:
             entries.append(entry)
     return sort_newest_first(entries)
@@ -330,15 +323,19 @@ def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, 
 
     session_runtime_dir: where the run starts this backup's session, with the
     session id returned here, so that the lock is free the moment that session is gone."""
-    ensure_repository(repository)
-    bid, path = new_backup_id(repository)
+    st = open_storage(repository)
+    ensure_repository(st)
+    if st.kind == "file":
+        bid, path = new_backup_id(st.root)
+    else:
+        bid, path = _claim_backup_id(st)
     # Unique across repositories and clusters: several may share one host's sessions directory.
     sid = f"{bid}-{secrets.token_hex(4)}"
     session = {"id": sid, "runtime_dir": session_runtime_dir} if session_runtime_dir else None
     try:
-        lock, note = acquire_lock(repository, cluster, bid, lock_grace, session)
+        lock, note = acquire_lock(st, cluster, bid, lock_grace, session)
     except BaseException:
-        os.rmdir(path)  # a refused run leaves nothing behind
+        st.delete_tree(bid)  # a refused run leaves nothing behind
         raise
     if note:
         warn(note)
@@ -354,12 +351,22 @@ def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, 
     }
     info.update(caller_fields(fields))
     try:
-        write_backup(path, info)
+        st.write_backup(bid, info)
     except BaseException:
-        release_lock(repository, cluster, bid)
-        shutil.rmtree(path, ignore_errors=True)
+        release_lock(st, cluster, bid)
+        st.delete_tree(bid)
         raise
     return {"backup_id": bid, "session_id": sid, "path": path, "lock": lock, "backup": info}
+
+
+def _claim_backup_id(st) -> tuple:
+    """A new, unique, sortable backup id in a bucket: claimed with a conditional PUT of its backup.json."""
+    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(100):
+        bid = base if n == 0 else f"{base}-{n:02d}"
+        if st.claim(f"{bid}/{BACKUP_JSON}", {"id": bid, "status": "running"}):
+            return bid, st.path(bid)
+    raise RepositoryError(f"cannot claim a unique backup id in {st.url}")
 
 
 def complete_backup(
@@ -372,36 +379,45 @@ def complete_backup(
     warn,
     metrics_file: str | None = None,
     keep_days: float = 0,
+    label_files: dict | None = None,
 ) -> dict:
     """Record fields, write the manifest (when manifest_checksum), mark the backup
-    complete, then release the lock and apply retention (and WAL expiry)."""
-    path = backup_dir(repository, backup_id)
-    info = read_backup(path)
+    complete, then release the lock and apply retention (and WAL expiry).
+    label_files: {name: text} written into the backup first (a bucket's; backup_label, tablespace_map)."""
+    st = open_storage(repository)
+    backup_dir(st.url, backup_id)  # validates the id
+    path = st.path(backup_id)
+    info = st.read_backup(backup_id)
     if info is None:
-        raise RepositoryError(f"no backup {backup_id} in {repository}")
+        raise RepositoryError(f"no backup {backup_id} in {st.url}")
     if info.get("status") != "running":
         raise RepositoryError(f"backup {backup_id} is {info.get('status')}, not running: it cannot be marked complete")
-    info = update_backup(path, **caller_fields(fields))
+    info.update(caller_fields(fields))
+    st.write_backup(backup_id, info)
+    for name, text in (label_files or {}).items():
+        if text:
+            st.write_file(f"{backup_id}/{name}", text.encode())
     manifest = None
     if manifest_checksum:
-        manifest = write_backup_manifest(path, info, manifest_checksum, os.path.join(path, COPY_ENTRIES))
-    info = update_backup(path, status="complete", completed_at=utcnow(), size_on_disk=disk_usage(path), manifest=manifest)
+        manifest = st.write_manifest(backup_id, info, manifest_checksum)
+    info.update(status="complete", completed_at=utcnow(), size_on_disk=st.tree_size(backup_id), manifest=manifest)
+    st.write_backup(backup_id, info)
     # The backup is complete now: housekeeping problems are warnings, never a
     # failure that would make the caller's rescue discard a good backup.
     released, kept = False, {"removed": [], "wal_removed": []}
     try:
-        released = release_lock(repository, cluster, backup_id)
-    except OSError as e:
+        released = release_lock(st, cluster, backup_id)
+    except (OSError, PgopsError) as e:
         warn(f"backup {backup_id} is complete but its lock could not be released: {e}")
     try:
-        kept = retention(repository, info.get("system_identifier"), keep, keep_days)
+        kept = retention(st, info.get("system_identifier"), keep, keep_days)
         if kept.get("wal_kept_because") and (keep or keep_days):
             warn(f"WAL expiry: {kept['wal_kept_because']}")
     except (OSError, PgopsError) as e:
         warn(f"backup {backup_id} is complete but retention failed: {e}")
     if metrics_file:
         try:
-            publish(metrics_file, read_catalog(repository), repository)
+            publish(metrics_file, read_catalog(st), st.url)
         except (OSError, PgopsError) as e:
             warn(f"backup {backup_id} is complete but the metrics file {metrics_file} could not be written: {e}")
     return {
@@ -415,21 +431,6 @@ def complete_backup(
     }
 
 
-def remove_payload(path: str) -> list:
-    """Delete a failed backup's data, keep backup.json to say what happened."""
-    removed = []
-    for name in os.listdir(path):
-        if name == BACKUP_JSON:
-            continue
-        target = os.path.join(path, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            os.unlink(target)
-        removed.append(name)
-    return removed
-
-
 def fail_backup(
     repository: str,
     backup_id: str,
@@ -440,19 +441,22 @@ def fail_backup(
     metrics_file: str | None = None,
 ) -> dict:
     """Never leave anything that looks usable, and never touch a complete backup."""
-    path = backup_dir(repository, backup_id)
-    current = read_backup(path)
+    st = open_storage(repository)
+    backup_dir(st.url, backup_id)  # validates the id
+    path = st.path(backup_id)
+    current = st.read_backup(backup_id)
     if current is None:
-        raise RepositoryError(f"no backup {backup_id} in {repository}")
+        raise RepositoryError(f"no backup {backup_id} in {st.url}")
     if current.get("status") == "complete":
         raise RepositoryError(f"backup {backup_id} is complete: refusing to mark it failed")
-    info = update_backup(path, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
-    removed = [] if keep_files else remove_payload(path)
-    released = release_lock(repository, cluster, backup_id)
+    info = dict(current, status="failed", error=error, failed_at=utcnow(), **caller_fields(fields))
+    st.write_backup(backup_id, info)
+    removed = [] if keep_files else st.delete_payload(backup_id)
+    released = release_lock(st, cluster, backup_id)
     out = {"backup_id": backup_id, "path": path, "backup": info, "removed": removed, "lock_released": released}
     if metrics_file:
         try:
-            publish(metrics_file, read_catalog(repository), repository)
+            publish(metrics_file, read_catalog(st), st.url)
         except (OSError, PgopsError) as e:
             out["metrics_error"] = f"the metrics file {metrics_file} could not be written: {e}"
     return out
@@ -562,11 +566,12 @@ def retention(
     Never touches another cluster's backups; dry_run removes nothing and says what it would."""
     if not system_identifier:
         raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
-    entries = [e for e in read_catalog(repository) if valid_backup_id(e["id"])]
+    st = open_storage(repository)
+    entries = [e for e in read_catalog(st) if valid_backup_id(e["id"])]
     plan = plan_retention(entries, system_identifier, keep, keep_days, now)
     if not dry_run:
         for r in plan["remove"]:
-            shutil.rmtree(os.path.join(repository, r["id"]), ignore_errors=True)
+            st.delete_tree(r["id"])
     out = {
         "removed": [r["id"] for r in plan["remove"]],
         "remove": plan["remove"],
@@ -574,21 +579,22 @@ def retention(
         "window_start": plan["window_start"],
         "dry_run": dry_run,
     }
-    out.update(expire_wal(repository, system_identifier, plan, dry_run))
+    out.update(expire_wal(st, system_identifier, plan, dry_run))
     return out
 
 
 def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: bool) -> dict:
     """WAL older than the start segment of the oldest kept backup goes, unless a kept backup's own
     WAL range is incomplete: then nothing goes, and why is said."""
-    directory = wal_dir(repository, system_identifier)
-    files = wal_files(directory)
+    st = open_storage(repository)
+    directory = wal_dir("", system_identifier).lstrip("/")
+    files = wal_files(st, directory)
     oldest = plan["oldest_kept"]
     if not (plan["keep_rule"]):
         return {"wal_removed": [], "wal_kept_because": "no retention rule is set (keep, keep_days)"}
     if not files or oldest is None:
         return {"wal_removed": [], "wal_kept_because": None if files else "no WAL archived by pgops-wal here"}
-    kept = [e for e in read_catalog(repository) if e["id"] in {k["id"] for k in plan["keep"]}]
+    kept = [e for e in read_catalog(st) if e["id"] in {k["id"] for k in plan["keep"]}]
     seg_size = int(oldest.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
     report = coverage(sort_newest_first(kept), files, seg_size)
     broken = [b for b in report["backups"] if not b["wal_complete"]]
@@ -597,37 +603,27 @@ def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: boo
         return {"wal_removed": [], "wal_kept_because": f"kept backups lack WAL, so none was expired: {names}"}
     doomed = plan_wal_expiry(files, oldest["start_wal"], seg_size)
     if not dry_run:
-        for name in doomed:
-            for doomed_file in (name, name + DIGEST_SUFFIX) if is_encrypted(name) else (name,):
-                try:
-                    os.unlink(os.path.join(directory, doomed_file))
-                except FileNotFoundError:
-                    pass
-        if doomed:
-            fsync_dir(directory)
+        # An encrypted segment's digest goes with it.
+        st.delete_files(directory, [f for n in doomed for f in ((n, n + DIGEST_SUFFIX) if is_encrypted(n) else (n,))])
     return {"wal_removed": doomed, "wal_kept_because": None, "wal_kept_from": oldest["start_wal"]}
 
 
 # -- the WAL archive of a cluster (what pgops-wal wrote into <repository>/wal/<system identifier>/)
 
 
-def wal_files(directory: str) -> list:
+def wal_files(repository_or_directory, directory: str | None = None) -> list:
     """[(file name, segment name or None, kind, mtime)] of a WAL directory; kind is segment,
-    partial, backup or history."""
+    partial, backup or history. wal_files(path) reads a directory; wal_files(storage, rel) a
+    repository's (a bucket's too)."""
+    if directory is None:
+        st, directory = open_storage(repository_or_directory), ""
+    else:
+        st = open_storage(repository_or_directory)
     out = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return out
-    for name in names:
+    for name, mtime in st.files(directory):
         parsed = parse_stored_wal(name)
-        if parsed is None:
-            continue
-        try:
-            mtime = os.stat(os.path.join(directory, name)).st_mtime
-        except OSError:
-            continue
-        out.append((name, parsed[0], parsed[1], mtime))
+        if parsed is not None:
+            out.append((name, parsed[0], parsed[1], mtime))
     return out
 
 

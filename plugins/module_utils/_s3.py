@@ -453,6 +453,18 @@ class Store:
         # ("a/x" before "a-1/x").
         return sorted(out)
 
+    def list_detailed(self, rel_prefix: str = "", delimiter: str | None = None) -> list:
+        """[(path, size, last modified as a Unix time)], like list()."""
+        out = []
+        for page in self._pages(f"LIST s3://{self.bucket}/{self._root}{rel_prefix}", rel_prefix, delimiter):
+            out.extend((self._rel(o["Key"]), o["Size"], o["LastModified"].timestamp()) for o in page.get("Contents") or ())
+        return sorted(out)
+
+    def modified(self, rel: str) -> float | None:
+        """An object's last-modified time (Unix time); None when there is no such object."""
+        meta = self._head(rel)
+        return None if meta is None else meta["LastModified"].timestamp()
+
     def list_dirs(self, rel_prefix: str = "", confirm: bool = True) -> list:
         """The names of the "directories" right below the directory rel_prefix ("" is the
         repository), sorted. confirm: leave out those without any object left: SeaweedFS

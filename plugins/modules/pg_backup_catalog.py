@@ -19,6 +19,7 @@ description:
   - Used by the role P(pgops.online_backup.pg_backup#role); listing is M(pgops.online_backup.pg_backup_info).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -31,9 +32,17 @@ attributes:
     support: none
 options:
   repository:
-    description: Absolute path of the repository.
-    type: path
+    description:
+      - Absolute path of the repository, or C(s3://bucket/prefix) for a bucket (with the O(s3_endpoint) options; the
+        lock is then a conditional PUT, C(If-None-Match), so it holds across hosts).
+    type: str
     required: true
+  label_files:
+    description:
+      - With O(state=complete), files to write into the backup first, a dict of file name to text (C(backup_label) and
+        C(tablespace_map) from the stop, for a repository the database host does not write to directly).
+    type: dict
+    default: {}
   state:
     description:
       - V(running) creates the backup directory and C(backup.json), and takes the lock. Only the repository directory
@@ -213,6 +222,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     retention,
     validate_repository,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage
 
 CHECKSUMS = ["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]
 
@@ -266,7 +277,7 @@ def expired(module, repo: str) -> None:
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
+            repository=dict(type="str", required=True),
             state=dict(type="str", required=True, choices=["running", "complete", "failed", "expired", "pinned", "unpinned"]),
             backup_id=dict(type="str"),
             cluster=dict(type="str"),
@@ -283,6 +294,8 @@ def main():
             error=dict(type="str", default=""),
             keep_failed_files=dict(type="bool", default=False),
             metrics_file=dict(type="path"),
+            label_files=dict(type="dict", default={}),
+            **S3_OPTION_SPEC,
         ),
         required_if=[
             ("state", "running", ["cluster"]),
@@ -302,6 +315,13 @@ def main():
         module.fail_json(msg=f"invalid backup_id {bid!r}: expected the form 20261129T101500Z")
     if p["keep"] < 0 or p["keep_days"] < 0:
         module.fail_json(msg=f"keep and keep_days must be 0 (off) or more, got {p['keep']} and {p['keep_days']:g}")
+    if is_s3(repo):
+        if state in ("pinned", "unpinned"):
+            module.fail_json(msg="pinning backups in an s3:// repository is not supported yet")
+        try:
+            repo = open_storage(repo, config_from_params(p))
+        except PgopsError as e:
+            module.fail_json(msg=str(e))
     if state == "expired":
         expired(module, repo)
     if state in ("pinned", "unpinned"):
@@ -316,7 +336,7 @@ def main():
             changed=changed, backup_id=bid, backup=info, msg=f"backup {bid} is {'pinned' if state == 'pinned' else 'not pinned'}"
         )
     if module.check_mode:
-        module.exit_json(changed=True, msg=f"would mark a backup {state} in {repo}", backup_id=bid, path=None)
+        module.exit_json(changed=True, msg=f"would mark a backup {state} in {p['repository']}", backup_id=bid, path=None)
     try:
         if state == "running":
             runtime_dir = p["session_runtime_dir"] or (default_runtime_dir() if p["session_local"] else None)
@@ -325,7 +345,7 @@ def main():
         if state == "complete":
             out = complete_backup(
                 repo, bid, p["cluster"], p["fields"], p["manifest_checksum"], p["keep"], module.warn, p["metrics_file"],
-                p["keep_days"],
+                p["keep_days"], p["label_files"],
             )  # fmt: skip
             module.exit_json(changed=True, msg=f"backup {bid} is complete", **out)
         out = fail_backup(repo, bid, p["cluster"], p["error"], p["keep_failed_files"], p["fields"], p["metrics_file"])

@@ -22,6 +22,7 @@ description:
     C(data/pg_tblspc/<oid>) linked to them.
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -43,8 +44,12 @@ options:
     elements: dict
     default: []
   dest:
-    description: The backup's directory (must exist, outside the data directory and every tablespace).
-    type: path
+    description:
+      - The backup's directory (must exist, outside the data directory and every tablespace), or its
+        C(s3://bucket/prefix/<backup id>) location. Each archive is then streamed into a multipart upload (no local
+        copy; memory bounded to about 48 MiB per archive), completed only when every step succeeded and aborted
+        otherwise.
+    type: str
     required: true
   method:
     description: The tool that copies.
@@ -180,6 +185,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import
     default_runtime_dir,
     session_dir,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
 
 
 def main():
@@ -187,7 +193,7 @@ def main():
         argument_spec=dict(
             data_directory=dict(type="path", required=True),
             tablespaces=dict(type="list", elements="dict", default=[]),
-            dest=dict(type="path", required=True),
+            dest=dict(type="str", required=True),
             method=dict(type="str", default="tar", choices=["tar", "cpio", "rsync"]),
             compression=dict(type="str", default="none", choices=["none", "gzip", "zstd", "lz4"]),
             compression_level=dict(type="int"),
@@ -201,12 +207,14 @@ def main():
             ssh_options=dict(type="list", elements="str", default=[]),
             session_id=dict(type="str"),
             runtime_dir=dict(type="path"),
+            **S3_OPTION_SPEC,
             manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
         required_if=[("encryption", "age", ["age_recipients"])],
         supports_check_mode=True,
     )
     p = module.params
+    p["s3"] = config_from_params(p)
     problem = check_copy(p)
     if problem:
         module.fail_json(msg=problem)

@@ -20,6 +20,7 @@ author:
   - pgops.online_backup contributors (@pgops)
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.s3
 attributes:
   check_mode:
     support: full
@@ -30,8 +31,8 @@ attributes:
     support: full
 options:
   repository:
-    description: The backup repository (absolute path on this host).
-    type: path
+    description: The backup repository (absolute path on this host). Or C(s3://bucket/prefix), with the O(s3_endpoint) options.
+    type: str
     required: true
   cluster:
     description: Only this cluster (its system identifier); every cluster of the repository when left out.
@@ -84,12 +85,11 @@ clusters:
       type: str
 """
 
-import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import wal_dir
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import WAL_DIR, wal_dir
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     DEFAULT_SEGMENT_SIZE,
     coverage,
@@ -98,31 +98,33 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     sort_newest_first,
     wal_files,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage
 
 
-def cluster_report(entries: list, repository: str, cluster: str) -> dict:
+def cluster_report(entries: list, st, cluster: str) -> dict:
     mine = sort_newest_first([e for e in entries if str(e.get("system_identifier")) == cluster and is_complete(e)])
     seg_size = int(next((e["wal_segment_size"] for e in mine if e.get("wal_segment_size")), DEFAULT_SEGMENT_SIZE))
-    files = wal_files(wal_dir(repository, cluster))
+    rel = wal_dir("", cluster).lstrip("/")
+    files = wal_files(st, rel)
     report = coverage(mine, files, seg_size)
-    report.update(system_identifier=cluster, wal_directory=wal_dir(repository, cluster), wal_archived=bool(files))
+    report.update(system_identifier=cluster, wal_directory=st.path(rel), wal_archived=bool(files))
     return report
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(repository=dict(type="path", required=True), cluster=dict(type="str")),
+        argument_spec=dict(repository=dict(type="str", required=True), cluster=dict(type="str"), **S3_OPTION_SPEC),
         supports_check_mode=True,
     )
     p = module.params
     try:
-        entries = read_catalog(p["repository"])
+        st = open_storage(p["repository"], config_from_params(p))
+        entries = read_catalog(st)
         found = {str(e["system_identifier"]) for e in entries if e.get("system_identifier")}
-        wal_root = os.path.join(p["repository"], "wal")
-        if os.path.isdir(wal_root):
-            found |= {d for d in os.listdir(wal_root) if d.isdigit()}
+        found |= {d for d in st.list_dir(WAL_DIR) if d.isdigit()}
         clusters = [p["cluster"]] if p["cluster"] else sorted(found)
-        reports = [cluster_report(entries, p["repository"], c) for c in clusters]
+        reports = [cluster_report(entries, st, c) for c in clusters]
     except (PgopsError, OSError) as e:
         module.fail_json(msg=f"cannot read the repository {p['repository']}: {e}", clusters=[])
     lines = []

@@ -19,6 +19,7 @@ description:
     playbook are part of each entry (C(verification), C(drill)).
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -33,7 +34,8 @@ options:
   repository:
     description:
       - The backup repository directory.
-    type: path
+      - Or C(s3://bucket/prefix), with the O(s3_endpoint) options.
+    type: str
     required: true
   backup:
     description:
@@ -171,25 +173,28 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     select,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import parse_target_time
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
 from ansible_collections.pgops.online_backup.plugins.module_utils._status import drill_order
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            repository=dict(type="path", required=True),
+            repository=dict(type="str", required=True),
             backup=dict(type="str"),
             status=dict(type="list", elements="str", choices=list(STATUSES) + [INVALID]),
             size_on_disk=dict(type="bool", default=True),
             allow_unverified=dict(type="bool", default=False),
             before=dict(type="str"),
             cluster=dict(type="str"),
+            **S3_OPTION_SPEC,
         ),
         supports_check_mode=True,
     )
     p = module.params
     try:
-        entries = read_catalog(p["repository"], size=p["size_on_disk"])
+        entries = read_catalog(open_storage(p["repository"], config_from_params(p)), size=p["size_on_disk"])
     except (PgopsError, OSError) as e:
         module.fail_json(msg=str(e), backups=[], latest=None, count=0)
     if p["cluster"]:

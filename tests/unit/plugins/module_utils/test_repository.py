@@ -300,9 +300,9 @@ def test_id_falls_back_to_directory_name(tmp_path, add_backup):
 
 
 def test_read_entry(repo):
-    assert r.read_entry(str(repo / "20261201T000000Z")) is None
-    assert r.read_entry(str(repo / "20261129T101500Z") + "/")["id"] == "20261129T101500Z"
-    assert r.read_entry(str(repo / "20261130T111500Z"))["status"] == r.INVALID
+    assert r.read_entry(str(repo), "20261201T000000Z") is None
+    assert r.read_entry(str(repo) + "/", "20261129T101500Z")["id"] == "20261129T101500Z"
+    assert r.read_entry(str(repo), "20261130T111500Z")["status"] == r.INVALID
 
 
 def test_catalog_skips_links_and_hidden_directories(tmp_path, add_backup):

@@ -1,0 +1,269 @@
+# Copyright: (c) 2026, pgops.online_backup contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Where a repository's files live: a directory (FileStorage) or an S3 bucket
+(S3Storage), behind the few operations the catalog needs. Paths are relative to
+the repository ("20261201T101500Z/backup.json", ".locks/7312.lock"); the names
+and formats themselves are _layout's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+
+from ._errors import PgopsError
+from ._files import ensure_private_dir, fsync_dir, read_json, write_json, write_private_file
+from ._layout import BACKUP_JSON, COPY_ENTRIES, LABEL_FILES, MANIFEST, disk_usage, read_backup, valid_backup_id, write_backup
+from ._manifest import write_backup_manifest
+
+
+class StorageError(PgopsError):
+    pass
+
+
+class FileStorage:
+    """A repository in a directory of this host."""
+
+    kind = "file"
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/") or "/"
+        self.url = self.root
+
+    def path(self, rel: str = "") -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self.path(rel))
+
+    def list_dir(self, rel: str = "") -> list:
+        try:
+            return sorted(os.listdir(self.path(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def backup_ids(self) -> list:
+        return [n for n in self.list_dir() if valid_backup_id(n) and os.path.isdir(self.path(n))]
+
+    def read_backup(self, backup_id: str) -> dict | None:
+        return read_backup(self.path(backup_id))
+
+    def write_backup(self, backup_id: str, info: dict) -> None:
+        write_backup(self.path(backup_id), info)
+
+    def has_backup_json(self, backup_id: str) -> bool:
+        return os.path.isfile(os.path.join(self.path(backup_id), BACKUP_JSON))
+
+    def read_json(self, rel: str):
+        return read_json(self.path(rel))
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        write_private_file(self.path(rel), data)
+
+    def write_manifest(self, backup_id: str, info: dict, algorithm: str) -> dict:
+        path = self.path(backup_id)
+        return write_backup_manifest(path, info, algorithm, os.path.join(path, COPY_ENTRIES))
+
+    def claim(self, rel: str, doc: dict) -> bool:
+        """Create rel holding doc only if it does not exist (written in full first, then linked)."""
+        path = self.path(rel)
+        ensure_private_dir(os.path.dirname(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+        os.close(fd)
+        try:
+            write_json(tmp, doc)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def mtime(self, rel: str) -> float | None:
+        try:
+            return os.stat(self.path(rel)).st_mtime
+        except OSError:
+            return None
+
+    def newest_mtime(self, rel: str) -> float:
+        """Newest mtime of a directory and the files right in it (a backup's are written as the run goes)."""
+        newest = self.mtime(rel) or 0.0
+        try:
+            with os.scandir(self.path(rel)) as it:
+                for entry in it:
+                    try:
+                        newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        return newest
+
+    def delete(self, rel: str) -> None:
+        try:
+            os.unlink(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_tree(self, rel: str) -> None:
+        shutil.rmtree(self.path(rel), ignore_errors=True)
+
+    def delete_payload(self, backup_id: str) -> list:
+        """Everything of a backup but its backup.json."""
+        removed = []
+        for name in self.list_dir(backup_id):
+            if name == BACKUP_JSON:
+                continue
+            target = os.path.join(self.path(backup_id), name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.unlink(target)
+            removed.append(name)
+        return removed
+
+    def tree_size(self, rel: str) -> int:
+        return disk_usage(self.path(rel))
+
+    def abandon(self, backup_id: str) -> None:
+        """A dead run's unfinished writes: a directory has none that outlive the run."""
+
+    def files(self, rel: str) -> list:
+        """[(name, mtime)] of the regular files right in directory rel."""
+        out = []
+        for name in self.list_dir(rel):
+            try:
+                st = os.stat(os.path.join(self.path(rel), name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((name, st.st_mtime))
+        return out
+
+    def delete_files(self, rel: str, names: list) -> None:
+        for name in names:
+            self.delete(os.path.join(rel, name))
+        if names:
+            fsync_dir(self.path(rel))
+
+
+class S3Storage:
+    """A repository at s3://bucket/prefix: the same names as on disk, one object per file."""
+
+    kind = "s3"
+
+    def __init__(self, url: str, config: dict | None = None):
+        from ._s3 import Store  # boto3 only for S3 repositories
+
+        self.store = Store(url, config or {})
+        self.url = url.rstrip("/")
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def exists(self, rel: str) -> bool:
+        return self.store.exists(rel) or bool(self.store.list(rel.rstrip("/") + "/"))
+
+    def list_dir(self, rel: str = "") -> list:
+        prefix = (rel.rstrip("/") + "/") if rel else ""
+        names = {path[len(prefix) :].split("/", 1)[0] for path, _size in self.store.list(prefix)}
+        return sorted(n for n in names if n)
+
+    def backup_ids(self) -> list:
+        return [n for n in self.store.list_dirs("") if valid_backup_id(n)]
+
+    def read_backup(self, backup_id: str) -> dict | None:
+        doc = self.read_json(f"{backup_id}/{BACKUP_JSON}")
+        return doc if isinstance(doc, dict) else None
+
+    def write_backup(self, backup_id: str, info: dict) -> None:
+        self.store.put_bytes(f"{backup_id}/{BACKUP_JSON}", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+
+    def has_backup_json(self, backup_id: str) -> bool:
+        return self.store.exists(f"{backup_id}/{BACKUP_JSON}")
+
+    def write_file(self, rel: str, data: bytes) -> None:
+        self.store.put_bytes(rel, data)
+
+    def write_manifest(self, backup_id: str, info: dict, algorithm: str) -> dict:
+        """The manifest from the checksums the copy step took as the data streamed by (the
+        archives are never read back from the bucket), written beside them."""
+        with tempfile.TemporaryDirectory(prefix=".pgops-manifest-") as shadow:
+            os.chmod(shadow, 0o700)
+            for name in (COPY_ENTRIES, *LABEL_FILES):
+                data = self.store.get_bytes(f"{backup_id}/{name}")
+                if data is not None:
+                    write_private_file(os.path.join(shadow, name), data)
+            # Empty stand-ins so that the layout (which archives there are) reads as in the bucket.
+            for name in info.get("files") or []:
+                open(os.path.join(shadow, os.path.basename(name)), "wb").close()
+            result = write_backup_manifest(shadow, info, algorithm, os.path.join(shadow, COPY_ENTRIES), require_copy_entries=True)
+            with open(os.path.join(shadow, MANIFEST), "rb") as f:
+                self.store.put_bytes(f"{backup_id}/{MANIFEST}", f.read())
+        self.store.delete([f"{backup_id}/{COPY_ENTRIES}"])
+        return result
+
+    def read_json(self, rel: str):
+        data = self.store.get_bytes(rel)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+
+    def claim(self, rel: str, doc: dict) -> bool:
+        # Conditional PUT (If-None-Match: *): one winner across hosts where the server enforces it.
+        return self.store.put_bytes(rel, json.dumps(doc).encode(), if_none_match=True)
+
+    def mtime(self, rel: str) -> float | None:
+        return self.store.modified(rel)
+
+    def newest_mtime(self, rel: str) -> float:
+        return max([m for _p, _s, m in self.store.list_detailed(rel.rstrip("/") + "/")] or [0.0])
+
+    def delete(self, rel: str) -> None:
+        self.store.delete([rel])
+
+    def delete_tree(self, rel: str) -> None:
+        self.store.abort_uploads(rel.rstrip("/") + "/")
+        self.store.delete_prefix(rel)
+
+    def delete_payload(self, backup_id: str) -> list:
+        prefix = backup_id + "/"
+        # An upload the failed run left open is data too: abort it (no orphaned parts are billed or kept).
+        self.store.abort_uploads(prefix)
+        doomed = [p for p, _s in self.store.list(prefix) if p != prefix + BACKUP_JSON]
+        self.store.delete(doomed)
+        return sorted({p[len(prefix) :].split("/", 1)[0] for p in doomed})
+
+    def tree_size(self, rel: str) -> int:
+        return sum(size for _p, size in self.store.list(rel.rstrip("/") + "/"))
+
+    def abandon(self, backup_id: str) -> None:
+        """A dead run's unfinished multipart uploads (a server that went away mid-upload could not
+        be told to abort them): aborted, so no orphaned parts stay behind."""
+        self.store.abort_uploads(backup_id + "/")
+
+    def files(self, rel: str) -> list:
+        prefix = rel.rstrip("/") + "/"
+        return [(p[len(prefix) :], m) for p, _s, m in self.store.list_detailed(prefix, delimiter="/")]
+
+    def delete_files(self, rel: str, names: list) -> None:
+        self.store.delete([f"{rel.rstrip('/')}/{n}" for n in names])
+
+
+def is_s3_url(repository) -> bool:
+    return isinstance(repository, str) and repository.startswith("s3://")
+
+
+def open_storage(repository, s3_config: dict | None = None):
+    """The storage of a repository: a Storage as is, an s3:// URL, or a directory path."""
+    if isinstance(repository, (FileStorage, S3Storage)):
+        return repository
+    if is_s3_url(repository):
+        return S3Storage(repository, s3_config)
+    return FileStorage(repository)

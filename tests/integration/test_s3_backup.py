@@ -1,0 +1,166 @@
+"""Backups into a real S3 server (SeaweedFS): streamed from the copy into multipart uploads
+under load, the catalog and the lock in the bucket, restored by hand from what any S3 client
+downloads; a server killed mid-upload leaves no upload behind once the next run has passed;
+wrong credentials and a missing bucket are refused before the start."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+from harness.backup import BACKUP, backup_vars, finish, start_backup_in_background
+from harness.layout import restore_backup
+from harness.s3 import SeaweedS3, seaweed_server
+from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop
+
+BUCKET = "pgops-backups"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    yield from seaweed_server()
+
+
+def s3_vars(server, url: str, **extra) -> dict:
+    return {
+        "pg_backup_repository": url, "pg_backup_s3_endpoint": server.endpoint,
+        "pg_backup_s3_access_key": server.access_key, "pg_backup_s3_secret_key": server.secret_key, **extra,
+    }  # fmt: skip
+
+
+def objects(server, bucket: str, prefix: str) -> dict:
+    """{key: size} of what a plain S3 client lists."""
+    pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def download_backup(server, bucket: str, prefix: str, backup_id: str) -> str:
+    """The backup's objects into a local directory, with boto3 alone (as any S3 client would)."""
+    target = tempfile.mkdtemp(prefix="pgops-s3-download-")
+    client = server.client()
+    for key in objects(server, bucket, f"{prefix}/{backup_id}/"):
+        client.download_file(bucket, key, os.path.join(target, key.rsplit("/", 1)[1]))
+    return target
+
+
+@pytest.mark.parametrize("major,encrypted", [(13, False), (17, True)])
+def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted, make_cluster, playbook, s3_server):
+    bucket = s3_server.create_bucket(f"{BUCKET}-{major}")
+    prefix = f"fleet/pg{major}"
+    c = make_cluster(major)
+    pgbench_init(c, scale=5)
+    identity = public = None
+    extra = {"pg_backup_compression": "zstd"}
+    if encrypted:
+        identity = os.path.join(tempfile.mkdtemp(prefix="pgops-keys-"), "identity.txt")
+        subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
+        public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
+        extra.update(pg_backup_encryption="age", pg_backup_age_recipients=[public], pg_backup_compression="none")
+        marker = f"PGOPS-CLEARTEXT-MARKER-{secrets.token_hex(8)}"
+        c.sql("CREATE TABLE secret AS SELECT %s::text AS t FROM generate_series(1, 100)", (marker,))
+        c.sql("CHECKPOINT")
+    bench = pgbench_start(c)
+    writer = Writer(c)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        run = playbook(BACKUP, extra_vars=backup_vars(c, "/unused", **s3_vars(s3_server, f"s3://{bucket}/{prefix}", **extra)))
+    finally:
+        writer.stop()
+        pgbench_stop(bench)
+    assert run.rc == 0, run
+    assert s3_server.secret_key not in run.stdout
+    listed = objects(s3_server, bucket, prefix + "/")
+    (bid,) = {k.split("/")[2] for k in listed if not k.split("/")[2].startswith(".")}
+    info = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"{prefix}/{bid}/backup.json")["Body"].read())
+    assert info["status"] == "complete" and info["encryption"]["type"] == ("age" if encrypted else "none"), info
+    names = {k.rsplit("/", 1)[1] for k in listed if k.startswith(f"{prefix}/{bid}/")}
+    expected_base = "base.tar.age" if encrypted else "base.tar.zst"
+    assert {"backup.json", "backup_label", "backup_manifest", expected_base} <= names, names
+    assert ".pgops-copy-entries.json" not in names
+    assert info["manifest"]["files"] > 100 and info["manifest"]["from_copy_step"] is True, info["manifest"]
+    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert not [k for k in listed if "/.locks/" in k], "the lock was not released"
+    if encrypted:
+        client = s3_server.client()
+        for key in listed:
+            assert marker.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), f"cleartext in {key}"
+
+    local = download_backup(s3_server, bucket, prefix, bid)
+    try:
+        restored = restore_backup(local, c.archive, major, identity=identity)
+        try:
+            got = {r[0] for r in restored.sql("SELECT id FROM writer_log")}
+            stop = datetime.datetime.fromisoformat(info["stop_requested_at"])
+            assert writer.committed_before(stop) <= got and got, "rows written while the backup ran are missing"
+        finally:
+            restored.destroy()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def test_wrong_credentials_and_missing_bucket_are_refused_before_the_start(make_cluster, playbook, s3_server):
+    bucket = s3_server.create_bucket(f"{BUCKET}-refused")
+    c = make_cluster(16)
+    wrong = "WRONG" + secrets.token_hex(8)
+    cases = [
+        (s3_vars(s3_server, f"s3://{bucket}/pg", pg_backup_s3_secret_key=wrong), "credentials were refused"),
+        (s3_vars(s3_server, "s3://pgops-no-such-bucket/pg"), "bucket pgops-no-such-bucket does not exist"),
+        (s3_vars(s3_server, f"s3://{bucket}/pg", pg_backup_method="rsync"), "a backup into an s3:// repository uses tar or cpio"),
+    ]
+    for extra, said in cases:
+        run = playbook(BACKUP, extra_vars=backup_vars(c, "/unused", **extra))
+        assert run.rc != 0 and said in run.stdout, (extra, run)
+        assert wrong not in run.stdout
+        assert c.backups_in_progress() == 0
+    assert objects(s3_server, bucket, "") == {}
+
+
+def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playbook, tmp_path):
+    c = make_cluster(15)
+    # md5 text barely compresses and gzip -9 on one thread is slow: the upload runs for seconds, in many parts.
+    c.sql("CREATE TABLE bulk AS SELECT g, md5(g::text) || md5((g * 7)::text) AS h FROM generate_series(1, 1500000) g")
+    server = SeaweedS3()
+    try:
+        server.start()
+        bucket = server.create_bucket(BUCKET)
+        url = f"s3://{bucket}/pg15"
+        extra = s3_vars(server, url)
+        proc = start_backup_in_background(c, "/unused", str(tmp_path), **extra)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not server.client().list_multipart_uploads(Bucket=bucket).get("Uploads"):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        assert server.client().list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload never started"
+        server.kill()
+        rc, out = finish(proc)
+        assert rc != 0, out
+        assert "uploading base.tar failed" in out or "cannot reach the S3 endpoint" in out, out[-3000:]
+        assert c.backups_in_progress() == 0, "the session was not ended"
+        server.start()
+        # The dead run could not mark its record failed (the server was down): its lock is trusted for
+        # pg_backup_lock_grace after its last sign of life (120 s by default), then broken.
+        time.sleep(3)
+        again = backup_vars(c, "/unused", **extra, pg_backup_compression="zstd", pg_backup_lock_grace=2)
+        run = playbook(BACKUP, extra_vars=again)
+        assert run.rc == 0, run
+        client = server.client()
+        assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "an orphaned upload was left"
+        infos = []
+        for key in objects(server, bucket, "pg15/"):
+            if key.endswith("/backup.json"):
+                infos.append(json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+        assert sorted(i["status"] for i in infos) == ["complete", "failed"], infos
+        failed = next(i for i in infos if i["status"] == "failed")
+        assert "the run died before finishing" in failed["error"], failed
+        assert "removed a stale lock" in run.stderr, run
+        assert not [k for k in objects(server, bucket, f"pg15/{failed['id']}/") if not k.endswith("backup.json")]
+    finally:
+        server.stop(grace=2)

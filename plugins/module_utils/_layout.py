@@ -297,23 +297,25 @@ class PlainReader:
     """path's plain content as a forward-only stream (decrypted, decompressed by child processes).
     On a clean exit every child must have succeeded (LayoutError naming the tool otherwise)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, source=None):
+        """source: a readable file object of the stored bytes (a download); path then only names them."""
         self.path = path
+        self.source = source
         self.procs = []  # (process, its stderr file)
         self.stream = None
         self.abandoned = False
 
     def __enter__(self):
-        cmds = read_commands(self.path)
+        cmds = read_commands(self.path, stdin=self.source is not None)
         if not cmds:
-            self.stream = open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
+            self.stream = self.source or open(self.path, "rb")  # noqa: SIM115 - closed in __exit__
             return self.stream
-        upstream = subprocess.DEVNULL
+        upstream = self.source if self.source is not None else subprocess.DEVNULL
         for cmd in cmds:
             err = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads it while the stream flows
             p = subprocess.Popen(cmd, stdin=upstream, stdout=subprocess.PIPE, stderr=err)
             if upstream is not subprocess.DEVNULL:
-                upstream.close()  # only the next stage holds it
+                upstream.close()  # only the next stage holds it (the first: the download's pipe)
             self.procs.append((p, err))
             upstream = p.stdout
         self.stream = upstream

@@ -393,12 +393,22 @@ class ArchiveStream:
     Reading to the end also checks the stored file's own integrity.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path):
+        """path: an archive file, or an object of a bucket (_storage.RemoteFile), streamed."""
         self.path = path
+        self.remote = path if hasattr(path, "finish") else None
         self.reader = None
         self._file = None
 
     def __enter__(self):
+        if self.remote is not None:
+            self.reader = PlainReader(self.remote.name, source=self.remote.open())
+            try:
+                self._file = self.reader.__enter__()
+            except LayoutError as e:
+                self.remote.finish(stopped_early=True)
+                raise ArchiveError(str(e)) from None
+            return self._file
         if self.path.endswith(".gz"):
             self._file = gzip.open(self.path, "rb")
             return self._file
@@ -422,7 +432,11 @@ class ArchiveStream:
             return False
         try:
             self.reader.__exit__(exc_type, exc, tb)
-        except LayoutError as e:
+            if self.remote is not None:
+                self.remote.finish(stopped_early=exc_type is not None)
+        except PgopsError as e:
+            if self.remote is not None:
+                self.remote.finish(stopped_early=True)
             raise ArchiveError(str(e)) from None
         return False
 

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 
 from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
+from ._errors import PgopsError
 from ._files import existing_ancestor, resolves_inside, write_private_file
 from ._layout import (
     BACKUP_JSON,
@@ -196,7 +197,10 @@ def needed_tools(sources: dict) -> list:
     missing = [] if shutil.which(tools) else [tools]
     for path in paths if method != "rsync" else []:
         try:
-            read_commands(path)
+            if hasattr(path, "finish"):
+                read_commands(path.name, stdin=True)
+            else:
+                read_commands(path)
         except LayoutError as e:
             missing.append(str(e))
     if missing:
@@ -204,10 +208,11 @@ def needed_tools(sources: dict) -> list:
     return paths
 
 
-def _run_pipeline(stages: list, what: str, cwd: str) -> None:
-    """Run commands piped into each other; RestoreError naming the failing stage and its message."""
+def _run_pipeline(stages: list, what: str, cwd: str, stdin=None) -> None:
+    """Run commands piped into each other (the first from stdin, a file object, when given);
+    RestoreError naming the failing stage and its message."""
     procs = []
-    upstream = None
+    upstream = stdin
     try:
         for i, (cmd, stdin_path) in enumerate(stages):
             err = tempfile.TemporaryFile()
@@ -237,7 +242,7 @@ def _run_pipeline(stages: list, what: str, cwd: str) -> None:
 
 def extract(source: str, dest: str, method: str) -> None:
     """Extract one archive (or copy one directory for rsync backups) into dest, which exists and is empty."""
-    what = os.path.basename(source.rstrip("/"))
+    what = os.path.basename(str(source).rstrip("/"))
     if method == "rsync":
         _run_pipeline([(["rsync", "-a", "--", source.rstrip("/") + "/", dest.rstrip("/") + "/"], None)], what, dest)
         return
@@ -246,12 +251,25 @@ def extract(source: str, dest: str, method: str) -> None:
         "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore"],
         "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
     }[method]
+    remote = source if hasattr(source, "finish") else None  # a bucket's object (_storage.RemoteFile), streamed
     try:
-        reads = read_commands(source)
+        reads = read_commands(remote.name if remote else source, stdin=remote is not None)
     except LayoutError as e:
         raise RestoreError(str(e)) from None
-    stages = [(cmd, None) for cmd in reads] + [(unpack, None)] if reads else [(unpack, source)]
-    _run_pipeline(stages, what, dest)
+    if remote is None:
+        stages = [(cmd, None) for cmd in reads] + [(unpack, None)] if reads else [(unpack, source)]
+        _run_pipeline(stages, what, dest)
+        return
+    stream = remote.open()
+    try:
+        _run_pipeline([(cmd, None) for cmd in reads] + [(unpack, None)], what, dest, stdin=stream)
+    except RestoreError:
+        remote.finish(stopped_early=True)
+        raise
+    try:
+        remote.finish()
+    except PgopsError as e:
+        raise RestoreError(f"extracting {what} failed: {e}") from None
 
 
 def peek_tar_config(archive: str, limit: int = 5000) -> dict:
@@ -423,12 +441,13 @@ def wal_files_needed(start_wal: str, stop_wal: str, seg_size=None) -> list:
     return wal_segment_names(start_wal, stop_wal, seg_size)
 
 
-def missing_wal(archive: str, names: list) -> list:
+def missing_wal(archive: str, names: list, present: set | None = None) -> list:
     """Names not found in a WAL archive directory: each must be there under its exact name, or
     compressed (name.gz, .zst, .lz4), encrypted or not (.age). Other files that share its stem (the backup's own
     <segment>.<offset>.backup history file, a .partial) do not stand in for it."""
-    try:
-        present = set(os.listdir(archive))
-    except OSError as e:
-        raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
+    if present is None:
+        try:
+            present = set(os.listdir(archive))
+        except OSError as e:
+            raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
     return [n for n in names if not any(n + suffix in present for suffix in STORED_SUFFIXES)]

@@ -13,15 +13,31 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 
 from ._errors import PgopsError
 from ._files import ensure_private_dir, fsync_dir, read_json, write_json, write_private_file
-from ._layout import BACKUP_JSON, COPY_ENTRIES, LABEL_FILES, MANIFEST, disk_usage, read_backup, valid_backup_id, write_backup
+from ._layout import (
+    BACKUP_JSON,
+    COPY_ENTRIES,
+    LABEL_FILES,
+    MANIFEST,
+    disk_usage,
+    parse_archive_name,
+    read_backup,
+    update_backup,
+    valid_backup_id,
+    write_backup,
+)
 from ._manifest import write_backup_manifest
 
 
 class StorageError(PgopsError):
     pass
+
+
+# The backup's files that are downloaded whole to read them (backup.json, the label files, the manifest).
+SMALL_FILE = 64 * 1024 * 1024
 
 
 class FileStorage:
@@ -254,6 +270,85 @@ class S3Storage:
 
     def delete_files(self, rel: str, names: list) -> None:
         self.store.delete([f"{rel.rstrip('/')}/{n}" for n in names])
+
+
+class RemoteFile:
+    """An object in a bucket, read as a stream: a thread downloads it (ranged GETs in parallel,
+    written in order) into a pipe whose read end the caller's tools take as their stdin."""
+
+    def __init__(self, store, rel: str):
+        self.store = store
+        self.rel = rel
+        self.name = rel.rsplit("/", 1)[-1]  # its suffixes say how to decode it
+        self._thread = None
+        self._error = None
+
+    def __str__(self) -> str:
+        return self.store.uri(self.rel)
+
+    def open(self):
+        """A readable file object of the object's bytes (call finish() once done with it)."""
+        read_fd, write_fd = os.pipe()
+
+        def download():
+            try:
+                self.store.download(self.rel, write_fd)
+            except BaseException as e:  # noqa: BLE001 - reported by finish()
+                self._error = e
+            finally:
+                os.close(write_fd)
+
+        self._thread = threading.Thread(target=download, daemon=True)
+        self._thread.start()
+        return os.fdopen(read_fd, "rb")
+
+    def finish(self, stopped_early: bool = False) -> None:
+        """Wait for the download; StorageError when it failed (a reader that stopped early
+        breaks the pipe on purpose: that is no failure)."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        self._thread = None
+        if self._error is not None and not (stopped_early and isinstance(self._error, BrokenPipeError)):
+            raise StorageError(f"reading {self} failed: {self._error}")
+
+
+def stage_backup(st, backup_id: str, directory: str) -> dict:
+    """Download a backup's small files (backup.json, backup_label, tablespace_map, backup_manifest)
+    into directory and stand an empty file in for each archive, so that the backup's layout reads
+    as on disk; {stand-in path: RemoteFile} of the archives, which are streamed when read."""
+    remote = {}
+    for rel, size in st.store.list(backup_id + "/"):
+        name = rel[len(backup_id) + 1 :]
+        if "/" in name:
+            continue
+        path = os.path.join(directory, name)
+        if parse_archive_name(name):
+            open(path, "wb").close()
+            remote[path] = RemoteFile(st.store, rel)
+        elif size <= SMALL_FILE:
+            st.store.download(rel, path)
+    return remote
+
+
+def split_backup_url(url: str) -> tuple:
+    """(repository, backup id) of s3://bucket/prefix/<backup id>."""
+    repository, backup_id = url.rstrip("/").rsplit("/", 1)
+    return repository, backup_id
+
+
+def update_backup_at(backup_path: str, s3_config: dict | None = None, **fields) -> dict:
+    """Set fields of the backup.json of a backup directory or of s3://bucket/prefix/<backup id>."""
+    if not is_s3_url(backup_path):
+        return update_backup(backup_path, **fields)
+    repository, backup_id = split_backup_url(backup_path)
+    st = S3Storage(repository, s3_config)
+    info = st.read_backup(backup_id)
+    if info is None:
+        raise StorageError(f"{backup_path}/{BACKUP_JSON} is missing or not a JSON object; not updating it")
+    info.update(fields)
+    st.write_backup(backup_id, info)
+    return info
 
 
 def is_s3_url(repository) -> bool:

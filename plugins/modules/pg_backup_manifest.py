@@ -29,6 +29,7 @@ description:
 extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.age_identity
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -47,7 +48,9 @@ options:
       - The backup directory (one C(<repository>/<backup_id>)), holding C(backup.json) and either C(data/),
         C(base.tar[.gz|.zst|.lz4]) or C(base.cpio[...]).
       - A plain data directory with C(PG_VERSION) (for example C(pg_basebackup -Fp) output) is accepted too.
-    type: path
+      - Or C(s3://bucket/prefix/<backup_id>) with O(state=verified) (and the O(s3_endpoint) options); the archives
+        are streamed from the bucket while they are checked, and the result is recorded in the bucket's C(backup.json).
+    type: str
     required: true
   state:
     description:
@@ -246,16 +249,19 @@ notes:
   elements: str
 """
 
+import atexit
 import datetime
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import format_lsn, parse_lsn
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
     AGE_IDENTITY_OPTIONS,
@@ -276,6 +282,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._manifest impo
     problem,
     verify_layout,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage, split_backup_url, stage_backup
 
 TOOL = "pgops.online_backup.pg_backup_manifest"
 MAX_PROBLEMS_IN_MSG = 100
@@ -283,6 +291,10 @@ VERIFYBACKUP_DIRS = ("/usr/lib/postgresql/{major}/bin", "/usr/pgsql-{major}/bin"
 # The PostgreSQL 17 client tools this collection's setup installs (no distribution package here).
 VERIFYBACKUP_EXTRA = {17: ("/var/cache/pgops-online-backup/pg17-tools/bin",)}
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+# A backup in a bucket: where its verification is recorded (set by main).
+BUCKET = {}
 
 
 def _value(params: dict, info: dict, option: str, key: str | None = None):
@@ -546,9 +558,14 @@ def finish_verification(module, root: str, result: dict, problems: list, pgv: di
         record = {"verified": ok, "at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "problems_count": len(problems), "tool": tool}  # fmt: skip
         try:
-            update_backup(root, verification=record)
+            if BUCKET:
+                # The record goes to the bucket's backup.json (read again: a drill may have written it meanwhile).
+                st, bid = BUCKET["storage"], BUCKET["backup_id"]
+                st.write_backup(bid, dict(st.read_backup(bid) or {}, verification=record))
+            else:
+                update_backup(root, verification=record)
             result["verification"] = record
-        except (LayoutError, OSError) as e:
+        except (PgopsError, OSError) as e:
             module.warn(f"could not record the verification in {BACKUP_JSON}: {e}")
     if not ok:
         msg = f"backup {root} failed verification: {describe(problems, pgv)}"
@@ -562,7 +579,7 @@ def finish_verification(module, root: str, result: dict, problems: list, pgv: di
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            path=dict(type="path", required=True),
+            path=dict(type="str", required=True),
             state=dict(type="str", default="present", choices=["present", "verified"]),
             checksum_algorithm=dict(
                 type="str", default="SHA256", choices=["NONE", "CRC32C", "SHA224", "SHA256", "SHA384", "SHA512"]
@@ -580,6 +597,7 @@ def main():
             wal_archive=dict(type="path"),
             record=dict(type="bool", default=True),
             **AGE_IDENTITY_OPTIONS,
+            **S3_OPTION_SPEC,
         ),
         mutually_exclusive=[("age_identity", "age_identity_file")],
         supports_check_mode=True,
@@ -589,6 +607,22 @@ def main():
     except LayoutError as e:
         module.fail_json(msg=str(e))
     root = module.params["path"]
+    remote = {}
+    if is_s3(root):
+        if module.params["state"] != "verified":
+            module.fail_json(
+                msg="a backup in a bucket gets its manifest when it is marked complete: only state=verified reads one"
+            )
+        repository, bid = split_backup_url(root)
+        try:
+            st = open_storage(repository, config_from_params(module.params))
+            root = tempfile.mkdtemp(prefix=".pgops-verify-")
+            atexit.register(shutil.rmtree, root, True)
+            remote = stage_backup(st, bid, root)
+        except PgopsError as e:
+            module.fail_json(msg=str(e))
+        BUCKET.update(storage=st, backup_id=bid)
+        module.params["run_pg_verifybackup"] = False  # archives in a bucket: pg_verifybackup cannot read them
     if not os.path.isdir(root):
         module.fail_json(msg=f"backup directory {root} does not exist")
     info_path = os.path.join(root, BACKUP_JSON)
@@ -606,6 +640,8 @@ def main():
             why = {"ran": False, "reason": "the backup's layout is not readable"}
             finish_verification(module, root, result, [problem(".", "unreadable", None, str(e))], why, info_exists)
         module.fail_json(msg=str(e))
+    for src in layout.sources:
+        src.location = remote.get(src.location, src.location)  # a bucket's archives are streamed from it
     try:
         if module.params["state"] == "present":
             present(module, layout, info)

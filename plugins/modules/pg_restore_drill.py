@@ -18,6 +18,7 @@ description:
   - Used by the C(pgops.online_backup.drill) playbook.
 extends_documentation_fragment:
   - pgops.online_backup.attributes
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -74,8 +75,10 @@ options:
     type: bool
     default: true
   backup_path:
-    description: With O(state=recorded), the backup directory whose C(backup.json) gets the result.
-    type: path
+    description:
+      - With O(state=recorded), the backup directory (or C(s3://bucket/prefix/<backup_id>)) whose C(backup.json) gets
+        the result.
+    type: str
   result:
     description:
       - With O(state=recorded), the outcome. V(inconclusive) says the drill could not reach its target for a reason
@@ -147,7 +150,8 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils import _postgres
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON, LayoutError, update_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import BACKUP_JSON
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import read_conf
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import now_utc
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_server import (
@@ -155,6 +159,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_serve
     find_tool,
     server_address,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import update_backup_at
 
 AMCHECK_TIMEOUT = 3600
 APPLICATION_NAME = "pgops.online_backup drill"
@@ -251,8 +257,9 @@ def recorded(module) -> None:
         module.exit_json(changed=True, msg=f"would record drill {p['result']} in {p['backup_path']}/{BACKUP_JSON}", drill=record)
     try:
         # An inconclusive drill neither clears nor hides the verdict of the drills before it.
-        update_backup(p["backup_path"], **{"inconclusive_drill" if p["result"] == "inconclusive" else "drill": record})
-    except (LayoutError, OSError) as e:
+        key = "inconclusive_drill" if p["result"] == "inconclusive" else "drill"
+        update_backup_at(p["backup_path"], config_from_params(p), **{key: record})
+    except (PgopsError, OSError) as e:
         module.fail_json(msg=f"could not record the drill: {e}", drill=record)
     module.exit_json(changed=True, msg=f"drill {p['result']} recorded in {p['backup_path']}/{BACKUP_JSON}", drill=record)
 
@@ -271,12 +278,13 @@ def main():
             amcheck_install_missing=dict(type="bool", default=True),
             bin_dir=dict(type="path"),
             fail_on_error=dict(type="bool", default=True),
-            backup_path=dict(type="path"),
+            backup_path=dict(type="str"),
             result=dict(type="str", choices=["passed", "failed", "inconclusive"]),
             checks=dict(type="list", elements="dict", default=[]),
             error=dict(type="str", default=""),
             seconds=dict(type="float"),
             details=dict(type="dict", default={}),
+            **S3_OPTION_SPEC,
         ),
         supports_check_mode=True,
     )

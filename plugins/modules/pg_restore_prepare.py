@@ -32,6 +32,7 @@ description:
 extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.age_identity
+  - pgops.online_backup.s3
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -48,7 +49,10 @@ options:
     description:
       - The backup directory (C(<repository>/<backup_id>)); its C(backup.json) must say C(status=complete).
       - M(pgops.online_backup.pg_backup_info) with O(pgops.online_backup.pg_backup_info#module:backup=latest) gives it.
-    type: path
+      - Or C(s3://bucket/prefix/<backup_id>) (with the O(s3_endpoint) options). Its small files are downloaded to a
+        private temporary directory and its archives are streamed from the bucket into the extraction (ranged GETs in
+        parallel, no local copy of an archive).
+    type: str
     required: true
   data_directory:
     description:
@@ -258,7 +262,10 @@ seconds:
   type: float
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -269,8 +276,10 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._files import 
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
     AGE_IDENTITY_OPTIONS,
     BACKUP_JSON,
+    WAL_DIR,
     read_backup,
     use_age_identity,
+    valid_backup_id,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
     backup_sources,
@@ -315,6 +324,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_serve
     pick_free_port,
     port_in_use,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage, split_backup_url, stage_backup
 
 # Settings that keep the restored server away from the original: only through their options.
 MANAGED_SETTINGS = {
@@ -402,6 +413,21 @@ def check_original_port(port: int, orig_port, allowed: bool) -> None:
         )
 
 
+def stage_from_bucket(url: str, config: dict) -> tuple:
+    """(a private staging directory with the backup's small files, {stand-in: RemoteFile}) of a backup
+    in a bucket; the directory is removed when the module ends."""
+    repository, backup_id = split_backup_url(url)
+    if not valid_backup_id(backup_id):
+        raise RestoreError(f"backup_path {url} does not end in a backup id such as 20261129T101500Z")
+    staging = tempfile.mkdtemp(prefix=".pgops-restore-")
+    atexit.register(shutil.rmtree, staging, True)
+    st = open_storage(repository, config)
+    remote = stage_backup(st, backup_id, staging)
+    if not os.path.exists(os.path.join(staging, BACKUP_JSON)):
+        raise RestoreError(f"{url} has no {BACKUP_JSON}: not a backup")
+    return staging, remote
+
+
 def plan(module) -> dict:
     """Every check, no change. Returns what the restore will do."""
     p = module.params
@@ -410,7 +436,11 @@ def plan(module) -> dict:
             "this runs as root: PostgreSQL refuses to run as root and the restored files must belong to the server's "
             "OS user; run it as that user (become: true, become_user: postgres)"
         )
-    backup_dir = require_absolute("backup_path", p["backup_path"])
+    remote = {}
+    if is_s3(p["backup_path"]):
+        backup_dir, remote = stage_from_bucket(p["backup_path"], config_from_params(p))
+    else:
+        backup_dir = require_absolute("backup_path", p["backup_path"])
     data_dir = require_absolute("data_directory", p["data_directory"])
     warnings = validate_target(p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"])
     port = validate_port(p["port"])
@@ -427,6 +457,9 @@ def plan(module) -> dict:
     except BackupApiError as e:
         raise RestoreError(f"backup.json of {backup_dir}: {e}") from None
     sources = backup_sources(backup_dir, info)
+    # A bucket's archives are streamed from it (the stand-ins in the staging directory only name them).
+    sources["base"] = remote.get(sources["base"], sources["base"])
+    sources["spaces"] = {oid: remote.get(path, path) for oid, path in sources["spaces"].items()}
     mapping = {str(k): v for k, v in (p["tablespace_map"] or {}).items()}
     spaces = plan_tablespaces(info.get("tablespaces") or [], read_tablespace_map(sources, backup_dir), mapping)
     missing_archives = [ts["oid"] for ts in spaces if ts["oid"] not in sources["spaces"]]
@@ -447,7 +480,11 @@ def plan(module) -> dict:
     wal_dir = p["wal_archive"] or p["wal_directory"]
     if wal_dir and p["check_wal"]:
         needed = wal_files_needed(info.get("start_wal"), info.get("stop_wal"), info.get("wal_segment_size"))
-        lacking = missing_wal(wal_dir, needed)
+        present = None
+        if is_s3(wal_dir):
+            repository, rel = wal_dir.rsplit("/" + WAL_DIR + "/", 1)
+            present = {name for name, _mtime in open_storage(repository, config_from_params(p)).files(f"{WAL_DIR}/{rel}")}
+        lacking = missing_wal(wal_dir, needed, present)
         if lacking:
             raise RestoreError(
                 f"the WAL archive {wal_dir} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
@@ -547,7 +584,7 @@ def restore(module, pl: dict) -> dict:
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            backup_path=dict(type="path", required=True),
+            backup_path=dict(type="str", required=True),
             data_directory=dict(type="path", required=True),
             force=dict(type="bool", default=False),
             tablespace_map=dict(type="dict", default={}),
@@ -569,6 +606,7 @@ def main():
             settings=dict(type="dict", default={}),
             bin_dir=dict(type="path"),
             **AGE_IDENTITY_OPTIONS,
+            **S3_OPTION_SPEC,
         ),
         mutually_exclusive=[
             ("wal_archive", "restore_command"),

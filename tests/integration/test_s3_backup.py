@@ -6,6 +6,7 @@ wrong credentials and a missing bucket are refused before the start."""
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import secrets
@@ -15,10 +16,16 @@ import tempfile
 import time
 
 import pytest
+from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, finish, start_backup_in_background
 from harness.layout import restore_backup
+from harness.pg import chown_pg, make_pg_dir, stop_data_directory
 from harness.s3 import SeaweedS3, seaweed_server
-from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop
+from harness.wal import install_pgops_wal
+from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
+
+RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
+DRILL = os.path.join(REPO, "playbooks", "drill.yml")
 
 BUCKET = "pgops-backups"
 
@@ -164,3 +171,64 @@ def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playb
         assert not [k for k in objects(server, bucket, f"pg15/{failed['id']}/") if not k.endswith("backup.json")]
     finally:
         server.stop(grace=2)
+
+
+def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluster, playbook, s3_server, tmp_path):
+    bucket = s3_server.create_bucket(f"{BUCKET}-restore")
+    url = f"s3://{bucket}/pg16"
+    c = make_cluster(16)
+    prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
+    settings = os.path.join(make_pg_dir("pgops-s3cfg-"), "s3.json")
+    with open(settings, "w") as f:
+        json.dump(s3_server.module_params(), f)
+    os.chmod(settings, 0o600)
+    chown_pg(settings)
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {url} --s3-config {settings} %p",))
+    c.sql("SELECT pg_reload_conf()")
+    pgbench_init(c)
+    bench = pgbench_start(c)
+    writer = Writer(c)
+    writer.start()
+    try:
+        run = playbook(BACKUP, extra_vars=backup_vars(c, "/unused", **s3_vars(s3_server, url, pg_backup_compression="lz4")))
+        assert run.rc == 0, run
+        time.sleep(1.5)
+        target = datetime.datetime.now(datetime.timezone.utc)
+        time.sleep(1.5)
+    finally:
+        writer.stop()
+        pgbench_stop(bench)
+    c.sql("SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not c.sql("SELECT last_archived_time > %s FROM pg_stat_archiver", (target,))[0][0]:
+        time.sleep(0.5)
+    creds = {
+        "pg_restore_s3_endpoint": s3_server.endpoint, "pg_restore_s3_access_key": s3_server.access_key,
+        "pg_restore_s3_secret_key": s3_server.secret_key, "pg_restore_wal_program": prog, "pg_restore_recovery_timeout": 120,
+    }  # fmt: skip
+    root = make_pg_dir("pgops-restore-")
+    data = os.path.join(root, "data")
+    rv = {
+        "pg_restore_repository": url, "pg_restore_data_directory": data, "pg_restore_port": 0,
+        "pg_restore_unix_socket_directory": root, "pg_restore_target": "time",
+        "pg_restore_target_value": target.isoformat(sep=" "), **creds,
+    }  # fmt: skip
+    before = set(glob.glob("/tmp/*.s3.json"))
+    run = playbook(RESTORE, extra_vars=rv)
+    try:
+        assert run.rc == 0, run
+        assert s3_server.secret_key not in run.stdout
+        bid = run.task(f"Find backup latest in {url}")["backup"]["id"]
+        assert run.task(f"Verify backup {bid} against its manifest before anything changes")["verified"] is True
+        port = run.task(f"Restore backup {bid} into {data}")["port"]
+        ids = written_ids(root, port)
+        slack = datetime.timedelta(seconds=0.1)
+        assert writer.committed_before(target - slack) <= ids <= writer.committed_before(target + slack)
+    finally:
+        stop_data_directory(data)
+    assert set(glob.glob("/tmp/*.s3.json")) == before, "the temporary S3 settings file was left behind"
+
+    drill = playbook(DRILL, extra_vars={"pg_restore_repository": url, **creds})
+    assert drill.rc == 0, drill
+    info = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"pg16/{bid}/backup.json")["Body"].read())
+    assert info["drill"]["result"] == "passed" and info["verification"]["verified"] is True, info

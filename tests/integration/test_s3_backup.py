@@ -26,6 +26,8 @@ from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, 
 
 RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
 DRILL = os.path.join(REPO, "playbooks", "drill.yml")
+STATUS = os.path.join(REPO, "playbooks", "status.yml")
+EXPIRE = os.path.join(REPO, "playbooks", "expire.yml")
 
 BUCKET = "pgops-backups"
 
@@ -232,3 +234,25 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluste
     assert drill.rc == 0, drill
     info = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"pg16/{bid}/backup.json")["Body"].read())
     assert info["drill"]["result"] == "passed" and info["verification"]["verified"] is True, info
+
+    # The recoverability report reads the bucket; retention expires backups and WAL there.
+    bv = backup_vars(c, "/unused", **s3_vars(s3_server, url, pg_backup_compression="lz4"))
+    second = playbook(BACKUP, extra_vars=bv)
+    assert second.rc == 0, second
+    files = tmp_path / "status"
+    files.mkdir()
+    sv = {**bv, "pg_status_max_backup_age": 1, "pg_status_max_drill_age": 1, "pg_status_report_file": str(files / "s.json"),
+          "pg_status_metrics_file": str(files / "s.prom")}  # fmt: skip
+    status = playbook(STATUS, extra_vars=sv)
+    assert status.rc == 0, status
+    (row,) = json.loads((files / "s.json").read_text())["clusters"]
+    newest = second.task("Open the backup's record and take the cluster's lock")["backup_id"]
+    assert (row["newest_backup"], row["gaps"]) == (newest, 0) and row["window_start"], row
+    wal_before = [k for k in objects(s3_server, bucket, "pg16/wal/")]
+    expire = playbook(EXPIRE, extra_vars={**bv, "pg_backup_keep": 1})
+    assert expire.rc == 0, expire
+    assert f"pg16/{bid}/backup.json" not in objects(s3_server, bucket, "pg16/"), "the older backup was not removed"
+    wal_after = [k for k in objects(s3_server, bucket, "pg16/wal/")]
+    gone = sorted(set(wal_before) - set(wal_after))
+    start = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"pg16/{newest}/backup.json")["Body"].read())["start_wal"]
+    assert gone and all(k.rsplit("/", 1)[1][:24] < start for k in gone), (gone, start)

@@ -50,6 +50,10 @@ def objects(server, bucket: str, prefix: str) -> dict:
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
+def bucket_json(server, bucket: str, key: str) -> dict:
+    return json.loads(server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
 def download_backup(server, bucket: str, prefix: str, backup_id: str) -> str:
     """The backup's objects into a local directory, with boto3 alone (as any S3 client would)."""
     target = tempfile.mkdtemp(prefix="pgops-s3-download-")
@@ -88,7 +92,7 @@ def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted
     assert s3_server.secret_key not in run.stdout
     listed = objects(s3_server, bucket, prefix + "/")
     (bid,) = {k.split("/")[2] for k in listed if not k.split("/")[2].startswith(".")}
-    info = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"{prefix}/{bid}/backup.json")["Body"].read())
+    info = bucket_json(s3_server, bucket, f"{prefix}/{bid}/backup.json")
     assert info["status"] == "complete" and info["encryption"]["type"] == ("age" if encrypted else "none"), info
     names = {k.rsplit("/", 1)[1] for k in listed if k.startswith(f"{prefix}/{bid}/")}
     expected_base = "base.tar.age" if encrypted else "base.tar.zst"
@@ -165,7 +169,7 @@ def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playb
         infos = []
         for key in objects(server, bucket, "pg15/"):
             if key.endswith("/backup.json"):
-                infos.append(json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
+                infos.append(bucket_json(server, bucket, key))
         assert sorted(i["status"] for i in infos) == ["complete", "failed"], infos
         failed = next(i for i in infos if i["status"] == "failed")
         assert "the run died before finishing" in failed["error"], failed
@@ -175,24 +179,37 @@ def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playb
         server.stop(grace=2)
 
 
-def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluster, playbook, s3_server, tmp_path):
-    bucket = s3_server.create_bucket(f"{BUCKET}-restore")
-    url = f"s3://{bucket}/pg16"
-    c = make_cluster(16)
+@pytest.mark.parametrize("major,encrypted", [(13, False), (17, True)])
+def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(
+    major, encrypted, make_cluster, playbook, s3_server, tmp_path
+):
+    bucket = s3_server.create_bucket(f"{BUCKET}-restore-{major}")
+    top = f"pg{major}"
+    url = f"s3://{bucket}/{top}"
+    c = make_cluster(major)
+    keys, age_push, age_backup, age_restore = make_pg_dir("pgops-keys-"), "", {}, {}
+    if encrypted:
+        identity = os.path.join(keys, "identity.txt")
+        subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
+        public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
+        age_push = f" --age-recipient {public}"
+        age_backup = {"pg_backup_encryption": "age", "pg_backup_age_recipients": [public]}
+        age_restore = {"pg_restore_age_identity": open(identity).read()}
     prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
     settings = os.path.join(make_pg_dir("pgops-s3cfg-"), "s3.json")
     with open(settings, "w") as f:
         json.dump(s3_server.module_params(), f)
     os.chmod(settings, 0o600)
     chown_pg(settings)
-    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {url} --s3-config {settings} %p",))
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {url} --s3-config {settings}{age_push} %p",))
     c.sql("SELECT pg_reload_conf()")
     pgbench_init(c)
     bench = pgbench_start(c)
     writer = Writer(c)
     writer.start()
     try:
-        run = playbook(BACKUP, extra_vars=backup_vars(c, "/unused", **s3_vars(s3_server, url, pg_backup_compression="lz4")))
+        bv = backup_vars(c, "/unused", **s3_vars(s3_server, url, pg_backup_compression="lz4", **age_backup))
+        run = playbook(BACKUP, extra_vars=bv)
         assert run.rc == 0, run
         time.sleep(1.5)
         target = datetime.datetime.now(datetime.timezone.utc)
@@ -207,6 +224,7 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluste
     creds = {
         "pg_restore_s3_endpoint": s3_server.endpoint, "pg_restore_s3_access_key": s3_server.access_key,
         "pg_restore_s3_secret_key": s3_server.secret_key, "pg_restore_wal_program": prog, "pg_restore_recovery_timeout": 120,
+        **age_restore,
     }  # fmt: skip
     root = make_pg_dir("pgops-restore-")
     data = os.path.join(root, "data")
@@ -232,11 +250,11 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluste
 
     drill = playbook(DRILL, extra_vars={"pg_restore_repository": url, **creds})
     assert drill.rc == 0, drill
-    info = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"pg16/{bid}/backup.json")["Body"].read())
+    info = bucket_json(s3_server, bucket, f"{top}/{bid}/backup.json")
+    assert info["encryption"]["type"] == ("age" if encrypted else "none")
     assert info["drill"]["result"] == "passed" and info["verification"]["verified"] is True, info
 
     # The recoverability report reads the bucket; retention expires backups and WAL there.
-    bv = backup_vars(c, "/unused", **s3_vars(s3_server, url, pg_backup_compression="lz4"))
     second = playbook(BACKUP, extra_vars=bv)
     assert second.rc == 0, second
     files = tmp_path / "status"
@@ -248,11 +266,11 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(make_cluste
     (row,) = json.loads((files / "s.json").read_text())["clusters"]
     newest = second.task("Open the backup's record and take the cluster's lock")["backup_id"]
     assert (row["newest_backup"], row["gaps"]) == (newest, 0) and row["window_start"], row
-    wal_before = [k for k in objects(s3_server, bucket, "pg16/wal/")]
+    wal_before = [k for k in objects(s3_server, bucket, f"{top}/wal/")]
     expire = playbook(EXPIRE, extra_vars={**bv, "pg_backup_keep": 1})
     assert expire.rc == 0, expire
-    assert f"pg16/{bid}/backup.json" not in objects(s3_server, bucket, "pg16/"), "the older backup was not removed"
-    wal_after = [k for k in objects(s3_server, bucket, "pg16/wal/")]
+    assert f"{top}/{bid}/backup.json" not in objects(s3_server, bucket, f"{top}/"), "the older backup was not removed"
+    wal_after = [k for k in objects(s3_server, bucket, f"{top}/wal/")]
     gone = sorted(set(wal_before) - set(wal_after))
-    start = json.loads(s3_server.client().get_object(Bucket=bucket, Key=f"pg16/{newest}/backup.json")["Body"].read())["start_wal"]
+    start = bucket_json(s3_server, bucket, f"{top}/{newest}/backup.json")["start_wal"]
     assert gone and all(k.rsplit("/", 1)[1][:24] < start for k in gone), (gone, start)

@@ -15,6 +15,7 @@ ratios to the raw pipeline and to pgBackRest.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -125,11 +126,12 @@ def main() -> int:
 
         def ours(**more):
             def run():
+                url = f"s3://{bucket}/ours-{next(counter)}"
                 r = run_playbook(
                     os.path.join(REPO, "playbooks", "backup.yml"),
                     f"[postgresql]\nlocalhost ansible_connection=local ansible_python_interpreter={NODE_PYTHON}\n",
                     extra_vars={
-                        "pg_backup_repository": f"s3://{bucket}/ours-{next(counter)}",
+                        "pg_backup_repository": url,
                         "pg_backup_s3_endpoint": s3.endpoint,
                         "pg_backup_s3_ca_bundle": ca,
                         "pg_backup_s3_access_key": s3.access_key,
@@ -145,6 +147,12 @@ def main() -> int:
                 )
                 if r.rc != 0:
                     raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")
+                prefix = url.split("/", 3)[3]
+                client = s3.client()
+                keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]
+                (key,) = [k for k in keys if k.endswith("/backup.json")]
+                info = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+                run.copy_seconds = float(info["copy_seconds"])
 
             return run
 
@@ -161,7 +169,8 @@ def main() -> int:
                 t0 = time.monotonic()
                 fn()
                 times[name].append(time.monotonic() - t0)
-                print(f"  round {rnd + 1}: {name}: {times[name][-1]:.2f} s", flush=True)
+                copy = f", copy step {fn.copy_seconds:.2f} s" if hasattr(fn, "copy_seconds") else ""
+                print(f"  round {rnd + 1}: {name}: {times[name][-1]:.2f} s{copy}", flush=True)
         rows = [(name, min(times[name])) for name, _fn in contenders]
     finally:
         c.destroy()

@@ -30,11 +30,8 @@ from ._layout import (
     is_encrypted,
     new_backup_id,
     parse_stored_wal,
-    read_backup,
-    update_backup,
     valid_backup_id,
     wal_dir,
-    write_backup,
 )
 from ._metrics import publish
 from ._s3 import parse_url
@@ -465,23 +462,26 @@ def fail_backup(
 # -- pins
 
 
-def pin_backup(repository: str, backup_id: str, pinned: bool, reason: str = "", by: str = "") -> tuple:
+def pin_backup(repository, backup_id: str, pinned: bool, reason: str = "", by: str = "") -> tuple:
     """(changed, backup.json) after pinning a complete backup (retention never removes it) or unpinning it."""
-    path = backup_dir(repository, backup_id)
-    info = read_backup(path)
+    st = open_storage(repository)
+    backup_dir(st.url, backup_id)  # validates the id
+    info = st.read_backup(backup_id)
     if info is None:
-        raise RepositoryError(f"no backup {backup_id} in {repository}")
+        raise RepositoryError(f"no backup {backup_id} in {st.url}")
     if pinned and info.get("status") != "complete":
         raise RepositoryError(f"backup {backup_id} is {info.get('status')}: only a complete backup can be pinned")
     current = info.get("pinned")
     if pinned:
         if current and current.get("reason") == reason:
             return False, info
-        return True, update_backup(path, pinned={"at": utcnow(), "by": by or None, "reason": reason})
+        info["pinned"] = {"at": utcnow(), "by": by or None, "reason": reason}
+        st.write_backup(backup_id, info)
+        return True, info
     if not current:
         return False, info
     info.pop("pinned")
-    write_backup(path, info)
+    st.write_backup(backup_id, info)
     return True, info
 
 

@@ -206,13 +206,12 @@ clusters:
 """
 
 import datetime
-import os
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import read_backup, valid_backup_id
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     complete_backup,
     fail_backup,
@@ -316,8 +315,6 @@ def main():
     if p["keep"] < 0 or p["keep_days"] < 0:
         module.fail_json(msg=f"keep and keep_days must be 0 (off) or more, got {p['keep']} and {p['keep_days']:g}")
     if is_s3(repo):
-        if state in ("pinned", "unpinned"):
-            module.fail_json(msg="pinning backups in an s3:// repository is not supported yet")
         try:
             repo = open_storage(repo, config_from_params(p))
         except PgopsError as e:
@@ -327,7 +324,7 @@ def main():
     if state in ("pinned", "unpinned"):
         try:
             if module.check_mode:
-                info = read_backup(os.path.join(repo, bid)) or {}
+                info = open_storage(repo).read_backup(bid) or {}
                 module.exit_json(changed=bool(info.get("pinned")) != (state == "pinned"), backup_id=bid)
             changed, info = pin_backup(repo, bid, state == "pinned", p["reason"] or "", p["by"] or "")
         except (PgopsError, OSError) as e:

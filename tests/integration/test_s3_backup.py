@@ -28,6 +28,7 @@ RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
 DRILL = os.path.join(REPO, "playbooks", "drill.yml")
 STATUS = os.path.join(REPO, "playbooks", "status.yml")
 EXPIRE = os.path.join(REPO, "playbooks", "expire.yml")
+PIN = os.path.join(REPO, "playbooks", "pin.yml")
 
 BUCKET = "pgops-backups"
 
@@ -274,3 +275,8 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(
     gone = sorted(set(wal_before) - set(wal_after))
     start = bucket_json(s3_server, bucket, f"{top}/{newest}/backup.json")["start_wal"]
     assert gone and all(k.rsplit("/", 1)[1][:24] < start for k in gone), (gone, start)
+
+    # A pin in the bucket's backup.json, with why.
+    pin = playbook(PIN, extra_vars={**bv, "pg_backup_pin_backup": newest, "pg_backup_pin_reason": "audit"})
+    assert pin.rc == 0, pin
+    assert bucket_json(s3_server, bucket, f"{top}/{newest}/backup.json")["pinned"]["reason"] == "audit"

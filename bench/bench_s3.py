@@ -39,9 +39,9 @@ NODE_PYTHON = "/usr/bin/python3"
 UPLOADER = """
 import sys, boto3
 from botocore.config import Config
-endpoint, ca, key, secret, bucket, name = sys.argv[1:7]
-s3 = boto3.client("s3", endpoint_url=endpoint, verify=ca, aws_access_key_id=key, aws_secret_access_key=secret,
-                  region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+endpoint, ca, bucket, name = sys.argv[1:5]  # the keys come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+s3 = boto3.client("s3", endpoint_url=endpoint, verify=ca, region_name="us-east-1",
+                  config=Config(s3={"addressing_style": "path"}))
 s3.upload_fileobj(sys.stdin.buffer, bucket, name)
 """
 
@@ -116,9 +116,10 @@ def main() -> int:
             name = f"raw/{next(counter)}/base.tar.zst"
             cmd = (
                 f"tar -C {c.data} -cf - --exclude=./pg_wal/* . | zstd -q -T2 | "
-                f"{sys.executable} -c '{UPLOADER}' {s3.endpoint} {ca} {s3.access_key} {s3.secret_key} {bucket} {name}"
+                f"{sys.executable} -c '{UPLOADER}' {s3.endpoint} {ca} {bucket} {name}"
             )
-            subprocess.run(cmd, shell=True, check=True)
+            keys = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+            subprocess.run(cmd, shell=True, check=True, env={**os.environ, **keys})
 
         identity = os.path.join(work, "identity.txt")
         subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -26,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
 from ._errors import PgopsError
-from ._files import fsync_dir, resolves_inside, write_json
+from ._files import fsync_dir, resolves_inside, write_json, write_private_file
+from ._incremental import stage_files
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
 from ._s3 import Store, is_s3
 from ._stream import scanner_for
@@ -178,10 +180,17 @@ def _serious(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.strip() and not any(b in line for b in _BENIGN)]
 
 
-def _archive_command(method: str, root: str, big_records: bool = False) -> list:
+def _archive_command(method: str, root: str, big_records: bool = False, staged=None) -> list:
     """big_records: 1 MiB writes instead of 10 KiB (tar) or 512 bytes (cpio), a
-    fifth less CPU in the pipe; only where _tee cuts the padding back."""
+    fifth less CPU in the pipe; only where _tee cuts the padding back.
+    staged: (directory, list file, names) - an incremental's INCREMENTAL files, taken from that
+    directory after the files read from stdin, then names (global/pg_control) from root."""
     if method == "tar":
+        tail = []
+        if staged:
+            stage_dir, list_file, last = staged
+            # -C is positional: the staged files come from their own directory, pg_control stays last.
+            tail = ["-C", stage_dir, "-T", list_file] + (["-C", root, *last] if last else [])
         # --ignore-failed-read: a file dropped after the walk is not an error;
         # stderr is still checked for anything else (e.g. permission denied).
         return [
@@ -202,7 +211,10 @@ def _archive_command(method: str, root: str, big_records: bool = False) -> list:
             "--warning=no-file-changed",
             "--warning=no-file-removed",
             "--warning=no-file-shrank",
+            *tail,
         ]
+    if staged:
+        raise CopyError(f"method {method} cannot store incremental files: use tar or rsync")
     if method == "cpio":
         return ["cpio", "-o", "-0", "-L", "-H", "newc", "--quiet"] + (["--block-size=2048"] if big_records else [])
     raise CopyError(f"unknown archive method {method}")
@@ -221,6 +233,7 @@ def archive(
     cancel: Cancel | None = None,
     encrypt: list | None = None,
     upload=None,
+    staged=None,
 ) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
@@ -230,12 +243,22 @@ def archive(
     encrypt: the encryption command, run after the compressor (ciphertext does not compress).
     upload: (an _s3.Store, name): the stream goes into a multipart upload instead of a file; it
     is completed only when every step succeeded, and aborted otherwise.
+    staged: (directory, relative paths) of an incremental's INCREMENTAL files, archived after files
+    (without its global/pg_control, which stays last).
     Written as <out_path>.partial and renamed when every step succeeded.
     """
     t0 = time.monotonic()
     comp = compressor_command(compression, level, threads)
     tmp = out_path + ".partial"
-    stages = [("archive", _archive_command(method, root, big_records=scanner is not None))]
+    tar_staged = None
+    if staged:
+        stage_dir, names = staged
+        list_file = os.path.join(stage_dir, ".pgops-staged")
+        write_private_file(list_file, b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names))
+        last = [f for f in files if f == CONTROL]
+        files = [f for f in files if f != CONTROL]
+        tar_staged = (stage_dir, list_file, last)
+    stages = [("archive", _archive_command(method, root, big_records=scanner is not None, staged=tar_staged))]
     if comp:
         stages.append(("compress", comp))
     if encrypt:
@@ -746,20 +769,9 @@ def plan_copy(spec: dict) -> dict:
     }
 
 
-def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None) -> dict:
-    """Copy the data directory and tablespaces into dest with the spec's method;
-    the result pg_backup_copy returns. Raises CopyError or OSError."""
-    t0 = time.monotonic()
-    plan = plan or plan_copy(spec)
+def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written) -> int:
+    """The copy proper, by method; the bytes written."""
     data, dest, method = spec["data_directory"], spec["dest"], spec["method"]
-    remote = _remote_of(spec)
-    store = Store(dest, spec["s3"]) if is_s3(dest) else None
-    threads = spec["threads"] or os.cpu_count() or 1
-    algorithm = default_algorithm() if spec["manifest_checksum"] == "auto" else spec["manifest_checksum"]
-    if remote and method == "rsync":
-        algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
-    entries = [] if algorithm else None
-    written = []
     # Raises before anything is written when a tool or a key is missing: never a cleartext copy by mistake.
     encrypt = encryptor(spec["encryption"], spec["age_recipients"]) if method != "rsync" else []
     if method == "rsync":
@@ -771,14 +783,21 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         for oid, loc, tfiles, _size in plan["spaces"]:
             tdir = os.path.join(dest, RSYNC_TABLESPACES, oid)
             mkdirs(tdir)
+            tfiles, staged = stage(oid, loc, tfiles, int(oid))
             rsync_tree(loc, tfiles, tdir, remote, cancel)
+            if staged:
+                rsync_tree(staged[0], staged[1], tdir, remote, cancel)
+                tfiles = tfiles + staged[1]
             # Relative link: the backup directory can move as a whole.
             link(os.path.join("..", "..", RSYNC_TABLESPACES, oid), os.path.join(out, "pg_tblspc", oid))
             if algorithm:
                 entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads, cancel)
         # rsync sorts its list: pg_control goes in a second run so it is copied last.
-        files = plan["files"]
+        files, staged = stage("base", data, plan["files"])
         rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel)
+        if staged:
+            rsync_tree(staged[0], staged[1], out, remote, cancel)
+            files = files + staged[1]
         if CONTROL in files:
             rsync_tree(data, [CONTROL], out, remote, cancel)
         if algorithm:
@@ -793,6 +812,7 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
         total = 0
         for name, root, flist in jobs:
+            flist, staged = stage(name, root, flist, None if name == "base" else int(name))
             out_name = archive_name(name, method, spec["compression"], spec["encryption"])
             scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
             r = archive(
@@ -808,11 +828,53 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
                 cancel=cancel,
                 encrypt=encrypt,
                 upload=(store, out_name) if store else None,
+                staged=staged,
             )
             if scanner is not None:
                 entries += scanner.entries
             written.append({"name": out_name, "bytes": r["bytes"], "seconds": r["seconds"]})
             total += r["bytes"]
+    return total
+
+
+def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None) -> dict:
+    """Copy the data directory and tablespaces into dest with the spec's method;
+    the result pg_backup_copy returns. Raises CopyError or OSError."""
+    t0 = time.monotonic()
+    plan = plan or plan_copy(spec)
+    dest, method = spec["dest"], spec["method"]
+    remote = _remote_of(spec)
+    store = Store(dest, spec["s3"]) if is_s3(dest) else None
+    threads = spec["threads"] or os.cpu_count() or 1
+    algorithm = default_algorithm() if spec["manifest_checksum"] == "auto" else spec["manifest_checksum"]
+    if remote and method == "rsync":
+        algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
+    entries = [] if algorithm else None
+    written = []
+    incr = spec.get("incremental")  # (BlockMap, its document) from the keeper: an incremental backup
+    stage_root = tempfile.mkdtemp(prefix="pgops-incremental-") if incr else None
+    istats = {"incremental_files": 0, "whole_files": 0, "blocks": 0, "bytes": 0, "replaced_bytes": 0}
+
+    def stage(name, root, flist, tsoid=None):
+        """flist without the files stored incrementally, and (stage directory, INCREMENTAL files)."""
+        if not incr:
+            return flist, None
+        sdir = os.path.join(stage_root, name)
+        os.makedirs(sdir, mode=0o700)
+        keep, staged, st = stage_files(root, flist, sdir, incr[0], incr[1], tsoid)
+        for k, v in st.items():
+            istats[k] += v
+        _check(cancel)
+        return keep, (sdir, staged)
+
+    try:
+        total = _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written)
+    finally:
+        if stage_root:
+            shutil.rmtree(stage_root, ignore_errors=True)
+    if method == "rsync" and incr:
+        total += istats["bytes"] - istats["replaced_bytes"]
+        written[-1]["bytes"] = total
     _check(cancel)
     if entries is not None:
         record = {"algorithm": algorithm, "entries": entries}
@@ -833,4 +895,6 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         "manifest_checksum": algorithm,
         "encryption": spec["encryption"],
         "crc32c_implementation": CRC32C_IMPLEMENTATION,
+        "type": "incremental" if incr else "full",
+        "incremental": istats if incr else None,
     }

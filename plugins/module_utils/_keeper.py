@@ -37,7 +37,8 @@ import time
 from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
 from ._errors import PgopsError
 from ._files import ensure_private_dir, read_json, write_json
-from ._postgres import connect, error_text, psycopg2, query_one, server_version
+from ._incremental import IncrementalRefused, label_lines, read_block_map, save_block_map
+from ._postgres import connect, error_text, psycopg2, query_all, query_one, server_version
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"
@@ -553,9 +554,21 @@ class Session:
 
     def start(self, major: int, label: str, fast: bool) -> tuple:
         backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
+        self.called_at = time.time()  # before the start's checkpoint begins: an incremental's file age limit
         t0 = time.monotonic()
         lsn_text = query_one(self.conn, start_sql(major), (label, fast))[0]
         return backend_pid, lsn_text, time.monotonic() - t0
+
+    def changed_blocks(self, parent: dict, start_lsn: str, tli: int) -> tuple:
+        """What changed since the parent backup's start, from the WAL summaries, read over this session."""
+        return read_block_map(
+            lambda sql, args=None: query_one(self.conn, sql, args),
+            lambda sql, args=None: query_all(self.conn, sql, args),
+            parent["lsn"],
+            parent["tli"],
+            start_lsn,
+            tli,
+        )
 
     def facts(self) -> dict:
         row = query_one(
@@ -746,6 +759,8 @@ class Keeper:
             self.db.settings(major)
             backend_pid, lsn_text, seconds = self.db.start(major, spec["label"], spec["fast"])
             facts = self.db.facts()
+            stage = "incremental"
+            facts["incremental"] = self._changes(major, lsn_text, facts) if spec.get("incremental_from") else None
             self.start_outcome = ("ok", backend_pid, lsn_text, seconds, facts)
         except (psycopg2.Error, KeeperError) as e:
             self.start_outcome = ("error", stage, e)
@@ -753,6 +768,22 @@ class Keeper:
             self.start_outcome = ("error", "keeper", e)
         finally:
             os.write(self.start_w, b"x")
+
+    def _changes(self, major: int, lsn_text: str, facts: dict) -> dict:
+        """{"facts": ...} when this backup can be incremental (the changed blocks saved for the copy),
+        else {"refused": why}: the backup then goes on as a full one."""
+        if major < 17:
+            return {"refused": f"block-level incremental backups need PostgreSQL 17 or later (this is {major})"}
+        try:
+            bm, facts_incr = self.db.changed_blocks(self.spec["incremental_from"], lsn_text, facts["timeline"])
+            save_block_map(self.sdir, bm, facts_incr, self.db.called_at)
+        except IncrementalRefused as e:
+            return {"refused": str(e)}
+        except psycopg2.Error as e:
+            return {"refused": f"the WAL summaries could not be read: {error_text(e)}"}
+        except OSError as e:
+            return {"refused": f"the changed blocks could not be saved in {self.sdir}: {e}"}
+        return {"facts": facts_incr}
 
     def _started(self) -> None:
         outcome = self.start_outcome
@@ -792,6 +823,8 @@ class Keeper:
             backup_from="standby" if facts["in_recovery"] else "primary",
             started_at=utcnow(),
             start_seconds=round(seconds, 3),
+            incremental=(facts.get("incremental") or {}).get("facts"),
+            incremental_refused=(facts.get("incremental") or {}).get("refused"),
             last_contact_at=utcnow(),
             expires_at=datetime.datetime.fromtimestamp(time.time() + (self.core.deadline - now), datetime.timezone.utc).isoformat(
                 timespec="seconds"
@@ -947,6 +980,10 @@ class Keeper:
         t0 = time.monotonic()
         try:
             lsn_text, labelfile, spcmapfile = self.db.stop(major)
+            incr = self.state.get("incremental")
+            if incr:
+                # As the server's own incremental backup writes it: pg_combinebackup follows the chain by these.
+                labelfile = labelfile.rstrip("\n") + "\n" + label_lines(incr["from_lsn"], incr["from_tli"])
         except psycopg2.Error as e:
             msg = error_text(e)
             self.core.end("failed", f"the stop function failed: {msg}")

@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 
-from ._backup_api import wal_segment_name, wal_segment_names, wal_segno
+from ._backup_api import BackupApiError, major_of, wal_segment_name, wal_segment_names, wal_segno
 from ._errors import PgopsError
 from ._files import resolves_inside
 from ._keeper import liveness
@@ -266,6 +266,46 @@ def latest(
         if skipped is not None:
             skipped.append({"id": entry.get("id"), "reason": why})
     return None
+
+
+def choose_parent(entries: list, cluster: str, method: str, pg_version) -> tuple:
+    """(the parent of an incremental backup, None) or (None, why there is none): the newest complete,
+    trusted backup of the cluster, when it was taken the same way (method, major) and has a manifest."""
+    mine = [e for e in entries if e.get("system_identifier") == cluster]
+    newest = latest(mine)
+    if newest is None:
+        return None, "there is no complete, trusted backup of this cluster to be its parent"
+    bid = newest["id"]
+    if newest.get("method") != method:
+        return None, f"the newest backup {bid} was taken with method {newest.get('method')}, this one with {method}"
+    try:
+        same_major = major_of(newest.get("pg_version") or "") == major_of(pg_version)
+    except BackupApiError:
+        same_major = False
+    if not same_major or not newest.get("start_lsn") or not newest.get("timeline"):
+        return None, f"the newest backup {bid} is of PostgreSQL {newest.get('pg_version')} or lacks its start LSN and timeline"
+    if not newest.get("manifest"):
+        return None, f"the newest backup {bid} has no backup_manifest, which pg_combinebackup needs"
+    return {"id": bid, "start_lsn": newest["start_lsn"], "timeline": newest["timeline"], "type": newest.get("type", "full")}, None
+
+
+def chain_of(entries: list, backup_id: str) -> list:
+    """The backups an incremental one needs, oldest (the full one) first, ending with it.
+    RepositoryError when a parent is missing or not complete."""
+    by_id = {str(e.get("id")): e for e in entries}
+    chain = []
+    bid = backup_id
+    while bid is not None:
+        entry = by_id.get(bid)
+        if entry is None:
+            raise RepositoryError(f"backup {chain[-1]['id']} is an incremental whose parent {bid} is not in the repository")
+        if not is_complete(entry):
+            raise RepositoryError(f"backup {bid}, a parent in the chain of {backup_id}, is {entry.get('status')}, not complete")
+        if any(c["id"] == bid for c in chain):
+            raise RepositoryError(f"the chain of {backup_id} loops at {bid}")
+        chain.append(entry)
+        bid = entry.get("parent") if entry.get("type") == "incremental" else None
+    return chain[::-1]
 
 
 def select(
@@ -535,6 +575,11 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
                 older = e
         if older is not None:
             why(older, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
+    # A kept incremental keeps its whole chain: without its parents it cannot be restored.
+    by_id = {e["id"]: e for e in complete}
+    for e in complete:  # newest first: a parent kept here is seen again further down
+        if e["id"] in reasons and e.get("type") == "incremental" and e.get("parent") in by_id:
+            why(by_id[e["parent"]], f"the parent of incremental backup {e['id']}")
     kept = [e for e in complete if e["id"] in reasons]
     oldest_kept = kept[-1]["id"] if kept else None
     remove = []

@@ -24,6 +24,7 @@ from ._files import existing_ancestor, resolves_inside, write_private_file
 from ._layout import (
     BACKUP_JSON,
     LABEL_FILES,
+    MANIFEST,
     RSYNC_DATA,
     RSYNC_TABLESPACES,
     STORED_SUFFIXES,
@@ -270,6 +271,46 @@ def extract(source: str, dest: str, method: str) -> None:
         remote.finish()
     except PgopsError as e:
         raise RestoreError(f"extracting {what} failed: {e}") from None
+
+
+def combine_chain(members: list, data_dir: str, spaces: list, combine: str) -> list:
+    """Restore an incremental backup: extract every backup of its chain (oldest first, each a dict with
+    backup_dir and sources) into a private scratch directory beside data_dir, each a data directory with
+    its backup_label and backup_manifest (and its tablespaces linked from pg_tblspc), then let
+    PostgreSQL's pg_combinebackup reconstruct the newest one into data_dir and the tablespaces' new
+    paths. The scratch directory is removed whatever happens. Returns the ids combined."""
+    scratch = tempfile.mkdtemp(prefix=".pgops-combine-", dir=os.path.dirname(data_dir.rstrip("/")))
+    try:
+        dirs = []
+        mapping = []
+        for i, m in enumerate(members):
+            method = m["sources"]["method"]
+            d = os.path.join(scratch, str(i))
+            os.mkdir(d, 0o700)
+            extract(m["sources"]["base"], d, method)
+            place_label_files(m["backup_dir"], d, method)
+            manifest = os.path.join(m["backup_dir"], MANIFEST)
+            if os.path.exists(manifest):
+                shutil.copyfile(manifest, os.path.join(d, MANIFEST))
+            for oid, src in m["sources"]["spaces"].items():
+                tdir = os.path.join(scratch, f"{i}.tablespaces", oid)
+                os.makedirs(tdir, 0o700)
+                extract(src, tdir, method)
+                link = os.path.join(d, "pg_tblspc", oid)
+                if os.path.lexists(link):
+                    os.unlink(link) if os.path.islink(link) else shutil.rmtree(link)
+                os.symlink(tdir, link)
+                if i == len(members) - 1:
+                    mapping += ["-T", f"{tdir}={next(ts['path'] for ts in spaces if ts['oid'] == oid)}"]
+            dirs.append(d)
+        cmd = [combine, "--no-sync", "-o", data_dir, *mapping, *dirs]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()][-5:]
+            raise RestoreError(f"pg_combinebackup could not reconstruct the chain: {' | '.join(lines)}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [m["info"].get("id") for m in members]
 
 
 def peek_tar_config(archive: str, limit: int = 5000) -> dict:

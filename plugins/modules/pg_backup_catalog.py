@@ -43,6 +43,14 @@ options:
         C(tablespace_map) from the stop, for a repository the database host does not write to directly).
     type: dict
     default: {}
+  incremental:
+    description:
+      - With O(state=running), also choose the parent of an incremental backup, returned as RV(parent) - the newest
+        complete backup of O(cluster) not known to be damaged, when it was taken with the same C(method) and
+        PostgreSQL major (from O(fields)) and has a manifest - or, when there is none, RV(parent_refused) says why.
+      - Retention keeps the parents of every incremental backup it keeps.
+    type: bool
+    default: false
   state:
     description:
       - V(running) creates the backup directory and C(backup.json), and takes the lock. Only the repository directory
@@ -168,6 +176,14 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+parent:
+  description: With O(incremental), the parent backup's C(id), C(start_lsn), C(timeline) and C(type); null when none.
+  returned: state=running and incremental
+  type: dict
+parent_refused:
+  description: With O(incremental), why there is no parent (the backup is then a full one).
+  returned: state=running and incremental
+  type: str
 backup_id:
   description: The backup's id (its directory name).
   returned: always
@@ -213,6 +229,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._errors import
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
+    choose_parent,
     complete_backup,
     fail_backup,
     open_backup,
@@ -294,6 +311,7 @@ def main():
             keep_failed_files=dict(type="bool", default=False),
             metrics_file=dict(type="path"),
             label_files=dict(type="dict", default={}),
+            incremental=dict(type="bool", default=False),
             **S3_OPTION_SPEC,
         ),
         required_if=[
@@ -338,6 +356,11 @@ def main():
         if state == "running":
             runtime_dir = p["session_runtime_dir"] or (default_runtime_dir() if p["session_local"] else None)
             out = open_backup(repo, p["cluster"], p["fields"], p["lock_grace"], runtime_dir, module.warn)
+            if p["incremental"]:
+                fields = p["fields"]
+                out["parent"], out["parent_refused"] = choose_parent(
+                    read_catalog(repo), p["cluster"], fields.get("method", "tar"), fields.get("pg_version") or ""
+                )
             module.exit_json(changed=True, msg=f"backup {out['backup_id']} is running in {out['path']}", **out)
         if state == "complete":
             out = complete_backup(

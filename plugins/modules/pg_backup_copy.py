@@ -20,6 +20,13 @@ description:
   - Method V(tar) writes C(base.tar[.gz|.zst|.lz4]) and one C(<oid>.tar[...]) per tablespace; V(cpio) the same
     with C(.cpio) (newc format); V(rsync) a ready data directory C(data/) and C(tablespaces/<oid>/), with
     C(data/pg_tblspc/<oid>) linked to them.
+  - When the session of O(session_id) is an incremental backup (started with
+    O(pgops.online_backup.pg_backup_session#module:incremental_from_lsn), PostgreSQL 17+), relation files are stored
+    as C(INCREMENTAL.<name>) files with only the blocks the WAL summaries say changed since the parent, in PostgreSQL's
+    own format, so that C(pg_combinebackup) reconstructs the chain; a file is copied whole where the server would
+    (free space maps, databases created since, files with no summarized change but modified since the start, more
+    than 90 % of blocks changed). Methods V(tar) and V(rsync) only. The C(INCREMENTAL) files are written to a
+    private directory under C($TMPDIR) first (the changed blocks only) and removed when the copy ends.
 extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.s3
@@ -168,6 +175,17 @@ manifest_checksum:
   description: The checksum algorithm recorded during the copy (O(manifest_checksum=auto) resolved), or null.
   returned: when not in check mode
   type: str
+type:
+  description: V(incremental) when relation files were stored as C(INCREMENTAL) files, else V(full).
+  returned: when not in check mode
+  type: str
+incremental:
+  description:
+    - For an incremental copy, C(incremental_files) (relation files stored as C(INCREMENTAL) files), C(blocks) (the
+      changed blocks they hold), C(bytes) (their size), C(replaced_bytes) (the size of the files they stand for) and
+      C(whole_files) (relation files copied whole all the same). Null for a full copy.
+  returned: when not in check mode
+  type: dict
 crc32c_implementation:
   description:
     - Which CRC-32C implementation this node's Python has, C(crc32c (hardware)), C(crc32c (software)),
@@ -180,9 +198,11 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._incremental import load_block_map
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
     Attachment,
     default_runtime_dir,
+    read_state,
     session_dir,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
@@ -234,17 +254,26 @@ def main():
         )
     cancel = Cancel()
     attached = None
+    spec = dict(p)  # what the copy uses, beyond the module's own options
     if p["session_id"]:
         try:
-            attached = Attachment(session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"]), cancel.fire)
+            sdir = session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"])
+            attached = Attachment(sdir, cancel.fire)
         except PgopsError as e:
             module.fail_json(msg=str(e))
+        if (read_state(sdir) or {}).get("incremental"):
+            if p["method"] == "cpio":
+                module.fail_json(msg="nothing copied: the session is an incremental backup, which method cpio cannot store")
+            try:
+                spec["incremental"] = load_block_map(sdir)
+            except (OSError, ValueError) as e:
+                module.fail_json(msg=f"nothing copied: the incremental backup's changed blocks cannot be read: {e}")
         # However long the copy takes, the run counts as alive; if it ends, the copy stops at once.
         attached.start()
         if attached.gone:
             module.fail_json(msg=f"nothing copied: {attached.gone}")
     try:
-        result = run_copy(p, plan, cancel=cancel)
+        result = run_copy(spec, plan, cancel=cancel)
     except (PgopsError, OSError) as e:
         why = f": {attached.gone}" if attached is not None and attached.gone else ""
         module.fail_json(msg=f"copy failed: {e}{why}")

@@ -107,6 +107,21 @@ options:
       - V(0) (the default) trusts the run until O(max_duration), for copy steps of your own that do not renew it.
     type: int
     default: 0
+  incremental_from_lsn:
+    description:
+      - With O(state=started), make this backup an incremental one relative to the backup that started at this LSN
+        (the parent's C(start_lsn)), on PostgreSQL 17 or later with C(summarize_wal=on).
+      - Right after the start, the keeper reads over its own session which blocks changed since then
+        (C(pg_wal_summary_contents()), after waiting for the WAL summarizer to reach this backup's start) and saves
+        them for M(pgops.online_backup.pg_backup_copy); O(state=stopped) then adds the C(INCREMENTAL FROM LSN) and
+        C(INCREMENTAL FROM TLI) lines to C(backup_label), as C(pg_basebackup --incremental) does.
+      - When that cannot be done (an older server, C(summarize_wal) off, summaries missing or incomplete, another
+        timeline), the backup goes on as a full one; RV(incremental_refused) says why, and the task warns.
+    type: str
+  incremental_from_tli:
+    description:
+      - The timeline the parent backup started on (its C(timeline)). Required with O(incremental_from_lsn).
+    type: int
   keepalive_interval:
     description:
       - Seconds between the keeper's keepalive queries.
@@ -201,6 +216,16 @@ session_id:
 label:
   description: The backup label.
   returned: state is started or stopped
+  type: str
+incremental:
+  description:
+    - With O(incremental_from_lsn), what the WAL summaries say changed since the parent (C(from_lsn), C(from_tli),
+      C(summaries), C(relations), C(blocks), C(databases_created)); null when the backup is a full one.
+  returned: state=started or state=stopped
+  type: dict
+incremental_refused:
+  description: Why the backup is a full one although O(incremental_from_lsn) asked for an incremental one.
+  returned: state=started or state=stopped
   type: str
 start_lsn:
   description: Redo location of the backup's starting checkpoint.
@@ -358,7 +383,8 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
 
 START_KEYS = (
     "session_id", "label", "start_lsn", "start_wal", "timeline", "server_version", "server_version_num",
-    "system_identifier", "backup_from", "started_at", "start_seconds", "wal_segment_size",
+    "system_identifier", "backup_from", "started_at", "start_seconds", "wal_segment_size", "incremental",
+    "incremental_refused",
 )  # fmt: skip
 
 
@@ -406,6 +432,12 @@ def started(module, runtime_dir: str) -> None:
         "cluster": cluster_key(p),
         "lease": p["lease"],
     }
+    if p["incremental_from_lsn"]:
+        try:
+            parse_lsn(p["incremental_from_lsn"])
+        except PgopsError as e:
+            module.fail_json(msg=f"invalid incremental_from_lsn: {e}; nothing was started")
+        spec["incremental_from"] = {"lsn": p["incremental_from_lsn"], "tli": p["incremental_from_tli"]}
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {sid}")
     try:
         report = _keeper.launch(kw, spec, runtime_dir, p["start_timeout"])
@@ -424,6 +456,8 @@ def started(module, runtime_dir: str) -> None:
     state = report["state"]
     out = public(state)
     out.update(expires_at=state.get("expires_at"), keeper_pid=state.get("pid"))
+    if out.get("incremental_refused"):
+        module.warn(f"this backup is a full one, not an incremental: {out['incremental_refused']}")
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
 
 
@@ -726,6 +760,8 @@ def main():
         start_timeout=dict(type="float", default=1800),
         max_duration=dict(type="int", default=86400),
         keepalive_interval=dict(type="int", default=30),
+        incremental_from_lsn=dict(type="str"),
+        incremental_from_tli=dict(type="int"),
         lease=dict(type="int", default=0),
         dest=dict(type="path"),
         runtime_dir=dict(type="path"),
@@ -744,6 +780,7 @@ def main():
     module = AnsibleModule(
         argument_spec=argument_spec,
         supports_check_mode=True,
+        required_together=[("incremental_from_lsn", "incremental_from_tli")],
         required_if=[
             ("state", "started", ["label"]),
             ("state", "stopped", ["session_id", "label"], True),

@@ -17,6 +17,11 @@ description:
     pigz/gzip, zstd or lz4) are extracted into the data directory and each C(<oid>.tar)/C(<oid>.cpio) into its
     tablespace directory; C(backup_label) and C(tablespace_map) are copied from the backup root.
     Rsync backups: C(data/) and C(tablespaces/<oid>/) are copied with rsync."
+  - An incremental backup (C(type=incremental) in C(backup.json)) is restored with its chain - its parent, the
+    parent's parent, down to a full backup, found beside it in the same repository, each checked complete and of
+    the same cluster - every one extracted into a private scratch directory beside O(data_directory) (removed
+    afterwards), then reconstructed by PostgreSQL's C(pg_combinebackup) into O(data_directory) and the tablespace
+    paths (C(pg_combinebackup) of the backup's major, from O(bin_dir), the server's client tools or C(PATH)).
   - Tablespaces go back to their original locations unless O(tablespace_map) moves them; C(tablespace_map)
     is rewritten with the new paths and C(pg_tblspc/<oid>) links to them.
   - Writes the recovery settings into C(postgresql.auto.conf) (C(restore_command), at most one
@@ -204,6 +209,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+chain:
+  description:
+    - For an incremental backup, the ids of the backups it was reconstructed from with C(pg_combinebackup), oldest
+      (the full one) first; empty for a full backup.
+  returned: always
+  type: list
+  elements: str
 backup_id:
   description: The restored backup.
   returned: always
@@ -284,6 +296,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._layout import
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files import (
     backup_sources,
     check_targets,
+    combine_chain,
     config_port,
     extract,
     link_tablespaces,
@@ -320,6 +333,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_serve
     data_major,
     default_socket_directory,
     find_bin_dir,
+    find_tool,
     listen_hosts,
     pick_free_port,
     port_in_use,
@@ -428,6 +442,37 @@ def stage_from_bucket(url: str, config: dict) -> tuple:
     return staging, remote
 
 
+def parent_chain(p: dict, info: dict, major: int) -> list:
+    """The backups an incremental one is restored from, oldest (the full one) first, without itself:
+    each complete, of the same cluster and major, found beside it in the same repository."""
+    path = p["backup_path"].rstrip("/")
+    base = path[: path.rindex("/")]
+    chain = []
+    child = info
+    while child.get("type") == "incremental":
+        pid = child.get("parent")
+        if not valid_backup_id(pid) or len(chain) > 1000 or any(m["info"].get("id") == pid for m in chain):
+            raise RestoreError(f"backup {child.get('id')} is an incremental one with an invalid parent {pid!r}")
+        where = f"{base}/{pid}"
+        if is_s3(where):
+            bdir, remote = stage_from_bucket(where, config_from_params(p))
+        else:
+            bdir, remote = where, {}
+        try:
+            pinfo = complete_backup(bdir)
+        except RestoreError as e:
+            raise RestoreError(f"backup {info.get('id')} needs its parent {pid}, which cannot be used: {e}") from None
+        if pinfo.get("system_identifier") != info.get("system_identifier") or major_of(pinfo.get("pg_version") or 0) != major:
+            raise RestoreError(f"parent {pid} of backup {child.get('id')} is of another cluster or PostgreSQL version")
+        sources = backup_sources(bdir, pinfo)
+        sources["base"] = remote.get(sources["base"], sources["base"])
+        sources["spaces"] = {oid: remote.get(sp, sp) for oid, sp in sources["spaces"].items()}
+        needed_tools(sources)
+        chain.insert(0, {"backup_dir": bdir, "sources": sources, "info": pinfo})
+        child = pinfo
+    return chain
+
+
 def plan(module) -> dict:
     """Every check, no change. Returns what the restore will do."""
     p = module.params
@@ -470,11 +515,24 @@ def plan(module) -> dict:
         why = writable_parent(path)
         if why:
             raise RestoreError(why)
-    why = free_space_problem(data_dir, spaces, states, info.get("source_bytes"))
+    # A chain is extracted beside the data directory before it is combined into it.
+    needed = info.get("source_bytes")
+    if needed and info.get("type") == "incremental":
+        needed = 2 * int(needed) + int(info.get("bytes") or 0)
+    why = free_space_problem(data_dir, spaces, states, needed)
     if why:
         raise RestoreError(f"not enough space to restore: {why}")
     needed_tools(sources)
     bin_dir = find_bin_dir(major, p["bin_dir"])
+    chain, combine = [], None
+    if info.get("type") == "incremental":
+        chain = parent_chain(p, info, major)
+        combine = find_tool("pg_combinebackup", major, p["bin_dir"])
+        if combine is None:
+            raise RestoreError(
+                f"backup {info.get('id')} is an incremental one: restoring it needs pg_combinebackup of PostgreSQL {major} "
+                f"(postgresql-client-{major}), in bin_dir or on PATH"
+            )
 
     restore_command = restore_command_for(p["wal_archive"]) if p["wal_archive"] else p["restore_command"]
     wal_dir = p["wal_archive"] or p["wal_directory"]
@@ -525,7 +583,7 @@ def plan(module) -> dict:
     return {
         "info": info, "backup_dir": backup_dir, "data_dir": data_dir, "major": major, "sources": sources,
         "spaces": spaces, "states": states, "bin_dir": bin_dir, "settings": settings, "port": port,
-        "socket_dir": socket_dir, "orig_port": orig_port,
+        "socket_dir": socket_dir, "orig_port": orig_port, "chain": chain, "combine": combine,
     }  # fmt: skip
 
 
@@ -536,9 +594,13 @@ def restore(module, pl: dict) -> dict:
     out = {"removed": [], "created": [], "disabled": []}
     for path, state in pl["states"]:
         prepare_directory(path, state)
-    extract(sources["base"], data_dir, method)
-    for ts in pl["spaces"]:
-        extract(sources["spaces"][ts["oid"]], ts["path"], method)
+    if pl["chain"]:
+        final = {"backup_dir": pl["backup_dir"], "sources": sources, "info": pl["info"]}
+        out["combined"] = combine_chain(pl["chain"] + [final], data_dir, pl["spaces"], pl["combine"])
+    else:
+        extract(sources["base"], data_dir, method)
+        for ts in pl["spaces"]:
+            extract(sources["spaces"][ts["oid"]], ts["path"], method)
     found = data_major(data_dir)
     if found is None:
         raise RestoreError(
@@ -548,7 +610,8 @@ def restore(module, pl: dict) -> dict:
         raise RestoreError(f"the restored data directory is PostgreSQL {found}, backup.json says {pl['major']}")
     if not pl["orig_port"] and p["port"] != 0:
         check_original_port(pl["port"], original_port(data_dir), p["allow_original_port"])
-    place_label_files(pl["backup_dir"], data_dir, method)
+    if not pl["chain"]:  # pg_combinebackup wrote the label, without the INCREMENTAL lines
+        place_label_files(pl["backup_dir"], data_dir, method)
     if not os.path.exists(os.path.join(data_dir, "backup_label")):
         raise RestoreError("the backup has no backup_label: without it recovery would start from the wrong checkpoint")
     map_path = os.path.join(data_dir, "tablespace_map")
@@ -633,6 +696,7 @@ def main():
         "settings": pl["settings"],
         "method": pl["sources"]["method"],
         "compression": pl["sources"]["compression"],
+        "chain": [m["info"].get("id") for m in pl["chain"]] + ([pl["info"].get("id")] if pl["chain"] else []),
         "target": module.params["target"],
         "target_value": module.params["target_value"],
     }

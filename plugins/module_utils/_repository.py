@@ -289,25 +289,6 @@ def choose_parent(entries: list, cluster: str, method: str, pg_version) -> tuple
     return {"id": bid, "start_lsn": newest["start_lsn"], "timeline": newest["timeline"], "type": newest.get("type", "full")}, None
 
 
-def chain_of(entries: list, backup_id: str) -> list:
-    """The backups an incremental one needs, oldest (the full one) first, ending with it.
-    RepositoryError when a parent is missing or not complete."""
-    by_id = {str(e.get("id")): e for e in entries}
-    chain = []
-    bid = backup_id
-    while bid is not None:
-        entry = by_id.get(bid)
-        if entry is None:
-            raise RepositoryError(f"backup {chain[-1]['id']} is an incremental whose parent {bid} is not in the repository")
-        if not is_complete(entry):
-            raise RepositoryError(f"backup {bid}, a parent in the chain of {backup_id}, is {entry.get('status')}, not complete")
-        if any(c["id"] == bid for c in chain):
-            raise RepositoryError(f"the chain of {backup_id} loops at {bid}")
-        chain.append(entry)
-        bid = entry.get("parent") if entry.get("type") == "incremental" else None
-    return chain[::-1]
-
-
 def select(
     entries: list, wanted: str, allow_unverified: bool = False, skipped: list | None = None, before: float | None = None
 ) -> dict:

@@ -540,3 +540,39 @@ def test_wal_expiry_refuses_while_a_kept_backup_lacks_wal(tmp_path, add_backup):
     assert len(os.listdir(wal)) == 5, "a dry run removes nothing"
     r.retention(repo, "1", keep=1)
     assert sorted(os.listdir(wal)) == ["000000010000000000000005.zst", "000000010000000000000006.zst"]
+
+
+def _inc(bid: str, days_ago: float, parent: str, **more) -> dict:
+    return _entry(bid, days_ago, type="incremental", parent=parent, **more)
+
+
+def test_retention_keeps_every_parent_of_a_kept_incremental_and_removes_whole_chains():
+    entries = [
+        _inc("20261201T000000Z", 1, "20261130T000000Z"), _inc("20261130T000000Z", 2, "20261129T000000Z"),
+        _entry("20261129T000000Z", 3, type="full"),
+        _inc("20261128T000000Z", 4, "20261127T000000Z"), _entry("20261127T000000Z", 5, type="full"),
+    ]  # fmt: skip
+    plan = r.plan_retention(entries, "1", keep=1, now=NOW)
+    assert [k["id"] for k in plan["keep"]] == ["20261201T000000Z", "20261130T000000Z", "20261129T000000Z"], plan
+    assert any("parent of incremental backup 20261201T000000Z" in why for why in plan["keep"][1]["reasons"])
+    assert sorted(x["id"] for x in plan["remove"]) == ["20261127T000000Z", "20261128T000000Z"]
+    # The oldest kept backup (WAL expiry starts from it) is the chain's full backup.
+    assert plan["oldest_kept"]["id"] == "20261129T000000Z"
+
+
+def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
+    base = {"method": "tar", "pg_version": 170010, "start_lsn": "0/5000028", "timeline": 1, "manifest": {"files": 9}}
+    newest = _entry("20261201T000000Z", 1, **base)
+    parent, why = r.choose_parent([newest, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)
+    assert why is None and parent == {"id": "20261201T000000Z", "start_lsn": "0/5000028", "timeline": 1, "type": "full"}
+    assert r.choose_parent([], "1", "tar", 170002) == (
+        None,
+        "there is no complete, trusted backup of this cluster to be its parent",
+    )
+    assert "method tar, this one with rsync" in r.choose_parent([newest], "1", "rsync", 170002)[1]
+    assert "PostgreSQL 170010" in r.choose_parent([newest], "1", "tar", 180000)[1]
+    assert "no backup_manifest" in r.choose_parent([dict(newest, manifest=None)], "1", "tar", 170002)[1]
+    # A damaged newest backup is passed over, as for a restore: the one before it is the parent.
+    damaged = dict(newest, verification={"at": "2026-12-01T01:00:00+00:00", "verified": False})
+    assert r.choose_parent([damaged, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)[0]["id"] == "20261130T000000Z"
+    assert r.choose_parent([_entry("20261201T000000Z", 1, system_identifier="2", **base)], "1", "tar", 170002)[0] is None

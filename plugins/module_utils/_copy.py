@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
 from ._errors import PgopsError
 from ._files import fsync_dir, resolves_inside, write_json, write_private_file
-from ._incremental import stage_files
+from ._incremental import FILES_FILE, split_unchanged, stage_files
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
 from ._s3 import Store, is_s3
 from ._stream import scanner_for
@@ -574,13 +574,18 @@ def sync_filesystem(path: str, remote: Remote | None = None) -> None:
         raise CopyError(f"cannot flush {path} to disk: {proc.stderr.decode(errors='replace').strip()}")
 
 
-def rsync_tree(root: str, files: list, dest: str, remote: Remote | None = None, cancel: Cancel | None = None) -> dict:
-    """Copy the listed files of root into dest (a directory, here or on remote) with rsync."""
+def rsync_tree(
+    root: str, files: list, dest: str, remote: Remote | None = None, cancel: Cancel | None = None, link_dest: str | None = None
+) -> dict:
+    """Copy the listed files of root into dest (a directory, here or on remote) with rsync.
+    link_dest: files the same there (size and time) are hard-linked instead (relative to dest)."""
     t0 = time.monotonic()
     target = f"{remote.target}:{dest.rstrip('/')}/" if remote else dest.rstrip("/") + "/"
     # --checksum is not needed here: dest is always a new, empty directory.
     # --copy-links: a symlinked pg_wal becomes a directory, as with tar and cpio.
     cmd = ["rsync", "-a", "--copy-links", "--from0", "--files-from=-", "--inplace", "--whole-file"]
+    if link_dest:
+        cmd.append(f"--link-dest={link_dest}")
     if remote:
         cmd += ["-e", " ".join(shlex.quote(a) for a in remote.ssh)]
     cmd += [root.rstrip("/") + "/", target]
@@ -783,8 +788,12 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
         for oid, loc, tfiles, _size in plan["spaces"]:
             tdir = os.path.join(dest, RSYNC_TABLESPACES, oid)
             mkdirs(tdir)
-            tfiles, staged = stage(oid, loc, tfiles, int(oid))
+            tfiles, staged, linked = stage(oid, loc, tfiles, int(oid))
             rsync_tree(loc, tfiles, tdir, remote, cancel)
+            if linked:
+                parent_copy = os.path.join("..", "..", "..", spec["file_parent"]["id"], RSYNC_TABLESPACES, oid)
+                rsync_tree(loc, linked, tdir, remote, cancel, link_dest=parent_copy)
+                tfiles = tfiles + linked
             if staged:
                 rsync_tree(staged[0], staged[1], tdir, remote, cancel)
                 tfiles = tfiles + staged[1]
@@ -793,8 +802,13 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
             if algorithm:
                 entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads, cancel)
         # rsync sorts its list: pg_control goes in a second run so it is copied last.
-        files, staged = stage("base", data, plan["files"])
+        files, staged, linked = stage("base", data, plan["files"])
         rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel)
+        if linked:
+            # Unchanged files become hard links to the parent's copy: each backup is a complete directory.
+            parent_copy = os.path.join("..", "..", spec["file_parent"]["id"], RSYNC_DATA)
+            rsync_tree(data, linked, out, remote, cancel, link_dest=parent_copy)
+            files = files + linked
         if staged:
             rsync_tree(staged[0], staged[1], out, remote, cancel)
             files = files + staged[1]
@@ -812,7 +826,7 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
         jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
         total = 0
         for name, root, flist in jobs:
-            flist, staged = stage(name, root, flist, None if name == "base" else int(name))
+            flist, staged, _taken = stage(name, root, flist, None if name == "base" else int(name))
             out_name = archive_name(name, method, spec["compression"], spec["encryption"])
             scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
             r = archive(
@@ -851,21 +865,34 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         algorithm = None  # rsync writes straight to the other host: the manifest step reads the copy there
     entries = [] if algorithm else None
     written = []
-    incr = spec.get("incremental")  # (BlockMap, its document) from the keeper: an incremental backup
+    incr = spec.get("incremental")  # (BlockMap, its document) from the keeper: a block-level incremental
+    fparent = spec.get("file_parent")  # the parent's files: a file-level incremental
     stage_root = tempfile.mkdtemp(prefix="pgops-incremental-") if incr else None
-    istats = {"incremental_files": 0, "whole_files": 0, "blocks": 0, "bytes": 0, "replaced_bytes": 0}
+    if incr:
+        istats = {"mode": "block", "incremental_files": 0, "whole_files": 0, "blocks": 0, "bytes": 0, "replaced_bytes": 0}
+    else:
+        istats = {"mode": "file", "taken_files": 0, "taken_bytes": 0, "parent": (fparent or {}).get("id")}
+    taken_all = {}
 
     def stage(name, root, flist, tsoid=None):
-        """flist without the files stored incrementally, and (stage directory, INCREMENTAL files)."""
+        """(files to copy, (stage directory, INCREMENTAL files) or None, files taken from the parent)."""
+        if fparent:
+            prefix = "" if name == "base" else f"pg_tblspc/{name}/"
+            keep, taken = split_unchanged(root, flist, prefix, fparent, new_hasher if fparent.get("checksum") else None)
+            taken_all.update(taken)
+            istats["taken_files"] += len(taken)
+            istats["taken_bytes"] += sum(t["size"] for t in taken.values())
+            _check(cancel)
+            return keep, None, [k[len(prefix) :] for k in taken]
         if not incr:
-            return flist, None
+            return flist, None, []
         sdir = os.path.join(stage_root, name)
         os.makedirs(sdir, mode=0o700)
         keep, staged, st = stage_files(root, flist, sdir, incr[0], incr[1], tsoid)
         for k, v in st.items():
             istats[k] += v
         _check(cancel)
-        return keep, (sdir, staged)
+        return keep, (sdir, staged), []
 
     try:
         total = _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written)
@@ -875,15 +902,24 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
     if method == "rsync" and incr:
         total += istats["bytes"] - istats["replaced_bytes"]
         written[-1]["bytes"] = total
+    elif method == "rsync" and fparent:
+        total -= istats["taken_bytes"]  # hard links to the parent's files take no space
+        written[-1]["bytes"] = total
     _check(cancel)
-    if entries is not None:
-        record = {"algorithm": algorithm, "entries": entries}
+
+    def put(name: str, doc: dict) -> None:
         if store:
-            store.put_bytes(COPY_ENTRIES, json.dumps(record).encode())
+            store.put_bytes(name, json.dumps(doc).encode())
         elif remote:
-            remote.write(os.path.join(dest, COPY_ENTRIES), json.dumps(record).encode())
+            remote.write(os.path.join(dest, name), json.dumps(doc).encode())
         else:
-            write_json(os.path.join(dest, COPY_ENTRIES), record)
+            write_json(os.path.join(dest, name), doc)
+
+    if entries is not None:
+        put(COPY_ENTRIES, {"algorithm": algorithm, "entries": entries})
+    if fparent and method != "rsync":
+        # What a restore takes from earlier backups; rsync's hard links make a complete directory instead.
+        put(FILES_FILE, {"parent": fparent["id"], "taken": taken_all})
     seconds = round(time.monotonic() - t0, 3)
     return {
         "msg": f"copied {plan['count']} entries, {plan['source_bytes']} bytes in {seconds}s with {method}",
@@ -895,6 +931,6 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
         "manifest_checksum": algorithm,
         "encryption": spec["encryption"],
         "crc32c_implementation": CRC32C_IMPLEMENTATION,
-        "type": "incremental" if incr else "full",
-        "incremental": istats if incr else None,
+        "type": "incremental" if incr or fparent else "full",
+        "incremental": istats if incr or fparent else None,
     }

@@ -19,9 +19,11 @@ pg_combinebackup/reconstruct.c:
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import re
+import stat
 import struct
 import time
 
@@ -306,3 +308,70 @@ def stage_files(root: str, files: list, stage: str, bm: BlockMap, doc: dict, tab
         stats["incremental_files"] += 1
         stats["blocks"] += len(blocks)
     return keep, staged, stats
+
+
+# -- file-level incremental backups (PostgreSQL 12 to 16, or any version by choice)
+
+FILES_FILE = "backup_files.json"  # a file-level tar incremental: the files it takes from earlier backups
+
+
+def _manifest_mtime(text) -> int | None:
+    try:
+        return calendar.timegm(time.strptime(str(text), "%Y-%m-%d %H:%M:%S GMT"))
+    except ValueError:
+        return None
+
+
+def parent_file_map(parent_id: str, manifest: dict, files_doc: dict | None) -> dict:
+    """path -> [size, mtime, id of the backup holding it, checksum, algorithm] of every file of the parent
+    backup: those it stored (its manifest) and those it took from its own parents (its files list)."""
+    out = {}
+    for f in manifest.get("Files") or []:
+        mtime = _manifest_mtime(f.get("Last-Modified"))
+        if "Path" in f and mtime is not None:
+            out[f["Path"]] = [int(f["Size"]), mtime, parent_id, f.get("Checksum"), f.get("Checksum-Algorithm")]
+    for path, t in ((files_doc or {}).get("taken") or {}).items():
+        out[path] = [t["size"], t["mtime"], t["from"], t.get("checksum"), t.get("algorithm")]
+    return out
+
+
+def unchanged(full: str, st, known, parent_started: float, algorithm_of) -> bool:
+    """Whether a file is the same as in the parent: same size and modification time, and last
+    modified before the second the parent started (a change within the second a copy was taken
+    leaves the time as it was: pgBackRest's rule); or, with algorithm_of, the same checksum."""
+    size, mtime, _holder, checksum, algorithm = known
+    if st.st_size != size:
+        return False
+    if algorithm_of is not None:
+        if not checksum or not algorithm:
+            return False
+        h = algorithm_of(algorithm)
+        if h is None:
+            return False
+        with open(full, "rb", buffering=0) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest() == checksum
+    return int(st.st_mtime) == mtime and mtime < int(parent_started)
+
+
+def split_unchanged(root: str, files: list, prefix: str, parent: dict, algorithm_of=None) -> tuple:
+    """(files to copy, {path in the backup: what the parent holds} of the files taken from it).
+    Directories and pg_control are always copied."""
+    copy, taken = [], {}
+    pmap, started = parent["files"], parent["started_epoch"]
+    for rel in files:
+        known = pmap.get(prefix + rel)
+        if known is None or rel == "global/pg_control":
+            copy.append(rel)
+            continue
+        full = os.path.join(root, rel)
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            continue  # dropped since the walk
+        if not stat.S_ISREG(st.st_mode) or not unchanged(full, st, known, started, algorithm_of):
+            copy.append(rel)
+            continue
+        taken[prefix + rel] = {"size": known[0], "mtime": known[1], "from": known[2], "checksum": known[3], "algorithm": known[4]}
+    return copy, taken

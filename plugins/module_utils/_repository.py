@@ -19,12 +19,14 @@ import time
 from ._backup_api import BackupApiError, major_of, wal_segment_name, wal_segment_names, wal_segno
 from ._errors import PgopsError
 from ._files import resolves_inside
+from ._incremental import FILES_FILE, parent_file_map
 from ._keeper import liveness
 from ._layout import (
     BACKUP_JSON,
     COLLECTION_VERSION,
     DIGEST_SUFFIX,
     LOCK_DIR,
+    MANIFEST,
     SCHEMA,
     backup_dir,
     is_encrypted,
@@ -286,7 +288,18 @@ def choose_parent(entries: list, cluster: str, method: str, pg_version) -> tuple
         return None, f"the newest backup {bid} is of PostgreSQL {newest.get('pg_version')} or lacks its start LSN and timeline"
     if not newest.get("manifest"):
         return None, f"the newest backup {bid} has no backup_manifest, which pg_combinebackup needs"
-    return {"id": bid, "start_lsn": newest["start_lsn"], "timeline": newest["timeline"], "type": newest.get("type", "full")}, None
+    parent = {"id": bid, "start_lsn": newest["start_lsn"], "timeline": newest["timeline"], "type": newest.get("type", "full")}
+    return dict(parent, started_at=newest.get("started_at")), None
+
+
+def parent_files(repository, parent_id: str) -> dict:
+    """Every file of a backup, for a file-level incremental: those it stored (its manifest) and those it
+    took from earlier backups (its files list). RepositoryError when its manifest cannot be read."""
+    st = open_storage(repository)
+    manifest = st.read_json(f"{parent_id}/{MANIFEST}")
+    if not isinstance(manifest, dict):
+        raise RepositoryError(f"the parent backup {parent_id} has no readable backup_manifest")
+    return parent_file_map(parent_id, manifest, st.read_json(f"{parent_id}/{FILES_FILE}"))
 
 
 def select(

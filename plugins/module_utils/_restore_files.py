@@ -241,15 +241,28 @@ def _run_pipeline(stages: list, what: str, cwd: str, stdin=None) -> None:
         raise RestoreError(f"extracting {what} failed: {'; '.join(failures)}")
 
 
-def extract(source: str, dest: str, method: str) -> None:
-    """Extract one archive (or copy one directory for rsync backups) into dest, which exists and is empty."""
+def extract(source: str, dest: str, method: str, names: list | None = None) -> None:
+    """Extract one archive (or copy one directory for rsync backups) into dest, which exists and is empty.
+    names: only these members (tar), each of which must be there."""
     what = os.path.basename(str(source).rstrip("/"))
+    if names is not None:
+        if method != "tar":
+            raise RestoreError(f"taking single files from a {method} backup is not supported")
+        with tempfile.NamedTemporaryFile(prefix=".pgops-names-") as listing:
+            listing.write(b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names))
+            listing.flush()
+            _extract(source, dest, method, what, ["--null", "--verbatim-files-from", "-T", listing.name])
+        return
+    _extract(source, dest, method, what, [])
+
+
+def _extract(source, dest: str, method: str, what: str, tar_names: list) -> None:
     if method == "rsync":
         _run_pipeline([(["rsync", "-a", "--", source.rstrip("/") + "/", dest.rstrip("/") + "/"], None)], what, dest)
         return
     unpack = {
         # Names in our archives are relative (maybe "./"); tar refuses ".." and absolute names by default.
-        "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore"],
+        "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore", *tar_names],
         "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
     }[method]
     remote = source if hasattr(source, "finish") else None  # a bucket's object (_storage.RemoteFile), streamed
@@ -311,6 +324,35 @@ def combine_chain(members: list, data_dir: str, spaces: list, combine: str) -> l
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return [m["info"].get("id") for m in members]
+
+
+def take_from_parents(members: list, taken: dict, data_dir: str, spaces: list) -> dict:
+    """A file-level incremental (tar): after its own archives, extract from each earlier backup of its
+    chain (dicts with info and sources) the files it took from that one. {backup id: files}."""
+    by_holder = {}
+    for path, t in taken.items():
+        by_holder.setdefault(t["from"], []).append(path)
+    where = {ts["oid"]: ts["path"] for ts in spaces}
+    out = {}
+    for m in members:
+        bid = m["info"].get("id")
+        paths = by_holder.pop(bid, [])
+        if not paths:
+            continue
+        groups = {}
+        for path in paths:
+            parts = path.split("/", 2)
+            key = parts[1] if parts[0] == "pg_tblspc" and len(parts) == 3 else "base"
+            groups.setdefault(key, []).append(parts[2] if key != "base" else path)
+        for key, names in groups.items():
+            source = m["sources"]["base"] if key == "base" else m["sources"]["spaces"].get(key)
+            if source is None or (key != "base" and key not in where):
+                raise RestoreError(f"backup {bid} holds no tablespace {key}, which the incremental backup takes from it")
+            extract(source, data_dir if key == "base" else where[key], m["sources"]["method"], names)
+        out[bid] = len(paths)
+    if by_holder:
+        raise RestoreError(f"the incremental backup takes files from {', '.join(sorted(by_holder))}, not in its chain")
+    return out
 
 
 def peek_tar_config(archive: str, limit: int = 5000) -> dict:

@@ -131,6 +131,21 @@ options:
   runtime_dir:
     description: The keepers' directory, when not the default of M(pgops.online_backup.pg_backup_session).
     type: path
+  parent:
+    description:
+      - Make this a file-level incremental backup of this parent (RV(pgops.online_backup.pg_backup_catalog#module:parent)
+        with C(files)) - for PostgreSQL 12 to 16, where there are no WAL summaries.
+      - A file is not copied when it is the same as in the parent - same size and modification time, and last
+        modified before the second the parent started (a change within the second a file was copied leaves its time as
+        it was, so such files are always copied again) - or, with O(incremental_checksum), the same checksum.
+      - V(tar) and V(cpio) store only the changed files and write C(backup_files.json), the files taken from earlier
+        backups (and which backup holds each); V(rsync) hard-links unchanged files to the parent's copy (C(rsync
+        --link-dest)), so every backup is a complete directory.
+    type: dict
+  incremental_checksum:
+    description: With O(parent), compare files by checksum (read in full) instead of size and modification time.
+    type: bool
+    default: false
   exclude_directories:
     description: Further directories (relative to the data directory) whose contents are left out, e.g. a
       C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
@@ -194,6 +209,8 @@ crc32c_implementation:
   type: str
 """
 
+import datetime
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
@@ -205,7 +222,17 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import
     read_state,
     session_dir,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
+
+
+def file_parent(parent: dict, checksum: bool) -> dict:
+    if not valid_backup_id(parent["id"]):
+        raise ValueError(f"invalid parent id {parent['id']!r}")
+    started = datetime.datetime.fromisoformat(str(parent["started_at"])).timestamp()
+    if not isinstance(parent["files"], dict):
+        raise ValueError("files is not a dict")
+    return {"id": str(parent["id"]), "started_epoch": started, "files": parent["files"], "checksum": checksum}
 
 
 def main():
@@ -227,6 +254,8 @@ def main():
             ssh_options=dict(type="list", elements="str", default=[]),
             session_id=dict(type="str"),
             runtime_dir=dict(type="path"),
+            parent=dict(type="dict"),
+            incremental_checksum=dict(type="bool", default=False),
             **S3_OPTION_SPEC,
             manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
         ),
@@ -255,6 +284,11 @@ def main():
     cancel = Cancel()
     attached = None
     spec = dict(p)  # what the copy uses, beyond the module's own options
+    if p["parent"]:
+        try:
+            spec["file_parent"] = file_parent(p["parent"], p["incremental_checksum"])
+        except (KeyError, TypeError, ValueError) as e:
+            module.fail_json(msg=f"nothing copied: parent must be pg_backup_catalog's parent, with files ({e})")
     if p["session_id"]:
         try:
             sdir = session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"])
@@ -262,6 +296,8 @@ def main():
         except PgopsError as e:
             module.fail_json(msg=str(e))
         if (read_state(sdir) or {}).get("incremental"):
+            if p["parent"]:
+                module.fail_json(msg="nothing copied: the session is a block-level incremental; parent is for file-level ones")
             if p["method"] == "cpio":
                 module.fail_json(msg="nothing copied: the session is an incremental backup, which method cpio cannot store")
             try:

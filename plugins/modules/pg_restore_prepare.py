@@ -22,6 +22,9 @@ description:
     the same cluster - every one extracted into a private scratch directory beside O(data_directory) (removed
     afterwards), then reconstructed by PostgreSQL's C(pg_combinebackup) into O(data_directory) and the tablespace
     paths (C(pg_combinebackup) of the backup's major, from O(bin_dir), the server's client tools or C(PATH)).
+  - A file-level incremental (before PostgreSQL 17, method tar) is extracted, then each file it took from an earlier
+    backup of its chain (C(backup_files.json)) is extracted from that backup's archive. A file-level rsync backup
+    is a complete directory and is restored as it is.
   - Tablespaces go back to their original locations unless O(tablespace_map) moves them; C(tablespace_map)
     is rewritten with the new paths and C(pg_tblspc/<oid>) links to them.
   - Writes the recovery settings into C(postgresql.auto.conf) (C(restore_command), at most one
@@ -212,7 +215,7 @@ RETURN = r"""
 chain:
   description:
     - For an incremental backup, the ids of the backups it was reconstructed from with C(pg_combinebackup), oldest
-      (the full one) first; empty for a full backup.
+      (the full one) first, or a file-level incremental (C(tar)) that took files from them; empty for a full backup.
   returned: always
   type: list
   elements: str
@@ -284,7 +287,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import BackupApiError, major_of
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
-from ansible_collections.pgops.online_backup.plugins.module_utils._files import existing_ancestor, write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import existing_ancestor, read_json, write_private_file
+from ansible_collections.pgops.online_backup.plugins.module_utils._incremental import FILES_FILE
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import (
     AGE_IDENTITY_OPTIONS,
     BACKUP_JSON,
@@ -306,6 +310,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files
     peek_tar_config,
     place_label_files,
     prepare_directory,
+    take_from_parents,
     tidy_data_directory,
     undo_directory,
     wal_files_needed,
@@ -517,15 +522,16 @@ def plan(module) -> dict:
             raise RestoreError(why)
     # A chain is extracted beside the data directory before it is combined into it.
     needed = info.get("source_bytes")
-    if needed and info.get("type") == "incremental":
+    if needed and (info.get("incremental") or {}).get("mode", "block") == "block" and info.get("type") == "incremental":
         needed = 2 * int(needed) + int(info.get("bytes") or 0)
     why = free_space_problem(data_dir, spaces, states, needed)
     if why:
         raise RestoreError(f"not enough space to restore: {why}")
     needed_tools(sources)
     bin_dir = find_bin_dir(major, p["bin_dir"])
-    chain, combine = [], None
-    if info.get("type") == "incremental":
+    chain, combine, taken = [], None, None
+    mode = (info.get("incremental") or {}).get("mode", "block") if info.get("type") == "incremental" else None
+    if mode == "block":
         chain = parent_chain(p, info, major)
         combine = find_tool("pg_combinebackup", major, p["bin_dir"])
         if combine is None:
@@ -533,6 +539,12 @@ def plan(module) -> dict:
                 f"backup {info.get('id')} is an incremental one: restoring it needs pg_combinebackup of PostgreSQL {major} "
                 f"(postgresql-client-{major}), in bin_dir or on PATH"
             )
+    elif mode == "file" and sources["method"] != "rsync":  # rsync's file-level backups are complete directories
+        doc = read_json(os.path.join(backup_dir, FILES_FILE))
+        if not isinstance(doc, dict) or not isinstance(doc.get("taken"), dict):
+            raise RestoreError(f"backup {info.get('id')} is a file-level incremental without a readable {FILES_FILE}")
+        taken = doc["taken"]
+        chain = parent_chain(p, info, major)
 
     restore_command = restore_command_for(p["wal_archive"]) if p["wal_archive"] else p["restore_command"]
     wal_dir = p["wal_archive"] or p["wal_directory"]
@@ -583,7 +595,7 @@ def plan(module) -> dict:
     return {
         "info": info, "backup_dir": backup_dir, "data_dir": data_dir, "major": major, "sources": sources,
         "spaces": spaces, "states": states, "bin_dir": bin_dir, "settings": settings, "port": port,
-        "socket_dir": socket_dir, "orig_port": orig_port, "chain": chain, "combine": combine,
+        "socket_dir": socket_dir, "orig_port": orig_port, "chain": chain, "combine": combine, "taken": taken,
     }  # fmt: skip
 
 
@@ -594,13 +606,15 @@ def restore(module, pl: dict) -> dict:
     out = {"removed": [], "created": [], "disabled": []}
     for path, state in pl["states"]:
         prepare_directory(path, state)
-    if pl["chain"]:
+    if pl["combine"]:
         final = {"backup_dir": pl["backup_dir"], "sources": sources, "info": pl["info"]}
         out["combined"] = combine_chain(pl["chain"] + [final], data_dir, pl["spaces"], pl["combine"])
     else:
         extract(sources["base"], data_dir, method)
         for ts in pl["spaces"]:
             extract(sources["spaces"][ts["oid"]], ts["path"], method)
+        if pl["taken"]:
+            out["taken_from"] = take_from_parents(pl["chain"], pl["taken"], data_dir, pl["spaces"])
     found = data_major(data_dir)
     if found is None:
         raise RestoreError(
@@ -610,7 +624,7 @@ def restore(module, pl: dict) -> dict:
         raise RestoreError(f"the restored data directory is PostgreSQL {found}, backup.json says {pl['major']}")
     if not pl["orig_port"] and p["port"] != 0:
         check_original_port(pl["port"], original_port(data_dir), p["allow_original_port"])
-    if not pl["chain"]:  # pg_combinebackup wrote the label, without the INCREMENTAL lines
+    if not pl["combine"]:  # pg_combinebackup wrote the label, without the INCREMENTAL lines
         place_label_files(pl["backup_dir"], data_dir, method)
     if not os.path.exists(os.path.join(data_dir, "backup_label")):
         raise RestoreError("the backup has no backup_label: without it recovery would start from the wrong checkpoint")

@@ -227,9 +227,8 @@ def test_rsync_incremental_is_a_directory_pg_combinebackup_reads(make_cluster, p
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
 
 
-@pytest.mark.parametrize("major", [16, 17])
-def test_incremental_falls_back_to_full_saying_why(major, make_cluster, playbook):
-    c = make_cluster(major, **({"summarize_wal": "off"} if major >= 17 else {}))
+def test_incremental_falls_back_to_full_saying_why(make_cluster, playbook):
+    c = make_cluster(17, summarize_wal="off")
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     try:
         take(c, repo, playbook)
@@ -237,14 +236,12 @@ def test_incremental_falls_back_to_full_saying_why(major, make_cluster, playbook
         assert run.rc == 0, run
         second = newest_backup(repo)
         assert second["type"] == "full" and second.get("parent") is None
-        want = "summarize_wal is off" if major >= 17 else "need PostgreSQL 17 or later"
-        assert want in second["type_reason"], second["type_reason"]
-        assert want in run.stdout, run.stdout[-2000:]
+        assert "summarize_wal is off" in second["type_reason"], second["type_reason"]
+        assert "summarize_wal is off" in run.stdout, run.stdout[-2000:]
         # cpio stores whole files: a full one as well.
-        if major >= 17:
-            run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_type="incremental", pg_backup_method="cpio"))
-            assert run.rc == 0, run
-            assert newest_backup(repo)["type_reason"] == "method cpio stores whole files only"
+        run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_type="incremental", pg_backup_method="cpio"))
+        assert run.rc == 0, run
+        assert newest_backup(repo)["type_reason"] == "method cpio stores whole files only"
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
 
@@ -256,5 +253,85 @@ def test_incremental_after_a_different_method_is_full(make_cluster, playbook):
         take(c, repo, playbook, pg_backup_method="rsync")
         second = take(c, repo, playbook, pg_backup_method="tar")
         assert second["type"] == "full" and "method rsync" in second["type_reason"], second["type_reason"]
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+def _tables(c: Cluster) -> None:
+    c.sql("CREATE TABLE big (id int PRIMARY KEY, v text)")
+    c.sql("INSERT INTO big SELECT g, repeat('b', 100) FROM generate_series(1, 30000) g")
+    c.sql("CREATE TABLE small (id int, v text)")
+    c.sql("INSERT INTO small SELECT g, 's' FROM generate_series(1, 100) g")
+    c.sql("CREATE TABLE emptied (id int)")
+    c.sql("INSERT INTO emptied SELECT generate_series(1, 5000)")
+    c.sql("CREATE TABLE dropped (id int)")
+
+
+def _change(c: Cluster) -> None:
+    c.sql("UPDATE small SET v = 'changed' WHERE id <= 10")
+    c.sql("TRUNCATE emptied")
+    c.sql("DROP TABLE IF EXISTS dropped")
+    c.sql("CREATE TABLE IF NOT EXISTS born AS SELECT g AS id FROM generate_series(1, 1000) g")
+    c.sql("INSERT INTO born VALUES (-1)")
+
+
+def test_file_level_tar_chain_on_16_takes_unchanged_files_from_its_parents(make_cluster, playbook, restore_root):  # noqa: F811
+    c = make_cluster(16, autovacuum="off")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    try:
+        _tables(c)
+        c.sql("CHECKPOINT")
+        full = take(c, repo, playbook, pg_backup_compression="zstd")
+        _change(c)
+        writer = Writer(c)
+        writer.start()
+        inc1 = take(c, repo, playbook, pg_backup_compression="zstd")
+        c.sql("INSERT INTO emptied VALUES (7)")
+        inc2 = take(c, repo, playbook, pg_backup_compression="zstd", pg_backup_incremental_checksum=True)
+        writer.stop()
+        archive_current_wal(c)
+        assert (inc1["type"], inc1["parent"], inc1["incremental"]["mode"]) == ("incremental", full["id"], "file")
+        assert inc2["parent"] == inc1["id"] and inc2["incremental"]["taken_files"] > 0
+        with open(os.path.join(repo, inc2["id"], "backup_files.json")) as f:
+            taken = json.load(f)["taken"]
+        holders = {t["from"] for t in taken.values()}
+        assert full["id"] in holders, holders  # big never changed: still held by the full backup
+        assert not any(p.startswith("pg_wal/") or p == "global/pg_control" for p in taken)
+        assert inc1["bytes"] < full["bytes"] / 3, (inc1["bytes"], full["bytes"])
+        root = restore_root()
+        run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root))
+        assert run.rc == 0, run
+        prepared = result_of(run, "Restore backup")
+        assert prepared["chain"] == [full["id"], inc1["id"], inc2["id"]] and prepared["taken_from"], prepared
+        restored = contents(lambda sql: query(root, prepared["port"], sql))
+        assert restored == contents(c.sql) and "born" in restored, restored
+        assert {i for i, _t in writer.committed} <= written_ids(root, prepared["port"])
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+def test_file_level_rsync_on_12_hard_links_unchanged_files_to_the_parent(make_cluster, playbook, restore_root):  # noqa: F811
+    c = make_cluster(12, autovacuum="off")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    try:
+        _tables(c)
+        c.sql("CHECKPOINT")
+        full = take(c, repo, playbook, pg_backup_method="rsync")
+        _change(c)
+        inc = take(c, repo, playbook, pg_backup_method="rsync")
+        archive_current_wal(c)
+        assert (inc["type"], inc["parent"], inc["incremental"]["mode"]) == ("incremental", full["id"], "file")
+        relpath = c.sql("SELECT pg_relation_filepath('big')")[0][0]
+        a, b = (os.stat(os.path.join(repo, bid, "data", relpath)) for bid in (full["id"], inc["id"]))
+        assert a.st_ino == b.st_ino, "an unchanged file is a hard link to the parent's copy"
+        relpath = c.sql("SELECT pg_relation_filepath('small')")[0][0]
+        a, b = (os.stat(os.path.join(repo, bid, "data", relpath)) for bid in (full["id"], inc["id"]))
+        assert a.st_ino != b.st_ino, "a changed file is copied"
+        shutil.rmtree(os.path.join(repo, full["id"]))  # a complete directory: it restores without its parent
+        root = restore_root()
+        run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root))
+        assert run.rc == 0, run
+        port = result_of(run, "Restore backup")["port"]
+        assert contents(lambda sql: query(root, port, sql)) == contents(c.sql)
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)

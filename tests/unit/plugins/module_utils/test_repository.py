@@ -564,7 +564,8 @@ def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
     base = {"method": "tar", "pg_version": 170010, "start_lsn": "0/5000028", "timeline": 1, "manifest": {"files": 9}}
     newest = _entry("20261201T000000Z", 1, **base)
     parent, why = r.choose_parent([newest, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)
-    assert why is None and parent == {"id": "20261201T000000Z", "start_lsn": "0/5000028", "timeline": 1, "type": "full"}
+    want = {"id": "20261201T000000Z", "start_lsn": "0/5000028", "timeline": 1, "type": "full", "started_at": None}
+    assert why is None and parent == want
     assert r.choose_parent([], "1", "tar", 170002) == (
         None,
         "there is no complete, trusted backup of this cluster to be its parent",

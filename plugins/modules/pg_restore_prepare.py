@@ -37,10 +37,15 @@ description:
     the copy are removed. A C(data_directory) setting in the copied C(postgresql.conf) is commented out.
   - Everything is checked before anything changes (input, backup, free space, target directories, binaries,
     decompressors, the WAL archive); a failure while restoring puts the target directories back as they were.
+  - "A backup on a repository host (O(repository_host)) is pulled over ssh from there: its archives are streamed into
+    the extraction (C(ssh cat | decompress | tar -x), nothing staged on this host), an rsync backup is copied by rsync
+    over ssh, the parents of an incremental backup are read there too, and the check of O(wal_directory) lists the
+    WAL archive there. This host may be another machine than the one that was backed up: other paths, other port."
 extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.age_identity
   - pgops.online_backup.s3
+  - pgops.online_backup.repository_host
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -60,6 +65,7 @@ options:
       - Or C(s3://bucket/prefix/<backup_id>) (with the O(s3_endpoint) options). Its small files are downloaded to a
         private temporary directory and its archives are streamed from the bucket into the extraction (ranged GETs in
         parallel, no local copy of an archive).
+      - Or, with O(repository_host), the backup directory on that host.
     type: str
     required: true
   data_directory:
@@ -101,6 +107,8 @@ options:
     description:
       - With O(restore_command), the directory that command reads from, for the check of O(check_wal) (files there may
         be compressed, as C(pgops-wal) stores them in C(<repository>/wal/<system identifier>/)).
+      - With O(repository_host), a directory on that host (the check lists it over ssh); O(wal_archive) is always a
+        directory of this host.
     type: path
   target:
     description:
@@ -209,6 +217,27 @@ EXAMPLES = r"""
       "16390": /srv/pg/restored_ts
   become: true
   become_user: postgres
+
+- name: Find the latest backup on the repository host
+  pgops.online_backup.pg_backup_info:
+    repository: /backup/pg
+    backup: latest
+  delegate_to: repo1.example.com
+  register: on_repo
+
+- name: Restore it here, pulled over ssh; recovery gets its WAL from there with pgops-wal
+  pgops.online_backup.pg_restore_prepare:
+    backup_path: "{{ on_repo.backup.path }}"
+    repository_host: postgres@repo1.example.com
+    ssh_options: [-i, /var/lib/postgresql/.ssh/id_backup]
+    data_directory: /srv/pg/restored
+    restore_command: >-
+      /usr/local/bin/pgops-wal get --repository /backup/pg --cluster {{ on_repo.backup.system_identifier }}
+      --host postgres@repo1.example.com --ssh-option=-i --ssh-option=/var/lib/postgresql/.ssh/id_backup %f %p
+    wal_directory: /backup/pg/wal/{{ on_repo.backup.system_identifier }}
+    port: 5433
+  become: true
+  become_user: postgres
 """
 
 RETURN = r"""
@@ -277,10 +306,7 @@ seconds:
   type: float
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -344,7 +370,14 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_serve
     port_in_use,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
-from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage, split_backup_url, stage_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import (
+    SSH_OPTION_SPEC,
+    SshStorage,
+    open_storage,
+    remote_of,
+    split_backup_url,
+    stage_backup_at,
+)
 
 # Settings that keep the restored server away from the original: only through their options.
 MANAGED_SETTINGS = {
@@ -409,15 +442,16 @@ def free_space_problem(data_dir: str, spaces: list, states: list, needed) -> str
     return None
 
 
-def original_server_port(info: dict, sources: dict):
-    """The original server's port: from backup.json, or the copied configuration (read from the start of base.tar).
+def original_server_port(info: dict, sources: dict, local: dict):
+    """The original server's port: from backup.json, or the copied configuration (read from the start of base.tar,
+    or from data/ of an rsync backup, which local names here even when the backup is on a repository host).
 
     None for cpio backups without it in backup.json; they are checked again once extracted.
     """
     if str(info.get("port") or "").isdigit():
         return int(info["port"])
     if sources["method"] == "rsync":
-        return original_port(sources["base"])
+        return original_port(local["base"])
     if sources["method"] == "tar":
         found = peek_tar_config(sources["base"])
         if "postgresql.conf" in found:
@@ -432,19 +466,29 @@ def check_original_port(port: int, orig_port, allowed: bool) -> None:
         )
 
 
-def stage_from_bucket(url: str, config: dict) -> tuple:
-    """(a private staging directory with the backup's small files, {stand-in: RemoteFile}) of a backup
-    in a bucket; the directory is removed when the module ends."""
-    repository, backup_id = split_backup_url(url)
+def backup_here(where: str, p: dict) -> tuple:
+    """(a directory where the backup at where reads as on disk, {stand-in: streamed reader}): the backup's own
+    directory; or, for one in a bucket or on a repository host (repository_host), a private staging directory
+    holding its small files, removed when the module ends (its archives are streamed from there when read)."""
+    ssh = remote_of(p)
+    if ssh:
+        require_absolute("backup_path", where)
+    elif not is_s3(where):
+        return require_absolute("backup_path", where), {}
+    _repository, backup_id = split_backup_url(where)
     if not valid_backup_id(backup_id):
-        raise RestoreError(f"backup_path {url} does not end in a backup id such as 20261129T101500Z")
-    staging = tempfile.mkdtemp(prefix=".pgops-restore-")
-    atexit.register(shutil.rmtree, staging, True)
-    st = open_storage(repository, config)
-    remote = stage_backup(st, backup_id, staging)
+        raise RestoreError(f"backup_path {where} does not end in a backup id such as 20261129T101500Z")
+    st, _bid, staging, readers = stage_backup_at(where, config_from_params(p), ssh, prefix=".pgops-restore-")
     if not os.path.exists(os.path.join(staging, BACKUP_JSON)):
-        raise RestoreError(f"{url} has no {BACKUP_JSON}: not a backup")
-    return staging, remote
+        raise RestoreError(f"{st.path(backup_id)}{' on ' + ssh.target if ssh else ''} has no {BACKUP_JSON}: not a backup")
+    return staging, readers
+
+
+def streamed(sources: dict, readers: dict) -> dict:
+    """sources with each archive (or rsync directory) a bucket or repository host holds as its reader."""
+    out = dict(sources, base=readers.get(sources["base"], sources["base"]))
+    out["spaces"] = {oid: readers.get(path, path) for oid, path in sources["spaces"].items()}
+    return out
 
 
 def parent_chain(p: dict, info: dict, major: int) -> list:
@@ -458,20 +502,14 @@ def parent_chain(p: dict, info: dict, major: int) -> list:
         pid = child.get("parent")
         if not valid_backup_id(pid) or len(chain) > 1000 or any(m["info"].get("id") == pid for m in chain):
             raise RestoreError(f"backup {child.get('id')} is an incremental one with an invalid parent {pid!r}")
-        where = f"{base}/{pid}"
-        if is_s3(where):
-            bdir, remote = stage_from_bucket(where, config_from_params(p))
-        else:
-            bdir, remote = where, {}
+        bdir, readers = backup_here(f"{base}/{pid}", p)
         try:
             pinfo = complete_backup(bdir)
         except RestoreError as e:
             raise RestoreError(f"backup {info.get('id')} needs its parent {pid}, which cannot be used: {e}") from None
         if pinfo.get("system_identifier") != info.get("system_identifier") or major_of(pinfo.get("pg_version") or 0) != major:
             raise RestoreError(f"parent {pid} of backup {child.get('id')} is of another cluster or PostgreSQL version")
-        sources = backup_sources(bdir, pinfo)
-        sources["base"] = remote.get(sources["base"], sources["base"])
-        sources["spaces"] = {oid: remote.get(sp, sp) for oid, sp in sources["spaces"].items()}
+        sources = streamed(backup_sources(bdir, pinfo), readers)
         needed_tools(sources)
         chain.insert(0, {"backup_dir": bdir, "sources": sources, "info": pinfo})
         child = pinfo
@@ -486,11 +524,10 @@ def plan(module) -> dict:
             "this runs as root: PostgreSQL refuses to run as root and the restored files must belong to the server's "
             "OS user; run it as that user (become: true, become_user: postgres)"
         )
-    remote = {}
-    if is_s3(p["backup_path"]):
-        backup_dir, remote = stage_from_bucket(p["backup_path"], config_from_params(p))
-    else:
-        backup_dir = require_absolute("backup_path", p["backup_path"])
+    ssh = remote_of(p)
+    if ssh and is_s3(p["backup_path"]):
+        raise RestoreError("repository_host is for a repository reached over ssh, not for an s3:// backup_path")
+    backup_dir, readers = backup_here(p["backup_path"], p)
     data_dir = require_absolute("data_directory", p["data_directory"])
     warnings = validate_target(p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"])
     port = validate_port(p["port"])
@@ -506,12 +543,28 @@ def plan(module) -> dict:
         major = major_of(info.get("pg_version") or info.get("pg_version_text") or "")
     except BackupApiError as e:
         raise RestoreError(f"backup.json of {backup_dir}: {e}") from None
-    sources = backup_sources(backup_dir, info)
-    # A bucket's archives are streamed from it (the stand-ins in the staging directory only name them).
-    sources["base"] = remote.get(sources["base"], sources["base"])
-    sources["spaces"] = {oid: remote.get(path, path) for oid, path in sources["spaces"].items()}
+    local = backup_sources(backup_dir, info)
+    # A bucket's or a repository host's archives are streamed from there (the stand-ins here only name them).
+    sources = streamed(local, readers)
+    # An incremental backup's chain is checked first: without it nothing else matters.
+    chain, combine, taken = [], None, None
+    mode = (info.get("incremental") or {}).get("mode", "block") if info.get("type") == "incremental" else None
+    if mode == "block":
+        chain = parent_chain(p, info, major)
+        combine = find_tool("pg_combinebackup", major, p["bin_dir"])
+        if combine is None:
+            raise RestoreError(
+                f"backup {info.get('id')} is an incremental one: restoring it needs pg_combinebackup of PostgreSQL {major} "
+                f"(postgresql-client-{major}), in bin_dir or on PATH"
+            )
+    elif mode == "file" and sources["method"] != "rsync":  # rsync's file-level backups are complete directories
+        doc = read_json(os.path.join(backup_dir, FILES_FILE))
+        if not isinstance(doc, dict) or not isinstance(doc.get("taken"), dict):
+            raise RestoreError(f"backup {info.get('id')} is a file-level incremental without a readable {FILES_FILE}")
+        taken = doc["taken"]
+        chain = parent_chain(p, info, major)
     mapping = {str(k): v for k, v in (p["tablespace_map"] or {}).items()}
-    spaces = plan_tablespaces(info.get("tablespaces") or [], read_tablespace_map(sources, backup_dir), mapping)
+    spaces = plan_tablespaces(info.get("tablespaces") or [], read_tablespace_map(local, backup_dir), mapping)
     missing_archives = [ts["oid"] for ts in spaces if ts["oid"] not in sources["spaces"]]
     if missing_archives:
         raise RestoreError(f"backup {backup_dir} lacks the files of tablespace(s) {', '.join(missing_archives)}")
@@ -529,22 +582,6 @@ def plan(module) -> dict:
         raise RestoreError(f"not enough space to restore: {why}")
     needed_tools(sources)
     bin_dir = find_bin_dir(major, p["bin_dir"])
-    chain, combine, taken = [], None, None
-    mode = (info.get("incremental") or {}).get("mode", "block") if info.get("type") == "incremental" else None
-    if mode == "block":
-        chain = parent_chain(p, info, major)
-        combine = find_tool("pg_combinebackup", major, p["bin_dir"])
-        if combine is None:
-            raise RestoreError(
-                f"backup {info.get('id')} is an incremental one: restoring it needs pg_combinebackup of PostgreSQL {major} "
-                f"(postgresql-client-{major}), in bin_dir or on PATH"
-            )
-    elif mode == "file" and sources["method"] != "rsync":  # rsync's file-level backups are complete directories
-        doc = read_json(os.path.join(backup_dir, FILES_FILE))
-        if not isinstance(doc, dict) or not isinstance(doc.get("taken"), dict):
-            raise RestoreError(f"backup {info.get('id')} is a file-level incremental without a readable {FILES_FILE}")
-        taken = doc["taken"]
-        chain = parent_chain(p, info, major)
 
     restore_command = restore_command_for(p["wal_archive"]) if p["wal_archive"] else p["restore_command"]
     wal_dir = p["wal_archive"] or p["wal_directory"]
@@ -554,6 +591,10 @@ def plan(module) -> dict:
         if is_s3(wal_dir):
             repository, rel = wal_dir.rsplit("/" + WAL_DIR + "/", 1)
             present = {name for name, _mtime in open_storage(repository, config_from_params(p)).files(f"{WAL_DIR}/{rel}")}
+        elif ssh and not p["wal_archive"]:
+            # Recovery's WAL is on the repository host: it is asked there.
+            present = {name for name, _mtime in SshStorage(wal_dir, ssh).files("")}
+            wal_dir = f"{ssh.target}:{wal_dir}"
         lacking = missing_wal(wal_dir, needed, present)
         if lacking:
             raise RestoreError(
@@ -568,7 +609,7 @@ def plan(module) -> dict:
     if p["access"] == "socket_trust" and os.stat(socket_dir).st_mode & 0o007:
         raise RestoreError(f"access socket_trust needs a socket_directory other users cannot enter; {socket_dir} is open to them")
     addresses = listen_hosts(p["listen_addresses"])
-    orig_port = original_server_port(info, sources)
+    orig_port = original_server_port(info, sources, local)
     if port == 0:
         port = pick_free_port(socket_dir, addresses, avoid=(int(orig_port or 5432), 5432))
     else:
@@ -596,6 +637,7 @@ def plan(module) -> dict:
         "info": info, "backup_dir": backup_dir, "data_dir": data_dir, "major": major, "sources": sources,
         "spaces": spaces, "states": states, "bin_dir": bin_dir, "settings": settings, "port": port,
         "socket_dir": socket_dir, "orig_port": orig_port, "chain": chain, "combine": combine, "taken": taken,
+        "source": f" from {ssh.target}" if ssh else "",
     }  # fmt: skip
 
 
@@ -684,6 +726,7 @@ def main():
             bin_dir=dict(type="path"),
             **AGE_IDENTITY_OPTIONS,
             **S3_OPTION_SPEC,
+            **SSH_OPTION_SPEC,
         ),
         mutually_exclusive=[
             ("wal_archive", "restore_command"),
@@ -716,7 +759,7 @@ def main():
     }
     where = pl["data_dir"] + "".join(f", tablespace {ts['oid']} to {ts['path']}" for ts in pl["spaces"])
     replaced = [path for path, state in pl["states"] if state == "not_empty"]
-    what = f"backup {result['backup_id']} ({result['method']}, PostgreSQL {pl['major']}) into {where}"
+    what = f"backup {result['backup_id']}{pl['source']} ({result['method']}, PostgreSQL {pl['major']}) into {where}"
     if module.check_mode:
         note = f"; would replace the content of {', '.join(replaced)}" if replaced else ""
         module.exit_json(changed=True, msg=f"would restore {what}, port {pl['port']}{note}", seconds=0.0, **result)

@@ -67,7 +67,7 @@ def main() -> int:
     repo = os.path.join(work, "repo")
     os.makedirs(repo, mode=0o700)
     shutil.chown(repo, "postgres", "postgres")
-    times, sizes = {}, {}
+    times, sizes, copies = {}, {}, {}
     try:
         print(f"loading pgbench scale {args.scale} ...", flush=True)
         pgbench_init(c, args.scale)
@@ -100,6 +100,7 @@ def main() -> int:
             with open(os.path.join(repo, bid, "backup.json")) as f:
                 info = json.load(f)
             sizes[name] = int(info["bytes"])
+            copies[name] = float(info["copy_seconds"])
             return info
 
         def basebackup(name: str, *extra: str) -> str:
@@ -154,9 +155,10 @@ def main() -> int:
         times["restore pg_combinebackup chain"] = time.monotonic() - t0
 
         print()
-        print(f"{'':34} {'seconds':>9} {'stored MB':>10}")
+        print(f"{'':34} {'seconds':>9} {'copy step s':>12} {'stored MB':>10}")
         for name in ("ours full", "ours incremental", "pg_basebackup full", "pg_basebackup incremental"):
-            print(f"{name:34} {times[name]:9.2f} {sizes[name] / 1e6:10.1f}")
+            copy = f"{copies[name]:12.2f}" if name in copies else " " * 12
+            print(f"{name:34} {times[name]:9.2f} {copy} {sizes[name] / 1e6:10.1f}")
         for name in ("restore ours full", "restore ours chain", "restore pg_combinebackup chain"):
             print(f"{name:34} {times[name]:9.2f}")
         print()
@@ -165,6 +167,7 @@ def main() -> int:
         vs_bb = times["ours incremental"] / times["pg_basebackup incremental"]
         r_ratio = times["restore ours chain"] / times["restore ours full"]
         print(f"incremental / full, time:  {t_ratio:.3f}  (target <= 0.25)")
+        print(f"incremental / full, copy step: {copies['ours incremental'] / copies['ours full']:.3f}")
         print(f"incremental / full, size:  {s_ratio:.3f}  (target <= 0.15)")
         print(f"incremental / pg_basebackup --incremental, time: {vs_bb:.2f}  (target <= 1)")
         print(f"restore chain / restore full: {r_ratio:.2f}  (target <= 1.3)")

@@ -258,14 +258,16 @@ def extract(source: str, dest: str, method: str, names: list | None = None) -> N
 
 def _extract(source, dest: str, method: str, what: str, tar_names: list) -> None:
     if method == "rsync":
-        _run_pipeline([(["rsync", "-a", "--", source.rstrip("/") + "/", dest.rstrip("/") + "/"], None)], what, dest)
+        # A directory on a repository host (_storage.SshFile) is copied over ssh, straight into dest.
+        options, src = source.rsync_source() if hasattr(source, "rsync_source") else ([], source.rstrip("/") + "/")
+        _run_pipeline([(["rsync", "-a", *options, "--", src, dest.rstrip("/") + "/"], None)], what, dest)
         return
     unpack = {
         # Names in our archives are relative (maybe "./"); tar refuses ".." and absolute names by default.
         "tar": ["tar", "-x", "-f", "-", "--no-same-owner", "--delay-directory-restore", *tar_names],
         "cpio": ["cpio", "-i", "-d", "-m", "-u", "--no-absolute-filenames", "--quiet"],
     }[method]
-    remote = source if hasattr(source, "finish") else None  # a bucket's object (_storage.RemoteFile), streamed
+    remote = source if hasattr(source, "finish") else None  # in a bucket or on a repository host (_storage), streamed
     try:
         reads = read_commands(remote.name if remote else source, stdin=remote is not None)
     except LayoutError as e:
@@ -364,8 +366,9 @@ def peek_tar_config(archive: str, limit: int = 5000) -> dict:
 
     wanted = {"postgresql.conf", "postgresql.auto.conf"}
     found = {}
+    remote = archive if hasattr(archive, "finish") else None  # in a bucket or on a repository host, streamed
     try:
-        reader = PlainReader(archive)
+        reader = PlainReader(remote.name, source=remote.open()) if remote else PlainReader(archive)
         with reader as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
             for n, member in enumerate(tf):
                 name = member.name
@@ -378,6 +381,12 @@ def peek_tar_config(archive: str, limit: int = 5000) -> dict:
             reader.abandon()  # the rest of the archive is not needed
     except (LayoutError, OSError, tarfile.TarError, EOFError):
         return found
+    finally:
+        if remote is not None:
+            try:
+                remote.finish(stopped_early=True)
+            except PgopsError:
+                pass
     return found
 
 

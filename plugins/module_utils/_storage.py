@@ -1,20 +1,26 @@
 # Copyright: (c) 2026, pgops.online_backup contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Where a repository's files live: a directory (FileStorage) or an S3 bucket
-(S3Storage), behind the few operations the catalog needs. Paths are relative to
-the repository ("20261201T101500Z/backup.json", ".locks/7312.lock"); the names
-and formats themselves are _layout's.
+(S3Storage), behind the few operations the catalog needs; and a directory on a
+repository host reached over ssh (SshStorage), for what a restore or a
+verification on another host reads. Paths are relative to the repository
+("20261201T101500Z/backup.json", ".locks/7312.lock"); the names and formats
+themselves are _layout's.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shlex
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 
+from ._copy import Remote
 from ._errors import PgopsError
 from ._files import ensure_private_dir, fsync_dir, read_json, write_json, write_private_file
 from ._layout import (
@@ -22,6 +28,8 @@ from ._layout import (
     COPY_ENTRIES,
     LABEL_FILES,
     MANIFEST,
+    RSYNC_DATA,
+    RSYNC_TABLESPACES,
     disk_usage,
     parse_archive_name,
     read_backup,
@@ -38,6 +46,14 @@ class StorageError(PgopsError):
 
 # The backup's files that are downloaded whole to read them (backup.json, the label files, the manifest).
 SMALL_FILE = 64 * 1024 * 1024
+# What a restore reads of an rsync backup's data/ before it copies the directory: the version, the port, the map.
+RSYNC_PEEK = ("PG_VERSION", "postgresql.conf", "postgresql.auto.conf", "tablespace_map")
+# The options of a module that reads a repository on another host over ssh (doc fragment repository_host).
+SSH_OPTION_SPEC = {
+    "repository_host": {"type": "str"},
+    "ssh_port": {"type": "int", "default": 22},
+    "ssh_options": {"type": "list", "elements": "str", "default": []},
+}
 
 
 class FileStorage:
@@ -271,6 +287,153 @@ class S3Storage:
     def delete_files(self, rel: str, names: list) -> None:
         self.store.delete([f"{rel.rstrip('/')}/{n}" for n in names])
 
+    def entries(self, rel: str) -> list:
+        """[(kind, size, name)] of what is right in rel (kind "f": an object; a bucket has no directories)."""
+        prefix = rel.rstrip("/") + "/"
+        return [("f", size, p[len(prefix) :]) for p, size in self.store.list(prefix) if "/" not in p[len(prefix) :]]
+
+    def fetch(self, rel: str, path: str) -> None:
+        self.store.download(rel, path)
+
+    def reader(self, rel: str):
+        return RemoteFile(self.store, rel)
+
+
+class SshStorage:
+    """A repository in a directory of a repository host, reached over ssh as its owner (_copy.Remote, the
+    same ssh the copy writes with): what a restore, or a verification, on another host reads, and the
+    backup.json it records into. Each call is one command there (find, cat, mv)."""
+
+    kind = "ssh"
+
+    def __init__(self, root: str, remote: Remote):
+        self.root = root.rstrip("/") or "/"
+        self.remote = remote
+        self.url = f"{remote.target}:{self.root}"
+
+    def path(self, rel: str = "") -> str:
+        """The path on the repository host."""
+        return os.path.join(self.root, rel) if rel else self.root
+
+    def _run(self, command: str, data: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.remote.prefix + [command], input=data, capture_output=True, check=False)
+
+    def _fail(self, what: str, proc) -> StorageError:
+        why = proc.stderr.decode("utf-8", "replace").strip() or f"ssh exited {proc.returncode}"
+        return StorageError(f"{what} on {self.remote.target} failed: {why}")
+
+    def entries(self, rel: str = "") -> list:
+        """[(kind, size, name)] of what is right in directory rel (kind "f" a file, "d" a directory, as find
+        prints it); [] when it does not exist."""
+        where = shlex.quote(self.path(rel))
+        proc = self._run(f"if [ -d {where} ]; then find {where} -mindepth 1 -maxdepth 1 -printf '%y %s %f\\n'; fi")
+        if proc.returncode != 0:
+            raise self._fail(f"listing {self.path(rel)}", proc)
+        out = []
+        for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
+            kind, size, name = line.split(" ", 2)
+            out.append((kind, int(size), name))
+        return sorted(out, key=lambda e: e[2])
+
+    def list_dir(self, rel: str = "") -> list:
+        return [name for _kind, _size, name in self.entries(rel)]
+
+    def files(self, rel: str) -> list:
+        """[(name, None)] of the regular files right in directory rel (their times are not read)."""
+        return [(name, None) for kind, _size, name in self.entries(rel) if kind == "f"]
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A file's content; None when there is no such file."""
+        where = shlex.quote(self.path(rel))
+        proc = self._run(f"if [ -f {where} ]; then exec cat -- {where}; else exit 3; fi")
+        if proc.returncode == 3:
+            return None
+        if proc.returncode != 0:
+            raise self._fail(f"reading {self.path(rel)}", proc)
+        return proc.stdout
+
+    def fetch(self, rel: str, path: str) -> None:
+        data = self.read_bytes(rel)
+        if data is None:
+            raise StorageError(f"{self.path(rel)} is gone from {self.remote.target}")
+        write_private_file(path, data)
+
+    def read_json(self, rel: str):
+        data = self.read_bytes(rel)
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
+
+    def read_backup(self, backup_id: str) -> dict | None:
+        doc = self.read_json(f"{backup_id}/{BACKUP_JSON}")
+        return doc if isinstance(doc, dict) else None
+
+    def write_backup(self, backup_id: str, info: dict) -> None:
+        """backup.json replaced whole: written beside it (0600), then renamed over it."""
+        final = shlex.quote(self.path(f"{backup_id}/{BACKUP_JSON}"))
+        tmp = shlex.quote(self.path(f"{backup_id}/.{BACKUP_JSON}.{os.getpid()}.tmp"))
+        data = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
+        proc = self._run(f"umask 077 && cat > {tmp} && mv -f -- {tmp} {final}", data)
+        if proc.returncode != 0:
+            raise self._fail(f"writing {self.path(f'{backup_id}/{BACKUP_JSON}')}", proc)
+
+    def reader(self, rel: str):
+        return SshFile(self.remote, self.path(rel))
+
+
+class SshFile:
+    """A file on a repository host, read as a stream as RemoteFile reads an object: `cat` there over ssh,
+    whose output the caller's tools take as their stdin. A directory (an rsync backup's data/) is
+    copied by rsync over the same ssh (rsync_source)."""
+
+    def __init__(self, remote: Remote, path: str):
+        self.remote = remote
+        self.path = path
+        self.name = os.path.basename(path.rstrip("/"))  # its suffixes say how to decode it
+        self._proc = None
+        self._err = None
+
+    def __str__(self) -> str:
+        return f"{self.remote.target}:{self.path}"
+
+    def open(self):
+        """A readable file object of the file's bytes (call finish() once done with it)."""
+        self._err = tempfile.TemporaryFile()  # pylint: disable=consider-using-with - closed by finish()
+        self._proc = subprocess.Popen(  # pylint: disable=consider-using-with - waited for by finish()
+            self.remote.prefix + [f"exec cat -- {shlex.quote(self.path)}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+        )
+        return self._proc.stdout
+
+    def finish(self, stopped_early: bool = False) -> None:
+        """Wait for ssh; StorageError when the read failed (a reader that stopped early ends it on purpose)."""
+        if self._proc is None:
+            return
+        proc, err, self._proc, self._err = self._proc, self._err, None, None
+        if stopped_early and proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        err.seek(0)
+        why = err.read().decode("utf-8", "replace").strip()
+        err.close()
+        if proc.returncode != 0 and not stopped_early:
+            raise StorageError(f"reading {self} failed (ssh exited {proc.returncode}): {why}")
+
+    def rsync_source(self) -> tuple:
+        """(rsync options, source) that copy this directory's content from the repository host."""
+        return ["-e", " ".join(shlex.quote(a) for a in self.remote.ssh)], f"{self.remote.target}:{self.path.rstrip('/')}/"
+
+
+def remote_of(params: dict):
+    """The repository host of a module's SSH_OPTION_SPEC options (None without repository_host)."""
+    if not params.get("repository_host"):
+        return None
+    return Remote(params["repository_host"], params["ssh_port"], params["ssh_options"])
+
 
 class RemoteFile:
     """An object in a bucket, read as a stream: a thread downloads it (ranged GETs in parallel,
@@ -314,21 +477,46 @@ class RemoteFile:
 
 
 def stage_backup(st, backup_id: str, directory: str) -> dict:
-    """Download a backup's small files (backup.json, backup_label, tablespace_map, backup_manifest)
-    into directory and stand an empty file in for each archive, so that the backup's layout reads
-    as on disk; {stand-in path: RemoteFile} of the archives, which are streamed when read."""
-    remote = {}
-    for rel, size in st.store.list(backup_id + "/"):
-        name = rel[len(backup_id) + 1 :]
-        if "/" in name:
+    """Fetch a backup's small files (backup.json, backup_label, tablespace_map, backup_manifest, ...) from a
+    bucket or a repository host (st: S3Storage or SshStorage) into directory and stand an empty file in for
+    each archive (an empty directory for an rsync backup's data/ and each tablespace, holding only what
+    RSYNC_PEEK names), so that the backup's layout reads as on disk; {stand-in path: reader} of the
+    archives and directories, which are streamed (or copied with rsync) when read."""
+    readers = {}
+    for kind, size, name in st.entries(backup_id):
+        rel, path = f"{backup_id}/{name}", os.path.join(directory, name)
+        if kind == "d" and name in (RSYNC_DATA, RSYNC_TABLESPACES):
+            os.mkdir(path, 0o700)
+            if name == RSYNC_DATA:
+                present = {n for k, _s, n in st.entries(rel) if k == "f"}
+                for peek in RSYNC_PEEK:
+                    if peek in present:
+                        st.fetch(f"{rel}/{peek}", os.path.join(path, peek))
+                readers[path] = st.reader(rel)
+                continue
+            for k, _s, oid in st.entries(rel):
+                if k == "d" and oid.isdigit():
+                    os.mkdir(os.path.join(path, oid), 0o700)
+                    readers[os.path.join(path, oid)] = st.reader(f"{rel}/{oid}")
+        elif kind != "f":
             continue
-        path = os.path.join(directory, name)
-        if parse_archive_name(name):
+        elif parse_archive_name(name):
             open(path, "wb").close()
-            remote[path] = RemoteFile(st.store, rel)
+            readers[path] = st.reader(rel)
         elif size <= SMALL_FILE:
-            st.store.download(rel, path)
-    return remote
+            st.fetch(rel, path)
+    return readers
+
+
+def stage_backup_at(backup_path: str, s3_config: dict | None = None, remote: Remote | None = None, prefix: str = ".pgops-"):
+    """A backup in a bucket (s3://bucket/prefix/<backup id>) or on a repository host (remote; backup_path is
+    a path there) made readable here: (its storage, its id, a private directory where its layout reads as
+    on disk, {stand-in: reader}) - see stage_backup. The directory is removed when the process ends."""
+    repository, backup_id = split_backup_url(backup_path)
+    st = SshStorage(repository or "/", remote) if remote else open_storage(repository, s3_config)
+    staging = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, staging, True)
+    return st, backup_id, staging, stage_backup(st, backup_id, staging)
 
 
 def split_backup_url(url: str) -> tuple:

@@ -399,8 +399,8 @@ class SshFile:
 
     def open(self):
         """A readable file object of the file's bytes (call finish() once done with it)."""
-        self._err = tempfile.TemporaryFile()  # pylint: disable=consider-using-with - closed by finish()
-        self._proc = subprocess.Popen(  # pylint: disable=consider-using-with - waited for by finish()
+        self._err = tempfile.TemporaryFile()  # closed by finish()
+        self._proc = subprocess.Popen(  # waited for by finish()
             self.remote.prefix + [f"exec cat -- {shlex.quote(self.path)}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

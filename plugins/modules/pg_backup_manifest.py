@@ -30,6 +30,7 @@ extends_documentation_fragment:
   - pgops.online_backup.attributes
   - pgops.online_backup.age_identity
   - pgops.online_backup.s3
+  - pgops.online_backup.repository_host
 author:
   - pgops.online_backup contributors (@pgops)
 attributes:
@@ -50,6 +51,9 @@ options:
       - A plain data directory with C(PG_VERSION) (for example C(pg_basebackup -Fp) output) is accepted too.
       - Or C(s3://bucket/prefix/<backup_id>) with O(state=verified) (and the O(s3_endpoint) options); the archives
         are streamed from the bucket while they are checked, and the result is recorded in the bucket's C(backup.json).
+      - Or, with O(repository_host) and O(state=verified), a tar or cpio backup directory on that host; its archives
+        are streamed over ssh while they are checked (decrypted here, so an age key never has to be on that host), and
+        the result is recorded in its C(backup.json) there. An rsync backup is verified on the host that holds it.
     type: str
     required: true
   state:
@@ -249,13 +253,11 @@ notes:
   elements: str
 """
 
-import atexit
 import datetime
 import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -283,7 +285,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._manifest impo
     verify_layout,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
-from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage, split_backup_url, stage_backup
+from ansible_collections.pgops.online_backup.plugins.module_utils._storage import SSH_OPTION_SPEC, remote_of, stage_backup_at
 
 TOOL = "pgops.online_backup.pg_backup_manifest"
 MAX_PROBLEMS_IN_MSG = 100
@@ -293,8 +295,8 @@ VERIFYBACKUP_EXTRA = {17: ("/var/cache/pgops-online-backup/pg17-tools/bin",)}
 _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
 
-# A backup in a bucket: where its verification is recorded (set by main).
-BUCKET = {}
+# A backup in a bucket or on a repository host: where its verification is recorded (set by main).
+REMOTE = {}
 
 
 def _value(params: dict, info: dict, option: str, key: str | None = None):
@@ -558,15 +560,16 @@ def finish_verification(module, root: str, result: dict, problems: list, pgv: di
         record = {"verified": ok, "at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "problems_count": len(problems), "tool": tool}  # fmt: skip
         try:
-            if BUCKET:
-                # The record goes to the bucket's backup.json (read again: a drill may have written it meanwhile).
-                st, bid = BUCKET["storage"], BUCKET["backup_id"]
+            if REMOTE:
+                # The record goes to the remote backup.json (read again: a drill may have written it meanwhile).
+                st, bid = REMOTE["storage"], REMOTE["backup_id"]
                 st.write_backup(bid, dict(st.read_backup(bid) or {}, verification=record))
             else:
                 update_backup(root, verification=record)
             result["verification"] = record
         except (PgopsError, OSError) as e:
             module.warn(f"could not record the verification in {BACKUP_JSON}: {e}")
+    root = REMOTE.get("where", root)
     if not ok:
         msg = f"backup {root} failed verification: {describe(problems, pgv)}"
         if p["fail_on_error"]:
@@ -598,6 +601,7 @@ def main():
             record=dict(type="bool", default=True),
             **AGE_IDENTITY_OPTIONS,
             **S3_OPTION_SPEC,
+            **SSH_OPTION_SPEC,
         ),
         mutually_exclusive=[("age_identity", "age_identity_file")],
         supports_check_mode=True,
@@ -608,21 +612,24 @@ def main():
         module.fail_json(msg=str(e))
     root = module.params["path"]
     remote = {}
-    if is_s3(root):
+    ssh = remote_of(module.params)
+    if is_s3(root) or ssh:
+        where = "a bucket" if is_s3(root) else "a repository host"
         if module.params["state"] != "verified":
-            module.fail_json(
-                msg="a backup in a bucket gets its manifest when it is marked complete: only state=verified reads one"
-            )
-        repository, bid = split_backup_url(root)
+            module.fail_json(msg=f"a backup in {where} gets its manifest when it is marked complete: state=verified reads it")
+        if is_s3(root) and ssh:
+            module.fail_json(msg="repository_host is for a repository reached over ssh, not for an s3:// path")
         try:
-            st = open_storage(repository, config_from_params(module.params))
-            root = tempfile.mkdtemp(prefix=".pgops-verify-")
-            atexit.register(shutil.rmtree, root, True)
-            remote = stage_backup(st, bid, root)
+            st, bid, root, remote = stage_backup_at(root, config_from_params(module.params), ssh, prefix=".pgops-verify-")
         except PgopsError as e:
             module.fail_json(msg=str(e))
-        BUCKET.update(storage=st, backup_id=bid)
-        module.params["run_pg_verifybackup"] = False  # archives in a bucket: pg_verifybackup cannot read them
+        REMOTE.update(storage=st, backup_id=bid, where=f"{ssh.target}:{module.params['path']}" if ssh else module.params["path"])
+        if ssh and (read_backup(root) or {}).get("method") == "rsync":
+            module.fail_json(
+                msg=f"{REMOTE['where']} is an rsync backup: its data/ directory is verified where it is (run this module "
+                "on the repository host, without repository_host)"
+            )
+        module.params["run_pg_verifybackup"] = False  # archives elsewhere: pg_verifybackup cannot read them
     if not os.path.isdir(root):
         module.fail_json(msg=f"backup directory {root} does not exist")
     info_path = os.path.join(root, BACKUP_JSON)

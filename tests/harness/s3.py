@@ -29,6 +29,8 @@ import urllib.request
 import boto3
 from botocore.config import Config
 
+from harness.pg import chown_pg
+
 PORT_RANGE = (20000, 55000)  # gRPC twins (port + 10000) stay below 65536
 GRPC_OFFSET = 10000
 START_TIMEOUT = 60
@@ -327,6 +329,24 @@ class SeaweedS3:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def empty(self, bucket: str, prefix: str = "") -> None:
+        """Remove what a bucket holds under prefix: multipart uploads aborted, every object deleted."""
+        client = self.client()
+        while True:
+            uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+            for upload in uploads:
+                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+            if listed:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed], "Quiet": True})
+            if not uploads and not listed:
+                return
+
+    def remove_bucket(self, name: str) -> None:
+        """Empty a bucket, then delete it."""
+        self.empty(name)
+        self.client().delete_bucket(Bucket=name)
+
     def store_config(self, **overrides) -> dict:
         """The config of a _s3.Store for this server (see _s3.config_from_params)."""
         config = {
@@ -345,6 +365,22 @@ class SeaweedS3:
         """The s3_* module options for this server."""
         return {"s3_endpoint": self.endpoint, "s3_access_key": self.access_key, "s3_secret_key": self.secret_key}
 
+    def role_vars(self, prefix: str) -> dict:
+        """The <prefix>_s3_endpoint, _s3_access_key and _s3_secret_key variables of a role or
+        playbook (prefix: pg_backup, pg_restore, pg_archiving) for this server."""
+        return {f"{prefix}_{name}": value for name, value in self.module_params().items()}
+
+    def settings_file(self, directory: str, **override) -> str:
+        """The S3 settings file pgops-wal reads (--s3-config): the s3_* options as JSON, mode
+        0600, owned by the postgres user; the keys never appear in an archive_command."""
+        path = os.path.join(directory, "s3.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**self.module_params(), **override}, f)
+        os.chmod(path, 0o600)
+        chown_pg(path)
+        return path
+
 
 def stat_is_socket(path: str) -> bool:
     try:
@@ -354,9 +390,10 @@ def stat_is_socket(path: str) -> bool:
 
 
 def seaweed_server(grace: float = 2):
-    """Generator for a pytest fixture: one running server, stopped and removed after.
+    """Generator for a pytest fixture: one running server, stopped (its process group, by the
+    pid we started) and removed after; tests/integration/conftest.py shares one per session:
 
-        @pytest.fixture(scope="module")
+        @pytest.fixture(scope="session")
         def s3_server():
             yield from seaweed_server()
 

@@ -78,8 +78,12 @@ def test_encrypted_backup_and_wal_restore_only_with_the_key(make_cluster, playbo
         c.sql("INSERT INTO secret VALUES (%s)", (marker + "-after",))
     finally:
         writer.stop()
-    c.sql("SELECT pg_switch_wal()")
-    time.sleep(2)  # the last segment reaches the archive
+    # The segment holding the row written after the backup reaches the archive.
+    (seg,) = c.sql("SELECT pg_walfile_name(pg_switch_wal())")[0]
+    deadline = time.monotonic() + 30
+    while (c.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < seg:
+        assert time.monotonic() < deadline, f"{seg} was not archived"
+        time.sleep(0.1)
     (b,) = backups(repo)
     assert b["encryption"] == {"type": "age", "recipients": [public]}, b
     assert b["files"] == ["base.tar.age"], b

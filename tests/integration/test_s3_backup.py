@@ -19,8 +19,8 @@ import pytest
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, finish, start_backup_in_background
 from harness.layout import restore_backup
-from harness.pg import chown_pg, make_pg_dir, stop_data_directory
-from harness.s3 import SeaweedS3, seaweed_server
+from harness.pg import make_pg_dir, stop_data_directory
+from harness.s3 import SeaweedS3
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
 
@@ -33,16 +33,8 @@ PIN = os.path.join(REPO, "playbooks", "pin.yml")
 BUCKET = "pgops-backups"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    yield from seaweed_server()
-
-
 def s3_vars(server, url: str, **extra) -> dict:
-    return {
-        "pg_backup_repository": url, "pg_backup_s3_endpoint": server.endpoint,
-        "pg_backup_s3_access_key": server.access_key, "pg_backup_s3_secret_key": server.secret_key, **extra,
-    }  # fmt: skip
+    return {"pg_backup_repository": url, **server.role_vars("pg_backup"), **extra}
 
 
 def objects(server, bucket: str, prefix: str) -> dict:
@@ -65,8 +57,8 @@ def download_backup(server, bucket: str, prefix: str, backup_id: str) -> str:
 
 
 @pytest.mark.parametrize("major,encrypted", [(13, False), (17, True)])
-def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted, make_cluster, playbook, s3_server):
-    bucket = s3_server.create_bucket(f"{BUCKET}-{major}")
+def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted, make_cluster, playbook, s3_server, s3_bucket):
+    bucket = s3_bucket
     prefix = f"fleet/pg{major}"
     c = make_cluster(major)
     pgbench_init(c, scale=5)
@@ -120,8 +112,8 @@ def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted
         shutil.rmtree(local, ignore_errors=True)
 
 
-def test_wrong_credentials_and_missing_bucket_are_refused_before_the_start(make_cluster, playbook, s3_server):
-    bucket = s3_server.create_bucket(f"{BUCKET}-refused")
+def test_wrong_credentials_and_missing_bucket_are_refused_before_the_start(make_cluster, playbook, s3_server, s3_bucket):
+    bucket = s3_bucket
     c = make_cluster(16)
     wrong = "WRONG" + secrets.token_hex(8)
     cases = [
@@ -154,14 +146,17 @@ def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playb
             time.sleep(0.1)
         assert server.client().list_multipart_uploads(Bucket=bucket).get("Uploads"), "the upload never started"
         server.kill()
+        killed_at = time.monotonic()
         rc, out = finish(proc)
         assert rc != 0, out
         assert "uploading base.tar failed" in out or "cannot reach the S3 endpoint" in out, out[-3000:]
         assert c.backups_in_progress() == 0, "the session was not ended"
         server.start()
         # The dead run could not mark its record failed (the server was down): its lock is trusted for
-        # pg_backup_lock_grace after its last sign of life (120 s by default), then broken.
-        time.sleep(3)
+        # pg_backup_lock_grace after its last sign of life (120 s by default), then broken. Its last
+        # sign of life came before the kill: 3 s after the kill is past the grace of 2 s given below
+        # (the failed run's end and the restart usually take that long already).
+        time.sleep(max(0.0, killed_at + 3 - time.monotonic()))
         again = backup_vars(c, "/unused", **extra, pg_backup_compression="zstd", pg_backup_lock_grace=2)
         run = playbook(BACKUP, extra_vars=again)
         assert run.rc == 0, run
@@ -182,9 +177,9 @@ def test_server_killed_mid_upload_then_the_next_run_succeeds(make_cluster, playb
 
 @pytest.mark.parametrize("major,encrypted", [(13, False), (17, True)])
 def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(
-    major, encrypted, make_cluster, playbook, s3_server, tmp_path
+    major, encrypted, make_cluster, playbook, s3_server, s3_bucket, tmp_path
 ):
-    bucket = s3_server.create_bucket(f"{BUCKET}-restore-{major}")
+    bucket = s3_bucket
     top = f"pg{major}"
     url = f"s3://{bucket}/{top}"
     c = make_cluster(major)
@@ -197,11 +192,7 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(
         age_backup = {"pg_backup_encryption": "age", "pg_backup_age_recipients": [public]}
         age_restore = {"pg_restore_age_identity": open(identity).read()}
     prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
-    settings = os.path.join(make_pg_dir("pgops-s3cfg-"), "s3.json")
-    with open(settings, "w") as f:
-        json.dump(s3_server.module_params(), f)
-    os.chmod(settings, 0o600)
-    chown_pg(settings)
+    settings = s3_server.settings_file(make_pg_dir("pgops-s3cfg-"))
     c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {url} --s3-config {settings}{age_push} %p",))
     c.sql("SELECT pg_reload_conf()")
     pgbench_init(c)
@@ -223,9 +214,7 @@ def test_restore_and_drill_from_s3_with_pitr_and_wal_from_the_bucket(
     while time.monotonic() < deadline and not c.sql("SELECT last_archived_time > %s FROM pg_stat_archiver", (target,))[0][0]:
         time.sleep(0.5)
     creds = {
-        "pg_restore_s3_endpoint": s3_server.endpoint, "pg_restore_s3_access_key": s3_server.access_key,
-        "pg_restore_s3_secret_key": s3_server.secret_key, "pg_restore_wal_program": prog, "pg_restore_recovery_timeout": 120,
-        **age_restore,
+        **s3_server.role_vars("pg_restore"), "pg_restore_wal_program": prog, "pg_restore_recovery_timeout": 120, **age_restore,
     }  # fmt: skip
     root = make_pg_dir("pgops-restore-")
     data = os.path.join(root, "data")

@@ -20,29 +20,30 @@ import uuid
 import pytest
 from harness.ansible import NODE_PYTHON, collections_workspace
 from harness.pg import free_port
-from harness.s3 import SeaweedS3, seaweed_server
+from harness.s3 import SeaweedS3
 
 s3 = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._s3")
 S3Error = s3.S3Error
 MiB = s3.MiB
-BUCKET = "pgops-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """One SeaweedFS per test module: it takes seconds to start."""
-    yield from seaweed_server()
 
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):
-    return s3_server.create_bucket(BUCKET)
+    """This module's bucket on the shared server, removed with what it holds after the module.
+
+    Its tests work in repositories of their own below it (store), not in buckets of their own:
+    SeaweedFS takes ~0.2 s to grow a new bucket's volumes on its first write, ~10 s over the module."""
+    name = s3_server.create_bucket(f"pgops-store-{uuid.uuid4().hex[:12]}")
+    yield name
+    s3_server.remove_bucket(name)
 
 
 @pytest.fixture
 def store(s3_server, bucket):
-    """A repository of its own per test, two levels below the bucket."""
-    return s3.Store(f"s3://{bucket}/t-{uuid.uuid4().hex[:12]}/repo/", s3_server.store_config())
+    """A repository of its own per test, two levels below the bucket; removed after the test."""
+    top = f"t-{uuid.uuid4().hex[:12]}"
+    yield s3.Store(f"s3://{bucket}/{top}/repo/", s3_server.store_config())
+    s3_server.empty(bucket, f"{top}/")
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
@@ -193,7 +194,7 @@ def test_put_get_head_list_and_delete(store, s3_server):
     for rel, data in objects.items():
         assert store.put_bytes(rel, data) is True
     # The keys are below the store's prefix, nowhere else.
-    raw = s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=store.prefix + "/")
+    raw = s3_server.client().list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "/")
     assert sorted(o["Key"] for o in raw["Contents"]) == sorted(f"{store.prefix}/{rel}" for rel in objects)
 
     assert store.get_bytes("20261201T101500Z/backup.json") == b'{"status": "running"}'
@@ -242,8 +243,8 @@ def test_listing_and_deleting_more_than_one_page(store):
     assert store.list() == []
 
 
-def test_store_at_the_bucket_root(s3_server):
-    bucket = s3_server.create_bucket(f"pgops-root-{uuid.uuid4().hex[:8]}")
+def test_store_at_the_bucket_root(s3_server, s3_bucket):
+    bucket = s3_bucket
     store = s3.Store(f"s3://{bucket}", s3_server.store_config())
     store.check()
     store.put_bytes("20261201T101500Z/backup.json", b"{}")
@@ -395,8 +396,8 @@ def test_part_size_follows_s3s_limits(store):
 def test_abort_uploads_cleans_what_a_killed_run_left(store, s3_server):
     client = s3_server.client()
     for name in ("20261201T101500Z/base.tar", "20261201T101500Z/16384.tar"):
-        client.create_multipart_upload(Bucket=BUCKET, Key=store.key(name))
-    other = client.create_multipart_upload(Bucket=BUCKET, Key="elsewhere/x")
+        client.create_multipart_upload(Bucket=store.bucket, Key=store.key(name))
+    other = client.create_multipart_upload(Bucket=store.bucket, Key="elsewhere/x")
     try:
         found = store.multipart_uploads()
         assert sorted(u["key"] for u in found) == ["20261201T101500Z/16384.tar", "20261201T101500Z/base.tar"]
@@ -404,17 +405,18 @@ def test_abort_uploads_cleans_what_a_killed_run_left(store, s3_server):
         assert store.abort_uploads("20261201T101500Z/") == 2
         assert store.multipart_uploads() == []
         # Outside the repository's prefix: untouched.
-        assert [u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET, Prefix="elsewhere/").get("Uploads", [])] == [
+        assert [u["Key"] for u in client.list_multipart_uploads(Bucket=store.bucket, Prefix="elsewhere/").get("Uploads", [])] == [
             "elsewhere/x"
         ]
     finally:
-        client.abort_multipart_upload(Bucket=BUCKET, Key="elsewhere/x", UploadId=other["UploadId"])
+        client.abort_multipart_upload(Bucket=store.bucket, Key="elsewhere/x", UploadId=other["UploadId"])
 
 
 def test_open_read_of_a_missing_object_names_it(store):
     with pytest.raises(S3Error) as err:
         store.open_read("20261201T101500Z/backup_manifest")
-    assert f"s3://{BUCKET}/{store.prefix}/20261201T101500Z/backup_manifest does not exist at {store.endpoint}" in str(err.value)
+    missing = f"s3://{store.bucket}/{store.prefix}/20261201T101500Z/backup_manifest"
+    assert f"{missing} does not exist at {store.endpoint}" in str(err.value)
     with pytest.raises(S3Error, match="backup_manifest does not exist"):
         store.download("20261201T101500Z/backup_manifest", io.BytesIO())
 

@@ -4,51 +4,31 @@ and fetched by recovery from there: point-in-time recovery of a backup under loa
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pwd
 import secrets
 import subprocess
 import time
 
-import pytest
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
 from harness.pg import chown_pg, make_pg_dir, pg_bin, stop_data_directory
-from harness.s3 import seaweed_server
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
 
 RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
 ARCHIVING = os.path.join(REPO, "playbooks", "archiving.yml")
-BUCKET = "pgops-wal-test"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    yield from seaweed_server()
-
-
-def s3_config(server, directory: str, **override) -> str:
-    """The S3 settings file pgops-wal reads (0600, the postgres user's): keys never in argv."""
-    path = os.path.join(directory, "s3.json")
-    settings = {**server.module_params(), **override}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f)
-    chown_pg(path)
-    return path
-
-
-def test_wal_to_s3_encrypted_and_point_in_time_recovery_from_it(make_cluster, playbook, s3_server, tmp_path):
-    s3_server.create_bucket(BUCKET)
-    url = f"s3://{BUCKET}/fleet/pg17"
+def test_wal_to_s3_encrypted_and_point_in_time_recovery_from_it(make_cluster, playbook, s3_server, s3_bucket, tmp_path):
+    bucket = s3_bucket
+    url = f"s3://{bucket}/fleet/pg17"
     keys = make_pg_dir("pgops-keys-")
     identity = os.path.join(keys, "identity.txt")
     subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
     public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
     chown_pg(identity)
-    config = s3_config(s3_server, keys)
+    config = s3_server.settings_file(keys)
     prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
     where = ["--repository", url, "--s3-config", config]
     c = make_cluster(17)
@@ -82,13 +62,13 @@ def test_wal_to_s3_encrypted_and_point_in_time_recovery_from_it(make_cluster, pl
     (b,) = backups(local_repo)
 
     client = s3_server.client()
-    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"fleet/pg17/wal/{sysid}/")
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"fleet/pg17/wal/{sysid}/")
     names = [o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])]
     assert f"{b['start_wal']}.zst.age" in names and f"{b['start_wal']}.zst.age.sha256" in names, names
     for obj in listed["Contents"]:
-        body = client.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
         assert marker.encode() not in body, f"cleartext in {obj['Key']}"
-    assert not client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")
 
     # Recovery gets its WAL from the bucket with pgops-wal get and the private key.
     root = make_pg_dir("pgops-restore-")
@@ -129,14 +109,14 @@ def test_wal_to_s3_encrypted_and_point_in_time_recovery_from_it(make_cluster, pl
     assert clash.returncode == 1 and "already holds a different" in clash.stderr, clash
 
     # Wrong credentials: recovery stops (126) instead of ending early, and says why.
-    bad = s3_config(s3_server, str(tmp_path), s3_secret_key="wrong")
+    bad = s3_server.settings_file(str(tmp_path), s3_secret_key="wrong")
     denied_where = ["--repository", url, "--s3-config", bad, "--cluster", sysid]
     denied = subprocess.run([prog, "get", *denied_where, b["start_wal"], str(tmp_path / "y")], capture_output=True, text=True)
     assert denied.returncode == 126 and "credentials" in denied.stderr, denied.stderr
 
 
-def test_archiving_role_to_s3_checks_the_bucket_before_it_changes_anything(make_cluster, playbook, s3_server):
-    bucket = s3_server.create_bucket("pgops-role-test")
+def test_archiving_role_to_s3_checks_the_bucket_before_it_changes_anything(make_cluster, playbook, s3_server, s3_bucket):
+    bucket = s3_bucket
     c = make_cluster(13, archive_mode="off")
     base = make_pg_dir("pgops-prog-")
     os.chown(base, 0, 0)
@@ -146,7 +126,7 @@ def test_archiving_role_to_s3_checks_the_bucket_before_it_changes_anything(make_
         "pg_archiving_port": c.port, "pg_archiving_restart": True,
         "pg_archiving_pg_ctl": os.path.join(pg_bin(13), "pg_ctl"), "pg_archiving_install_dir": os.path.join(base, "lib"),
         "pg_archiving_program": os.path.join(base, "pgops-wal"), "pg_archiving_s3_config": settings,
-        "pg_archiving_s3_endpoint": s3_server.endpoint, "pg_archiving_s3_access_key": s3_server.access_key,
+        **s3_server.role_vars("pg_archiving"),
     }  # fmt: skip
     wrong = "WRONG" + secrets.token_hex(8)
     denied = playbook(ARCHIVING, extra_vars={**v, "pg_archiving_s3_secret_key": wrong})

@@ -264,7 +264,15 @@ def test_the_guard_reports_a_growing_backlog_and_publishes_it(make_cluster, play
         for _ in range(5):
             c.sql("CREATE TABLE IF NOT EXISTS w (x int); INSERT INTO w SELECT generate_series(1, 1000)")
             c.sql("SELECT pg_switch_wal()")
-        time.sleep(3)
+        # Until the archiver has failed on them (a failure newer than its last success) and they wait in pg_wal.
+        stuck_query = (
+            "SELECT last_failed_time > coalesce(last_archived_time, '-infinity')"
+            " AND (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready') >= 4 FROM pg_stat_archiver"
+        )
+        deadline = time.monotonic() + 30
+        while not c.sql(stuck_query)[0][0]:
+            assert time.monotonic() < deadline, "the archiver did not fail on the unwritable archive"
+            time.sleep(0.1)
         stuck = playbook(preflight, extra_vars=ev)
         assert stuck.rc != 0
         codes = {

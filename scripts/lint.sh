@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Ansible lint and packaging checks; scripts/test.sh (and so CI) runs this, and
 # every step must exit 0:
-#   1. ansible-lint with the production profile (.ansible-lint), and
-#      antsibull-docs lint-collection-docs (the docs ansible-doc renders)
+#   1. ansible-lint with the production profile (.ansible-lint),
+#      antsibull-docs lint-collection-docs (the docs ansible-doc renders), and
+#      antsibull-changelog lint of the fragments and changelogs/changelog.yaml,
+#      with CHANGELOG.md and CHANGELOG.rst as antsibull-changelog generates them
 #   2. ansible-galaxy collection build, then install of that tarball into a
 #      temporary ansible_collections/ tree
 #   3. ansible-test sanity of the installed copy - exactly what users install -
@@ -33,6 +35,19 @@ ANSIBLE_COLLECTIONS_PATH="$work/src" ansible-lint --nocolor
 
 log "antsibull-docs lint-collection-docs (module, role and playbook docs render; references resolve)"
 (cd "$work/src/ansible_collections/pgops/online_backup" && antsibull-docs lint-collection-docs --plugin-docs .)
+
+log "antsibull-changelog lint (changelogs/fragments, changelogs/changelog.yaml; CHANGELOG.md/.rst generated from them)"
+antsibull-changelog lint
+antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
+for format in md rst; do
+  antsibull-changelog generate --output "$work/CHANGELOG.$format" --output-format "$format"
+  if ! cmp -s "$work/CHANGELOG.$format" "CHANGELOG.$format"; then
+    echo "CHANGELOG.$format differs from what antsibull-changelog generate makes of changelogs/changelog.yaml:" \
+      "it is generated, never edited (CONTRIBUTING.md, Changelog)" >&2
+    diff -u "CHANGELOG.$format" "$work/CHANGELOG.$format" | head -40 >&2 || true
+    exit 1
+  fi
+done
 
 log "ansible-galaxy collection build + install"
 ansible-galaxy collection build --output-path "$work/dist" . >/dev/null

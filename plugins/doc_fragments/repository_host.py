@@ -17,7 +17,7 @@ options:
         C(backup_files.json)) are read into a private temporary directory; its archives are streamed with C(cat) over
         ssh straight into the tools that read them, and an rsync backup's C(data/) is copied by rsync over ssh. No copy
         of an archive is written on this host.
-      - That host needs only an ssh server, C(cat), C(find) (GNU) and C(mv); this host needs the ssh client.
+      - That host needs only an ssh server, C(cat), C(tar), C(find) (GNU) and C(mv); this host needs the ssh client.
     type: str
   ssh_port:
     description: ssh port of O(repository_host).

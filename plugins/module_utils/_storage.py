@@ -292,8 +292,10 @@ class S3Storage:
         prefix = rel.rstrip("/") + "/"
         return [("f", size, p[len(prefix) :]) for p, size in self.store.list(prefix) if "/" not in p[len(prefix) :]]
 
-    def fetch(self, rel: str, path: str) -> None:
-        self.store.download(rel, path)
+    def fetch_all(self, rel: str, names: list, directory: str) -> None:
+        """The files rel/<name> into directory/<name> (each 0600)."""
+        for name in names:
+            self.store.download(f"{rel}/{name}", os.path.join(directory, name))
 
     def reader(self, rel: str):
         return RemoteFile(self.store, rel)
@@ -335,9 +337,6 @@ class SshStorage:
             out.append((kind, int(size), name))
         return sorted(out, key=lambda e: e[2])
 
-    def list_dir(self, rel: str = "") -> list:
-        return [name for _kind, _size, name in self.entries(rel)]
-
     def files(self, rel: str) -> list:
         """[(name, None)] of the regular files right in directory rel (their times are not read)."""
         return [(name, None) for kind, _size, name in self.entries(rel) if kind == "f"]
@@ -352,11 +351,34 @@ class SshStorage:
             raise self._fail(f"reading {self.path(rel)}", proc)
         return proc.stdout
 
-    def fetch(self, rel: str, path: str) -> None:
-        data = self.read_bytes(rel)
-        if data is None:
-            raise StorageError(f"{self.path(rel)} is gone from {self.remote.target}")
-        write_private_file(path, data)
+    def fetch_all(self, rel: str, names: list, directory: str) -> None:
+        """The files rel/<name> into directory/<name> (each 0600), all in one tar over ssh: one connection, not one
+        per file."""
+        if not names:
+            return
+        quoted = " ".join(shlex.quote(n) for n in names)
+        err = tempfile.TemporaryFile()
+        with (
+            err,
+            subprocess.Popen(
+                self.remote.prefix + [f"cd {shlex.quote(self.path(rel))} && exec tar -cf - -- {quoted}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            ) as proc,
+        ):
+            untar = subprocess.run(
+                ["tar", "-xf", "-", "-C", directory, "--no-same-owner"], stdin=proc.stdout, capture_output=True, check=False
+            )
+            proc.stdout.close()
+            proc.wait()
+            err.seek(0)
+            why = err.read().decode("utf-8", "replace").strip()
+        if proc.returncode != 0 or untar.returncode != 0:
+            why = why or untar.stderr.decode("utf-8", "replace").strip() or f"ssh exited {proc.returncode}"
+            raise StorageError(f"reading {', '.join(names)} of {self.path(rel)} on {self.remote.target} failed: {why}")
+        for name in names:
+            os.chmod(os.path.join(directory, name), 0o600)
 
     def read_json(self, rel: str):
         data = self.read_bytes(rel)
@@ -482,16 +504,14 @@ def stage_backup(st, backup_id: str, directory: str) -> dict:
     each archive (an empty directory for an rsync backup's data/ and each tablespace, holding only what
     RSYNC_PEEK names), so that the backup's layout reads as on disk; {stand-in path: reader} of the
     archives and directories, which are streamed (or copied with rsync) when read."""
-    readers = {}
+    readers, small = {}, []
     for kind, size, name in st.entries(backup_id):
         rel, path = f"{backup_id}/{name}", os.path.join(directory, name)
         if kind == "d" and name in (RSYNC_DATA, RSYNC_TABLESPACES):
             os.mkdir(path, 0o700)
             if name == RSYNC_DATA:
                 present = {n for k, _s, n in st.entries(rel) if k == "f"}
-                for peek in RSYNC_PEEK:
-                    if peek in present:
-                        st.fetch(f"{rel}/{peek}", os.path.join(path, peek))
+                small += [f"{name}/{peek}" for peek in RSYNC_PEEK if peek in present]
                 readers[path] = st.reader(rel)
                 continue
             for k, _s, oid in st.entries(rel):
@@ -504,7 +524,8 @@ def stage_backup(st, backup_id: str, directory: str) -> dict:
             open(path, "wb").close()
             readers[path] = st.reader(rel)
         elif size <= SMALL_FILE:
-            st.fetch(rel, path)
+            small.append(name)
+    st.fetch_all(backup_id, small, directory)
     return readers
 
 

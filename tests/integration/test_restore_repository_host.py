@@ -2,9 +2,8 @@
 host (a full one, then a file-level incremental taken while rows are written), its WAL is archived there by
 pgops-wal, and the restore playbook, run on a third host with another data directory and port, pulls the chain
 from the repository host over ssh and recovers to a time between two inserts with pgops-wal getting the WAL from
-there. Also: the WAL check asks the repository host (a segment hidden there is named and nothing changes), the
-verification over ssh, a drill from the repository host, and bad repository host settings refused before
-anything runs."""
+there. Also: the verification over ssh, a drill from the repository host, and bad repository host settings
+refused before anything runs."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import psycopg2
 import pytest
 from harness.ansible import REPO, local_inventory
 from harness.backup import BACKUP, backup_vars
-from harness.pg import chown_pg, free_port, make_pg_dir, stop_data_directory
+from harness.pg import as_postgres, chown_pg, free_port, make_pg_dir, stop_data_directory
 from harness.ssh import ADMIN_USER
 from harness.wal import install_pgops_wal
 from harness.workload import Writer
@@ -123,17 +122,9 @@ def test_restore_on_a_third_host_from_a_repository_host_with_pitr(make_cluster, 
             "pg_archiving_install_dir": os.path.join(prog_base, "lib"), "pg_restore_recovery_timeout": 120,
         }  # fmt: skip
 
-        # The check that the WAL the backup needs is archived asks the repository host: a segment hidden there
-        # is named (in check mode, which runs every check of a restore).
-        needed = os.path.join(wal_dir, info["start_wal"] + ".zst")
-        os.rename(needed, needed + ".hidden")
-        try:
-            refused = playbook(RESTORE, inventory, extra_vars=dict(rv, pg_restore_verify=False), check=True)
-        finally:
-            os.rename(needed + ".hidden", needed)
-        assert refused.rc != 0, refused
-        assert f"{ADMIN_USER}@{repo_host.address}:{wal_dir} lacks {info['start_wal']}" in failures(refused), refused
-        assert not os.path.exists(data)
+        # The hosts share this machine's files, but the repository is private to the repository host's user:
+        # the restore host's postgres reads it only over ssh (backup, chain, WAL check, recovery's WAL).
+        assert as_postgres(["test", "-r", wal_dir], check=False).returncode != 0
         phases = {"setup and two backups": time.monotonic() - began}
 
         t0 = time.monotonic()

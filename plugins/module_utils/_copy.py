@@ -234,6 +234,7 @@ def archive(
     encrypt: list | None = None,
     upload=None,
     staged=None,
+    progress: CopyProgress | None = None,
 ) -> dict:
     """Write root's files as one archive (optionally compressed) to out_path.
 
@@ -245,6 +246,7 @@ def archive(
     is completed only when every step succeeded, and aborted otherwise.
     staged: (directory, relative paths) of an incremental's INCREMENTAL files, archived after files
     (without its global/pg_control, which stays last).
+    progress: counts what the archiver reads.
     Written as <out_path>.partial and renamed when every step succeeded.
     """
     t0 = time.monotonic()
@@ -308,6 +310,8 @@ def archive(
             pump = threading.Thread(target=_pump, args=(procs[-1][1].stdout, writer, upload_errors))
             pump.start()
         archiver = procs[0][1]
+        if progress is not None:
+            progress.reading(archiver)
         # The file list goes in from a thread: the archiver reads it while we read its output.
         feeder = threading.Thread(
             target=_feed, args=(archiver.stdin, b"\0".join(f.encode("utf-8", "surrogateescape") for f in files) + b"\0")
@@ -327,6 +331,8 @@ def archive(
                 procs[1][1].stdin.close()
         results = {}
         for name, p, err in procs:
+            if progress is not None and p is procs[0][1]:
+                progress.finished(p)
             p.wait()
             err.seek(0)
             results[name] = (p.returncode, err.read().decode(errors="replace"))
@@ -575,7 +581,13 @@ def sync_filesystem(path: str, remote: Remote | None = None) -> None:
 
 
 def rsync_tree(
-    root: str, files: list, dest: str, remote: Remote | None = None, cancel: Cancel | None = None, link_dest: str | None = None
+    root: str,
+    files: list,
+    dest: str,
+    remote: Remote | None = None,
+    cancel: Cancel | None = None,
+    link_dest: str | None = None,
+    progress: CopyProgress | None = None,
 ) -> dict:
     """Copy the listed files of root into dest (a directory, here or on remote) with rsync.
     link_dest: files the same there (size and time) are hard-linked instead (relative to dest)."""
@@ -592,11 +604,15 @@ def rsync_tree(
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if cancel is not None:
         cancel.track(proc)
+    if progress is not None:
+        progress.reading(proc)
     try:
         _out, err_bytes = proc.communicate("\0".join(files).encode() + b"\0")
     finally:
         if cancel is not None:
             cancel.untrack(proc)
+        if progress is not None:
+            progress.finished(proc)
     _check(cancel)
     err = err_bytes.decode(errors="replace")
     if proc.returncode not in (0, 23, 24) or (proc.returncode == 23 and _serious(err)):
@@ -631,6 +647,61 @@ class Cancel:
                     proc.kill()
                 except OSError:
                     pass
+
+
+def _read_bytes(pid: int) -> int | None:
+    """Bytes a process has read so far (rchar of /proc/<pid>/io: its own user may read it)."""
+    try:
+        with open(f"/proc/{pid}/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class CopyProgress:
+    """Bytes of the cluster's files read so far: what the copy's reading process (tar, cpio, the
+    sending rsync) has read, from the kernel's count (no byte passes through this process for
+    it), plus what the ones before it read. expected shrinks by what an incremental copy does not
+    read (files taken from the parent; relation files stored as their changed blocks). Read from
+    another thread (the one that reports progress)."""
+
+    def __init__(self, expected: int):
+        self._lock = threading.Lock()
+        self.expected = expected
+        self.phase = "copying"
+        self._done = 0  # read by processes that have ended
+        self._proc = None
+        self._last = 0  # what the running one had read at the last look
+
+    def reading(self, proc) -> None:
+        with self._lock:
+            self._proc, self._last = proc, 0
+
+    def finished(self, proc) -> None:
+        """proc ended (or is about to be waited for): add what it read."""
+        if proc.returncode is None:
+            try:
+                # Exited but not reaped: its counters are still there to read.
+                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            except (ChildProcessError, OSError):
+                pass
+        with self._lock:
+            if self._proc is not proc:
+                return
+            got = _read_bytes(proc.pid) if proc.returncode is None else None
+            self._done += max(self._last, got or 0)
+            self._proc, self._last = None, 0
+
+    def bytes_done(self) -> int:
+        with self._lock:
+            if self._proc is not None:
+                got = _read_bytes(self._proc.pid)
+                if got is not None:
+                    self._last = max(self._last, got)
+            return self._done + self._last
 
 
 CANCELLED = "the copy was cancelled (the backup was aborted)"
@@ -774,7 +845,7 @@ def plan_copy(spec: dict) -> dict:
     }
 
 
-def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written) -> int:
+def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written, progress) -> int:
     """The copy proper, by method; the bytes written."""
     data, dest, method = spec["data_directory"], spec["dest"], spec["method"]
     # Raises before anything is written when a tool or a key is missing: never a cleartext copy by mistake.
@@ -789,35 +860,39 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
             tdir = os.path.join(dest, RSYNC_TABLESPACES, oid)
             mkdirs(tdir)
             tfiles, staged, linked = stage(oid, loc, tfiles, int(oid))
-            rsync_tree(loc, tfiles, tdir, remote, cancel)
+            rsync_tree(loc, tfiles, tdir, remote, cancel, progress=progress)
             if linked:
                 parent_copy = os.path.join("..", "..", "..", spec["file_parent"]["id"], RSYNC_TABLESPACES, oid)
-                rsync_tree(loc, linked, tdir, remote, cancel, link_dest=parent_copy)
+                rsync_tree(loc, linked, tdir, remote, cancel, link_dest=parent_copy, progress=progress)
                 tfiles = tfiles + linked
             if staged:
-                rsync_tree(staged[0], staged[1], tdir, remote, cancel)
+                rsync_tree(staged[0], staged[1], tdir, remote, cancel, progress=progress)
                 tfiles = tfiles + staged[1]
             # Relative link: the backup directory can move as a whole.
             link(os.path.join("..", "..", RSYNC_TABLESPACES, oid), os.path.join(out, "pg_tblspc", oid))
             if algorithm:
+                _phase(progress, "checksums")
                 entries += hash_tree(tdir, tfiles, f"pg_tblspc/{oid}/", algorithm, threads, cancel)
+                _phase(progress, "copying")
         # rsync sorts its list: pg_control goes in a second run so it is copied last.
         files, staged, linked = stage("base", data, plan["files"])
-        rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel)
+        rsync_tree(data, [f for f in files if f != CONTROL], out, remote, cancel, progress=progress)
         if linked:
             # Unchanged files become hard links to the parent's copy: each backup is a complete directory.
             parent_copy = os.path.join("..", "..", spec["file_parent"]["id"], RSYNC_DATA)
-            rsync_tree(data, linked, out, remote, cancel, link_dest=parent_copy)
+            rsync_tree(data, linked, out, remote, cancel, link_dest=parent_copy, progress=progress)
             files = files + linked
         if staged:
-            rsync_tree(staged[0], staged[1], out, remote, cancel)
+            rsync_tree(staged[0], staged[1], out, remote, cancel, progress=progress)
             files = files + staged[1]
         if CONTROL in files:
-            rsync_tree(data, [CONTROL], out, remote, cancel)
+            rsync_tree(data, [CONTROL], out, remote, cancel, progress=progress)
         if algorithm:
+            _phase(progress, "checksums")
             entries += hash_tree(out, files, "", algorithm, threads, cancel)
         _check(cancel)
         # On disk before the backup can be marked complete, as pg_basebackup does.
+        _phase(progress, "flushing to disk")
         sync_filesystem(dest, remote)
         written.append({"name": RSYNC_DATA, "bytes": plan["source_bytes"]})
         total = plan["source_bytes"]
@@ -843,6 +918,7 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
                 encrypt=encrypt,
                 upload=(store, out_name) if store else None,
                 staged=staged,
+                progress=progress,
             )
             if scanner is not None:
                 entries += scanner.entries
@@ -851,9 +927,16 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
     return total
 
 
-def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None) -> dict:
+def _phase(progress: CopyProgress | None, phase: str) -> None:
+    if progress is not None:
+        progress.phase = phase
+
+
+def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None, progress: CopyProgress | None = None) -> dict:
     """Copy the data directory and tablespaces into dest with the spec's method;
-    the result pg_backup_copy returns. Raises CopyError or OSError."""
+    the result pg_backup_copy returns. Raises CopyError or OSError.
+    progress: counts the bytes read (its expected is the plan's source bytes, less what an
+    incremental copy does not read)."""
     t0 = time.monotonic()
     plan = plan or plan_copy(spec)
     dest, method = spec["dest"], spec["method"]
@@ -876,6 +959,16 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
 
     def stage(name, root, flist, tsoid=None):
         """(files to copy, (stage directory, INCREMENTAL files) or None, files taken from the parent)."""
+        out = _stage(name, root, flist, tsoid)
+        if progress is not None:
+            # What the copy will read: not the files taken from the parent, and the changed blocks
+            # (staged as INCREMENTAL files) instead of the relation files they stand for.
+            progress.expected = (
+                plan["source_bytes"] - istats.get("taken_bytes", 0) - istats.get("replaced_bytes", 0) + istats.get("bytes", 0)
+            )
+        return out
+
+    def _stage(name, root, flist, tsoid=None):
         if fparent:
             prefix = "" if name == "base" else f"pg_tblspc/{name}/"
             keep, taken = split_unchanged(root, flist, prefix, fparent, new_hasher if fparent.get("checksum") else None)
@@ -888,14 +981,16 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None)
             return flist, None, []
         sdir = os.path.join(stage_root, name)
         os.makedirs(sdir, mode=0o700)
+        _phase(progress, "staging the changed blocks")
         keep, staged, st = stage_files(root, flist, sdir, incr[0], incr[1], tsoid)
+        _phase(progress, "copying")
         for k, v in st.items():
             istats[k] += v
         _check(cancel)
         return keep, (sdir, staged), []
 
     try:
-        total = _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written)
+        total = _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entries, written, progress)
     finally:
         if stage_root:
             shutil.rmtree(stage_root, ignore_errors=True)

@@ -34,11 +34,12 @@ import struct
 import threading
 import time
 
-from ._backup_api import MIN_MAJOR, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
+from ._backup_api import MIN_MAJOR, explain_start_error, format_lsn, major_of, parse_lsn, start_sql, stop_sql, wal_file_name
 from ._errors import PgopsError
 from ._files import ensure_private_dir, read_json, write_json
 from ._incremental import IncrementalRefused, label_lines, read_block_map, save_block_map
 from ._postgres import connect, error_text, psycopg2, query_all, query_one, server_version
+from ._progress import read_progress
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"
@@ -52,6 +53,10 @@ MAX_MESSAGE = 16 * 1024 * 1024
 # couple of seconds learns within seconds that a restarted server ended the backup.
 PING_CHECK_INTERVAL = 1.0
 ATTACHED_CHECK_INTERVAL = 2.0
+# A run that waits for a step in turns (pg_backup_progress, called again and again by the action
+# plugins of pg_backup_session and pg_backup_copy) promises the next turn within this many
+# seconds of the last; when none comes, the run is gone and the keeper ends the backup.
+WATCH_GRACE = 30.0
 
 
 class KeeperError(PgopsError):
@@ -136,6 +141,11 @@ def describe(state: dict, now: float | None = None) -> dict:
     out["stale"] = status in LIVE and not alive
     if status == STARTING:
         out["waiting_for"] = "the start: PostgreSQL's checkpoint (fast=false spreads it over checkpoint_timeout)"
+        if state.get("start_stage") == "wal summaries":
+            out["waiting_for"] = "the start: the WAL summarizer, for the incremental backup's changed blocks"
+        since = state.get("checkpoint_requested_at") or state.get("launched_at")
+        if since:
+            out["start_waiting_seconds"] = round(now - _epoch(since), 1)
     elif status == RUNNING:
         out["waiting_for"] = "the stop (the copy runs meanwhile)"
         contact = state.get("last_contact_at")
@@ -150,6 +160,15 @@ def describe(state: dict, now: float | None = None) -> dict:
     if out["stale"]:
         out["waiting_for"] = "nobody: the keeper process is gone"
     return out
+
+
+def with_progress(sdir: str, described: dict) -> dict:
+    """A running session's copy progress (the record its copy writes every second), if any."""
+    if described.get("status") == RUNNING:
+        rec = read_progress(sdir)
+        if rec is not None and not rec.get("finished"):
+            described["progress"] = rec
+    return described
 
 
 def _epoch(iso: str) -> float:
@@ -175,7 +194,7 @@ def list_sessions(runtime_dir: str, ask: bool = False) -> list:
             reply = request(sdir, {"op": "status"}, timeout=5)
             if reply.get("ok") and isinstance(reply.get("state"), dict):
                 state = reply["state"]
-        out.append(describe(state))
+        out.append(with_progress(sdir, describe(state)))
     return out
 
 
@@ -248,10 +267,14 @@ def sweep(runtime_dir: str, keep_seconds: float = 7 * 86400) -> list:
 # module side
 
 
-def launch(conn_kwargs: dict, spec: dict, runtime_dir: str, timeout: float) -> dict:
+def launch(conn_kwargs: dict, spec: dict, runtime_dir: str, timeout: float, handover_after: float = 0) -> dict:
     """Start a keeper; return its report once the start function has returned.
 
-    spec: session_id, label, fast, max_duration, keepalive_interval, lease, cluster.
+    spec: session_id, label, fast, max_duration, keepalive_interval, lease, cluster, start_timeout.
+    handover_after: when the start has not returned after this many seconds, hand it over: the keeper
+    no longer reports to this process (nor aborts when it goes), keeps the start's outcome in its state
+    and cancels the start itself after start_timeout; the report is then {"handed_over": True, ...}.
+    0: wait for the start, however long (up to timeout).
     """
     ensure_private_dir(runtime_dir)
     sdir = session_dir(runtime_dir, spec["session_id"])
@@ -277,12 +300,14 @@ def launch(conn_kwargs: dict, spec: dict, runtime_dir: str, timeout: float) -> d
             os._exit(code)
     os.close(wfd)
     os.waitpid(pid, 0)
-    return _read_report(rfd, sdir, timeout)
+    return _read_report(rfd, sdir, timeout, handover_after)
 
 
-def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
-    """Read the keeper's pid line, then its start report, within timeout."""
-    deadline = time.monotonic() + timeout
+def _read_report(rfd: int, sdir: str, timeout: float, handover_after: float = 0) -> dict:
+    """Read the keeper's pid line, then its start report, within timeout (or hand the start over)."""
+    now = time.monotonic()
+    deadline = now + timeout
+    handover_at = now + handover_after if handover_after and handover_after < timeout else None
     buf = b""
     keeper_pid = None
     try:
@@ -295,6 +320,12 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
                 else:
                     return msg
             buf = lines[-1]
+            if handover_at is not None and keeper_pid and time.monotonic() >= handover_at:
+                handover_at = None
+                reply = request(sdir, {"op": "handover"}, 30)
+                if reply.get("ok"):
+                    return {"handed_over": True, "pid": keeper_pid, "state": reply.get("state") or {}}
+                # Refused: the start has just returned (its report is in the pipe), or the keeper is gone.
             left = deadline - time.monotonic()
             if left <= 0:
                 # Cancel the start in its session (the backend may wait for a checkpoint and not
@@ -303,7 +334,8 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
                 if not reply.get("ok") and keeper_pid:
                     os.kill(keeper_pid, signal.SIGKILL)
                 return {"ok": False, "error": f"the backup did not start within {timeout:g}s; the start was cancelled"}
-            ready, _writable, _errors = select.select([rfd], [], [], left)
+            wait = left if handover_at is None else max(0.0, min(left, handover_at - time.monotonic()))
+            ready, _writable, _errors = select.select([rfd], [], [], wait)
             if ready:
                 chunk = os.read(rfd, 65536)
                 if not chunk:
@@ -311,6 +343,34 @@ def _read_report(rfd: int, sdir: str, timeout: float) -> dict:
                 buf += chunk
     finally:
         os.close(rfd)
+
+
+def start_failure(report: dict, login_user) -> str:
+    """What a failed start says (report: the keeper's failure report, or a handed-over start's start_error)."""
+    err = report.get("error", "unknown error")
+    if report.get("stage") == "connect":
+        return f"unable to connect to database: {err}; nothing was started"
+    major = major_of(report.get("version_num") or 150000)
+    return f"could not start the backup: {explain_start_error(report.get('sqlstate'), err, major, login_user)}"
+
+
+START_KEYS = (
+    "session_id", "label", "start_lsn", "start_wal", "timeline", "server_version", "server_version_num",
+    "system_identifier", "backup_from", "started_at", "start_seconds", "wal_segment_size", "incremental",
+    "incremental_refused",
+)  # fmt: skip
+
+
+def public(state: dict) -> dict:
+    """What a started (or stopped) session returns to the run."""
+    return {k: state.get(k) for k in START_KEYS}
+
+
+def start_result(state: dict) -> dict:
+    """pg_backup_session state=started's result for a session that has started."""
+    out = public(state)
+    out.update(expires_at=state.get("expires_at"), keeper_pid=state.get("pid"))
+    return out
 
 
 def request(sdir: str, payload: dict, timeout: float | None) -> dict:
@@ -345,11 +405,13 @@ class Attachment:
     called once, from a thread). A task that dies without detaching (killed
     run, lost controller) closes the connection: the keeper aborts the backup."""
 
-    def __init__(self, sdir: str, on_gone=None):
+    def __init__(self, sdir: str, on_gone=None, op: str = "attach"):
         self.sdir = sdir
         self.on_gone = on_gone
+        self.op = op  # "attach": the copy; "watch": the run waiting for the start or the copy in turns
         self.gone = None
         self.sock = None
+        self._dropped = False
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def start(self) -> None:
@@ -357,7 +419,7 @@ class Attachment:
         self.sock.settimeout(10)
         try:
             self.sock.connect(os.path.join(self.sdir, SOCKET_FILE))
-            self.sock.sendall(json.dumps({"op": "attach"}).encode() + b"\n")
+            self.sock.sendall(json.dumps({"op": self.op}).encode() + b"\n")
             reply = json.loads(_recv_line(self.sock) or b"null") or {}
         except (OSError, ValueError) as e:
             reply = {"ok": False, "error": f"cannot reach the session keeper: {e}"}
@@ -376,7 +438,7 @@ class Attachment:
         self._ended(reply)
 
     def _ended(self, reply: dict) -> None:
-        if self.gone is not None or reply.get("detached"):
+        if self.gone is not None or reply.get("detached") or self._dropped:
             return
         state = reply.get("state")
         if not state:
@@ -392,15 +454,31 @@ class Attachment:
         if self.on_gone is not None:
             self.on_gone()
 
-    def stop(self) -> None:
-        """Detach: the task ends normally (the stop task follows)."""
+    def stop(self, back_within: float | None = None) -> None:
+        """Detach: the task ends normally (the stop task follows). back_within: a watcher's promise
+        of its next turn within so many seconds (the keeper ends the backup when none comes)."""
         if self.sock is None:
             return
+        msg = {"op": "detach"}
+        if back_within:
+            msg["back_within"] = back_within
         try:
-            self.sock.sendall(json.dumps({"op": "detach"}).encode() + b"\n")
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
         except OSError:
             pass
-        self._thread.join(10)
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join(10)
+        self.sock.close()
+
+    def drop(self) -> None:
+        """Go away without detaching, as a killed task does: the keeper aborts the backup."""
+        if self.sock is None:
+            return
+        self._dropped = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
@@ -427,7 +505,13 @@ class Core:
         self.interval = max(1, spec.get("keepalive_interval") or 30)
         self.last_contact = now
         self.last_check = now
-        self.attached = 0
+        self.attached = 0  # the copy
+        self.watching = 0  # the run, waiting for the start or the copy (pg_backup_progress)
+        self.watch_deadline = None  # the run's next turn is due by then
+        self.handed_over = False
+        start_timeout = spec.get("start_timeout") or 0
+        self.start_deadline = now + start_timeout if start_timeout else None
+        self.abort_reason = None
 
     @property
     def ended(self) -> bool:
@@ -460,6 +544,17 @@ class Core:
                 return None, {"ok": False, "error": f"the session is {self.status}: {self.reason}"}
             self.attached += 1
             return "attach", None
+        if op == "watch":
+            if self.status not in LIVE:
+                return None, {"ok": False, "error": f"the session is {self.status}: {self.reason}"}
+            self.watching += 1
+            self.watch_deadline = None
+            return "watch", None
+        if op == "handover":
+            if self.status != STARTING or self.handed_over:
+                return None, {"ok": False, "error": f"the start has returned already ({self.status})"}
+            self.handed_over = True
+            return "handover", None
         if op == "stop":
             if self.status == STARTING:
                 return None, {
@@ -473,14 +568,22 @@ class Core:
 
     def on_launcher_gone(self) -> str | None:
         """The module that launched us died before learning the session id: nobody can stop this backup."""
-        if self.status == STARTING:
+        if self.status == STARTING and not self.handed_over:
             return "abort"
         return None
 
-    def on_detach(self, graceful: bool, now: float) -> str | None:
-        """An attached task ended: gracefully (it said so), or it died (its connection closed)."""
-        self.attached = max(0, self.attached - 1)
+    def on_detach(self, graceful: bool, now: float, kind: str = "attach", back_within: float | None = None) -> str | None:
+        """An attached task ended: gracefully (it said so), or it died (its connection closed).
+        kind "watch": the run's watcher; gracefully with back_within, its next turn is due by then."""
         self.last_contact = now
+        if kind == "watch":
+            self.watching = max(0, self.watching - 1)
+            if graceful:
+                if back_within and not self.watching:
+                    self.watch_deadline = now + back_within
+                return None
+            return "abort" if self.status in LIVE else None
+        self.attached = max(0, self.attached - 1)
         if not graceful and self.status == RUNNING:
             return "abort"
         return None
@@ -502,7 +605,25 @@ class Core:
             )
             return "expire", 0.0
         wait = left
-        if self.attached:
+        if self.status == STARTING and self.handed_over and self.start_deadline is not None:
+            start_left = self.start_deadline - now
+            if start_left <= 0:
+                self.abort_reason = (
+                    f"the backup did not start within {self.spec.get('start_timeout'):g}s; the start was cancelled"
+                )
+                return "abort", 0.0
+            wait = min(wait, start_left)
+        if self.watch_deadline is not None and not self.watching:
+            watch_left = self.watch_deadline - now
+            if watch_left <= 0:
+                waited = "start" if self.status == STARTING else "copy"
+                self.abort_reason = (
+                    f"the run that was waiting for this backup's {waited} went silent (no turn within "
+                    f"{WATCH_GRACE:g}s of its last: killed or lost); aborted"
+                )
+                return "abort", 0.0
+            wait = min(wait, watch_left)
+        if self.attached or self.watching:
             self.last_contact = now  # an attached task is word from the run for as long as it runs
         if self.lease and self.status == RUNNING:
             lease_left = self.lease - (now - self.last_contact)
@@ -685,6 +806,11 @@ class Keeper:
             "launched_at": utcnow(),
             "max_duration": spec["max_duration"],
             "lease": spec.get("lease") or 0,
+            # Set by the start thread (only ever reassigned: the loop may be serializing the dict).
+            "start_stage": "connect",
+            "checkpoint_requested_at": None,
+            "handed_over": False,
+            "watchers": 0,  # turns of the run waiting for the start or the copy, attached now
         }
 
     # -- reporting to the module that launched us
@@ -757,9 +883,13 @@ class Keeper:
                 raise KeeperError(f"PostgreSQL {text} is not supported (12 or newer)")
             stage = "start"
             self.db.settings(major)
+            self.state["checkpoint_requested_at"] = utcnow()
+            self.state["start_stage"] = "checkpoint"
             backend_pid, lsn_text, seconds = self.db.start(major, spec["label"], spec["fast"])
             facts = self.db.facts()
             stage = "incremental"
+            if spec.get("incremental_from"):
+                self.state["start_stage"] = "wal summaries"
             facts["incremental"] = self._changes(major, lsn_text, facts) if spec.get("incremental_from") else None
             self.start_outcome = ("ok", backend_pid, lsn_text, seconds, facts)
         except (psycopg2.Error, KeeperError) as e:
@@ -793,17 +923,21 @@ class Keeper:
                 self._save()
                 return
             err = error_text(exc) if isinstance(exc, psycopg2.Error) else str(exc)
+            report = {
+                "ok": False,
+                "stage": stage,
+                "error": err,
+                "sqlstate": getattr(exc, "pgcode", None),
+                "version_num": self.state.get("server_version_num"),
+            }
             self.core.end("failed", f"the start failed: {err}")
+            if self.core.handed_over:
+                # Nobody reads the pipe: the run's watcher (pg_backup_progress) reads this, then forgets the session.
+                self.state["start_error"] = dict(report, message=start_failure(report, self.spec.get("login_user")))
+                self._save()
+                return
             self._save()
-            self._report(
-                {
-                    "ok": False,
-                    "stage": stage,
-                    "error": err,
-                    "sqlstate": getattr(exc, "pgcode", None),
-                    "version_num": self.state.get("server_version_num"),
-                }
-            )
+            self._report(report)
             shutil.rmtree(self.sdir, ignore_errors=True)  # nothing to stop, list or abort
             return
         _kind, backend_pid, lsn_text, seconds, facts = outcome
@@ -814,6 +948,7 @@ class Keeper:
         self.core.started(now)
         lsn = parse_lsn(lsn_text)
         self.state.update(
+            start_stage=None,
             backend_pid=backend_pid,
             start_lsn=lsn_text,
             start_wal=wal_file_name(facts["timeline"], lsn, facts["wal_segment_size"]),
@@ -831,6 +966,8 @@ class Keeper:
             ),
         )
         self._save()
+        if self.core.handed_over:
+            return  # the run's watcher reads the state
         if not self._report({"ok": True, "state": self.state}):
             # The module died between the start and its report: nobody knows this session.
             self.db.close()
@@ -848,6 +985,9 @@ class Keeper:
             if action in ("expire", "lease"):
                 self.db.close()
                 self._save()
+                return
+            if action == "abort":  # a handed-over start ran out of time, or the run's watcher went silent
+                self._abort(self.core.abort_reason)
                 return
             if action == "keepalive":
                 self.core.on_keepalive(self.db.ping(), time.monotonic())
@@ -891,12 +1031,21 @@ class Keeper:
                 self.core.on_keepalive(self.db.ping(), time.monotonic())
             elif action == "abort":
                 self._abort(req.get("reason") or "aborted on request")
-            elif action == "attach":
+            elif action in ("attach", "watch"):
                 self._send(client, {"ok": True, "state": self.state})
                 held = client.dup()  # kept open for the task's lifetime; the with block closes the original
-                self.watchers[held.fileno()] = held
+                self.watchers[held.fileno()] = (held, action)
                 self.poller.register(held.fileno(), select.POLLIN)
+                self.state["watchers"] = self.core.watching
                 return
+            elif action == "handover":
+                # The launcher leaves before the start returns: no report to it, and its going is no abort.
+                if self.wfd is not None:
+                    self.poller.unregister(self.wfd)
+                    os.close(self.wfd)
+                    self.wfd = None
+                self.state["handed_over"] = True
+                self._save()
             elif action == "stop":
                 # No SIGTERM between the stop call and its reply: the label must reach the caller.
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -914,23 +1063,35 @@ class Keeper:
 
     def _watcher_event(self, fd: int) -> None:
         """An attached task wrote (detach) or went away (its connection closed)."""
-        conn = self.watchers.pop(fd)
+        conn, kind = self.watchers.pop(fd)
         self.poller.unregister(fd)
+        back_within = None
         try:
             conn.settimeout(5)
             line = _recv_line(conn)
-            graceful = bool(line) and (json.loads(line) or {}).get("op") == "detach"
-        except (OSError, ValueError):
+            msg = (json.loads(line) or {}) if line else {}
+            graceful = msg.get("op") == "detach"
+            if isinstance(msg.get("back_within"), (int, float)) and msg["back_within"] > 0:
+                back_within = float(msg["back_within"])
+        except (OSError, ValueError, AttributeError):
             graceful = False
         if graceful:
             self._send(conn, {"ok": True, "detached": True, "state": self.state})
         conn.close()
-        if self.core.on_detach(graceful, time.monotonic()) == "abort":
-            self._abort("the copy task attached to this backup went away before it finished (its run was killed or lost)")
+        status = self.core.status
+        verdict = self.core.on_detach(graceful, time.monotonic(), kind, back_within)
+        self.state["watchers"] = self.core.watching
+        if verdict == "abort":
+            if kind == "attach":
+                self._abort("the copy task attached to this backup went away before it finished (its run was killed or lost)")
+            elif status == STARTING:
+                self._abort("the run went away while the start waited for its checkpoint (killed or lost); aborted")
+            else:
+                self._abort("the run waiting for this backup's copy went away (killed or lost); aborted")
 
     def _release_watchers(self) -> None:
         """The session ended: tell every attached task at once, so its copy stops."""
-        for conn in list(self.watchers.values()):
+        for conn, _kind in list(self.watchers.values()):
             self._send(conn, {"ok": False, "ended": True, "state": self.state})
             conn.close()
         self.watchers.clear()

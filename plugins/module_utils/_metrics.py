@@ -82,6 +82,56 @@ def _text(prefix: str, series: dict, helps: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# While a copy runs, the copy itself keeps these in the same file (pg_backup_copy's metrics_file); the
+# next rewrite from the catalog (complete or failed) has none of them.
+COPY_GAUGES = (
+    ("copy_bytes_done", "Bytes of the cluster's files the running copy has read so far.", "bytes_done"),
+    ("copy_bytes_expected", "Bytes the running copy is expected to read.", "bytes_expected"),
+    ("copy_rate_bytes_per_second", "The running copy's rate over its last seconds (absent while unknown).",
+     "rate_bytes_per_second"),
+    ("copy_eta_seconds", "Seconds the running copy needs still at that rate (absent while unknown).", "eta_seconds"),
+    ("copy_started_timestamp_seconds", "When the running copy started.", "started_at"),
+    ("copy_updated_timestamp_seconds", "When the running copy last reported its progress.", "updated_at"),
+)  # fmt: skip
+
+
+def render_copy_progress(rec: dict, cluster: str, repository: str) -> str:
+    """A running copy's progress (a _progress record) as gauges with the catalog's labels."""
+    labels = f'cluster="{_label(cluster)}",repository="{_label(repository)}"'
+    series = {}
+    for name, _help, key in COPY_GAUGES:
+        value = _timestamp(rec.get(key)) if key.endswith("_at") else _number(rec.get(key))
+        if value is not None:
+            series[name] = [(labels, value)]
+    return _text(PREFIX, series, {name: text for name, text, _key in COPY_GAUGES}) if series else ""
+
+
+def with_copy_progress(existing: str, progress: str) -> str:
+    """The file's other series as they are, its copy progress replaced (or removed: progress empty)."""
+    names = tuple(f"{PREFIX}_{name}" for name, _help, _key in COPY_GAUGES)
+    kept = []
+    for line in existing.splitlines():
+        bare = line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line
+        if not bare.startswith(names):
+            kept.append(line)
+    text = "\n".join(kept)
+    text = text + "\n" if text else ""
+    return text + progress
+
+
+def write_copy_progress(path: str, rec: dict | None, cluster: str, repository: str) -> bool:
+    """Put a running copy's progress into the metrics file (rec None: take it out again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            existing = f.read()
+    except FileNotFoundError:
+        if not rec:
+            return False  # nothing to take out of a file that is not there
+        existing = ""
+    progress = render_copy_progress(rec, cluster, repository) if rec else ""
+    return write_if_changed(path, with_copy_progress(existing, progress))
+
+
 ARCHIVE_PREFIX = "pgops_archive"
 ARCHIVE_GAUGES = (
     ("seconds_since_last_archived", "Seconds since the archiver last archived a file (-1: never)."),

@@ -152,6 +152,28 @@ options:
     type: list
     elements: str
     default: []
+  progress_interval:
+    description:
+      - With O(session_id), print the copy's progress in the run's output every this many seconds while it runs -
+        bytes read of expected with a percentage, the rate and the time left, for example
+        C(copy 812.4 MiB of 1.6 GiB (51%), 402.1 MiB/s, about 2.0s left).
+      - The copy runs in a process of its own; a copy that ends within the first interval returns as it always
+        did. Otherwise the task hands it over to M(pgops.online_backup.pg_backup_progress), which this module's
+        action plugin calls in turns until the copy ends, printing a line at each; the task then returns the copy's
+        result. Each turn attaches to the session's keeper - if the run is killed, the keeper ends the backup at once,
+        and if no turn comes within 30 seconds of the last, it ends it too.
+      - V(0) copies within the task, printing nothing until it ends.
+      - Not with C(async), which runs the copy within its task.
+    type: float
+    default: 0
+  metrics_file:
+    description:
+      - With O(session_id), keep the running copy's progress in this Prometheus textfile (C(pgops_backup_copy_*)
+        gauges - bytes read and expected, rate, time left, start and last update) while it runs, beside what the
+        file holds, every 5 seconds; they are taken out when the copy ends. Labels are those of
+        M(pgops.online_backup.pg_backup_catalog)'s backup metrics (C(cluster), C(repository) the parent of O(dest)).
+      - Meant for the file O(pgops.online_backup.pg_backup_catalog#module:metrics_file) names, on this host.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -210,20 +232,48 @@ crc32c_implementation:
 """
 
 import datetime
+import os
+import select
+import signal
+import threading
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._copy import Cancel, check_copy, plan_copy, run_copy
+from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
+    Cancel,
+    CopyProgress,
+    check_copy,
+    plan_copy,
+    run_copy,
+)
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
+from ansible_collections.pgops.online_backup.plugins.module_utils._files import read_json
 from ansible_collections.pgops.online_backup.plugins.module_utils._incremental import load_block_map
 from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
     Attachment,
     default_runtime_dir,
+    proc_stat,
     read_state,
     session_dir,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
+from ansible_collections.pgops.online_backup.plugins.module_utils._metrics import write_copy_progress
+from ansible_collections.pgops.online_backup.plugins.module_utils._progress import Meter, copy_line, read_progress, write_progress
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
+
+METRICS_EVERY = 5.0  # seconds between rewrites of the metrics file while the copy runs
+
+
+def result_file(copy_id: str) -> str:
+    """Where a handed-over copy leaves its result, in its session's directory (0600)."""
+    return f"copy-{copy_id}.json"
+
+
+def copy_id_of(pid: int) -> str:
+    """A copy's process, named so that no reused pid passes for it: <pid>.<start time>."""
+    st = proc_stat(pid)
+    return f"{pid}.{st[1] if st else 0}"
 
 
 def file_parent(parent: dict, checksum: bool) -> dict:
@@ -258,6 +308,8 @@ def main():
             incremental_checksum=dict(type="bool", default=False),
             **S3_OPTION_SPEC,
             manifest_checksum=dict(type="str", choices=["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]),
+            progress_interval=dict(type="float", default=0),
+            metrics_file=dict(type="path"),
         ),
         required_if=[("encryption", "age", ["age_recipients"])],
         supports_check_mode=True,
@@ -281,21 +333,20 @@ def main():
             file_count=plan["count"],
             seconds=0.0,
         )
-    cancel = Cancel()
-    attached = None
     spec = dict(p)  # what the copy uses, beyond the module's own options
     if p["parent"]:
         try:
             spec["file_parent"] = file_parent(p["parent"], p["incremental_checksum"])
         except (KeyError, TypeError, ValueError) as e:
             module.fail_json(msg=f"nothing copied: parent must be pg_backup_catalog's parent, with files ({e})")
+    sdir = state = None
     if p["session_id"]:
         try:
             sdir = session_dir(p["runtime_dir"] or default_runtime_dir(), p["session_id"])
-            attached = Attachment(sdir, cancel.fire)
         except PgopsError as e:
             module.fail_json(msg=str(e))
-        if (read_state(sdir) or {}).get("incremental"):
+        state = read_state(sdir) or {}
+        if state.get("incremental"):
             if p["parent"]:
                 module.fail_json(msg="nothing copied: the session is a block-level incremental; parent is for file-level ones")
             if p["method"] == "cpio":
@@ -304,19 +355,169 @@ def main():
                 spec["incremental"] = load_block_map(sdir)
             except (OSError, ValueError) as e:
                 module.fail_json(msg=f"nothing copied: the incremental backup's changed blocks cannot be read: {e}")
+    metrics = None
+    if sdir and p["metrics_file"]:
+        repository = p["dest"].rstrip("/").rsplit("/", 1)[0] or "/"
+        metrics = (p["metrics_file"], str(state.get("system_identifier") or "unknown"), repository)
+    if sdir and p["progress_interval"] > 0:
+        copy_in_turns(module, spec, plan, sdir, metrics, p["progress_interval"])
+    out = copy(spec, plan, sdir, metrics)
+    if not out["ok"]:
+        module.fail_json(msg=out["msg"])
+    module.exit_json(changed=True, **out["result"])
+
+
+def copy(spec: dict, plan: dict, sdir: str | None, metrics, parent_fd: int | None = None) -> dict:
+    """Attach to the session's keeper (sdir), copy, detach: {"ok": True, "result": ...} or {"ok": False, "msg": ...}.
+    parent_fd: the handing-over task's pipe (copy_in_turns); when it closes before a handover, the task was killed."""
+    cancel = Cancel()
+    attached = None
+    if sdir:
+        try:
+            attached = Attachment(sdir, cancel.fire)
+        except PgopsError as e:
+            return {"ok": False, "msg": str(e)}
         # However long the copy takes, the run counts as alive; if it ends, the copy stops at once.
         attached.start()
         if attached.gone:
-            module.fail_json(msg=f"nothing copied: {attached.gone}")
+            return {"ok": False, "msg": f"nothing copied: {attached.gone}"}
+    if parent_fd is not None:
+        threading.Thread(target=_watch_task, args=(parent_fd, attached, cancel), daemon=True).start()
+    progress = CopyProgress(plan["source_bytes"]) if sdir else None
+    reporter = Reporter(progress, sdir, metrics) if sdir else None
     try:
-        result = run_copy(spec, plan, cancel=cancel)
+        result = run_copy(spec, plan, cancel=cancel, progress=progress)
     except (PgopsError, OSError) as e:
         why = f": {attached.gone}" if attached is not None and attached.gone else ""
-        module.fail_json(msg=f"copy failed: {e}{why}")
+        return {"ok": False, "msg": f"copy failed: {e}{why}"}
     finally:
+        if reporter is not None:
+            reporter.stop()
         if attached is not None:
             attached.stop()
-    module.exit_json(changed=True, **result)
+    return {"ok": True, "result": result}
+
+
+class Reporter:
+    """Every second, the copy's progress into its session's directory (pg_backup_progress and
+    pg_backup_session_info read it); every METRICS_EVERY seconds into the metrics file."""
+
+    def __init__(self, progress: CopyProgress, sdir: str, metrics):
+        self.progress = progress
+        self.sdir = sdir
+        self.metrics = metrics
+        self.meter = Meter(progress.expected, time.monotonic())
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> dict:
+        p = self.progress
+        return self.meter.update(p.bytes_done(), time.monotonic(), p.expected, p.phase)
+
+    def run(self) -> None:
+        next_metrics = time.monotonic()
+        while not self.done.wait(1.0):
+            rec = self.sample()
+            try:
+                write_progress(self.sdir, rec)
+                if self.metrics and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + METRICS_EVERY
+                    write_copy_progress(self.metrics[0], rec, *self.metrics[1:])
+            except OSError:
+                pass  # progress is worth less than the copy: never fail it
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+        rec = dict(self.sample(), finished=True)
+        try:
+            write_progress(self.sdir, rec)
+            if self.metrics:
+                write_copy_progress(self.metrics[0], None, *self.metrics[1:])
+        except OSError:
+            pass
+
+
+def _watch_task(fd: int, attached, cancel) -> None:
+    """The task that handed the copy over writes one byte first; a task that was killed closes its end
+    before that. Then go as it went: the keeper sees the copy's connection close and ends the backup."""
+    try:
+        data = os.read(fd, 1)
+    except OSError:
+        data = b""
+    if data:
+        return
+    if attached is not None:
+        attached.drop()
+    cancel.fire()
+
+
+def copy_in_turns(module, spec: dict, plan: dict, sdir: str, metrics, interval: float) -> None:
+    """Copy in a process of its own; return its result if it ends within interval, else hand it over
+    (the run waits for it in turns with pg_backup_progress). Never returns."""
+    ctl_r, ctl_w = os.pipe()  # task -> copy: b"h" when the task hands the copy over; closed first if it was killed
+    done_r, done_w = os.pipe()  # copy -> task: closed when the result is written
+    pid = os.fork()
+    if pid == 0:  # the copy
+        code = 1
+        try:
+            copy_id = copy_id_of(os.getpid())
+            os.close(ctl_w)
+            os.close(done_r)
+            _detach(keep=(ctl_r, done_w))
+            try:
+                out = copy(spec, plan, sdir, metrics, parent_fd=ctl_r)
+            except BaseException as e:  # noqa: BLE001 - reported through the result, never raised into the module
+                out = {"ok": False, "msg": f"copy failed: {e!r}"}
+            write_progress(sdir, out, result_file(copy_id))  # 0600, atomic; no fsync: it is read at once
+            code = 0
+        finally:
+            os._exit(code)
+    copy_id = copy_id_of(pid)
+    os.close(ctl_r)
+    os.close(done_w)
+    ready, _w, _x = select.select([done_r], [], [], interval)
+    if ready:
+        os.waitpid(pid, 0)
+        path = os.path.join(sdir, result_file(copy_id))
+        out = read_json(path) or {"ok": False, "msg": "copy failed: its process ended without a result"}
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        if not out.get("ok"):
+            module.fail_json(msg=out.get("msg"))
+        module.exit_json(changed=True, **out["result"])
+    os.write(ctl_w, b"h")
+    os.close(ctl_w)
+    rec = read_progress(sdir)
+    module.exit_json(
+        changed=True,
+        in_progress=True,
+        session_id=spec["session_id"],
+        copy_id=copy_id,
+        progress=rec,
+        line=copy_line(rec) if rec else "copy: starting",
+        msg=f"the copy runs on (process {pid}); pg_backup_progress with copy_id={copy_id} waits for it",
+    )
+
+
+def _detach(keep: tuple) -> None:
+    """The copy outlives the task once it is handed over: a session of its own (no hangup from a closing
+    terminal or sudo's pty), nothing of the task's open (Ansible waits for its pipes to close)."""
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

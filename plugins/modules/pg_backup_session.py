@@ -163,6 +163,27 @@ options:
       - Private directory of the keepers' sockets and state files.
       - Defaults to C(~/.pgops_online_backup/sessions) of the user the module runs as.
     type: path
+  progress_interval:
+    description:
+      - With O(state=started), when the start has not returned after this many seconds (a spread checkpoint on a
+        busy server takes about C(checkpoint_completion_target) times C(checkpoint_timeout)), say so in the run's
+        output, and again every this many seconds until it returns - for example
+        C(start waiting for the checkpoint (spread, requested 1m10s ago; fast=true starts at once)).
+      - The task then hands the start over to M(pgops.online_backup.pg_backup_progress), which this module's action
+        plugin calls in turns until the start returns; the task returns the start's result as it always did. The
+        keeper then cancels the start itself after O(start_timeout); each turn attaches to it, so if the run is
+        killed the keeper cancels the start at once, and if no turn comes within 30 seconds of the last, it cancels it
+        too.
+      - V(0) waits within the task, printing nothing until the start returns.
+      - Not with C(async).
+    type: float
+    default: 0
+  spread_checkpoint_hint:
+    description:
+      - What the lines printed while a spread checkpoint is waited for name as the way to start at once; the role
+        P(pgops.online_backup.pg_backup#role) passes its own variable, C(pg_backup_fast_checkpoint) set to true.
+    type: str
+    default: fast=true
 notes:
   - Start and stop must run as the same OS user on the same host (use the same C(become_user)).
   - Tested against PostgreSQL 12 to 18.
@@ -359,7 +380,6 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._archiving imp
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import (
     backup_history_file_name,
-    explain_start_error,
     major_of,
     parse_labelfile,
     parse_lsn,
@@ -380,16 +400,9 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
     psycopg2,
     query_one,
 )
+from ansible_collections.pgops.online_backup.plugins.module_utils._progress import start_line
 
-START_KEYS = (
-    "session_id", "label", "start_lsn", "start_wal", "timeline", "server_version", "server_version_num",
-    "system_identifier", "backup_from", "started_at", "start_seconds", "wal_segment_size", "incremental",
-    "incremental_refused",
-)  # fmt: skip
-
-
-def public(state: dict) -> dict:
-    return {k: state.get(k) for k in START_KEYS}
+public = _keeper.public
 
 
 class Failed(Exception):
@@ -431,6 +444,9 @@ def started(module, runtime_dir: str) -> None:
         "keepalive_interval": max(1, p["keepalive_interval"]),
         "cluster": cluster_key(p),
         "lease": p["lease"],
+        # A handed-over start: the keeper itself cancels it after start_timeout, and words its failure.
+        "start_timeout": p["start_timeout"],
+        "login_user": p["login_user"],
     }
     if p["incremental_from_lsn"]:
         try:
@@ -440,22 +456,24 @@ def started(module, runtime_dir: str) -> None:
         spec["incremental_from"] = {"lsn": p["incremental_from_lsn"], "tli": p["incremental_from_tli"]}
     kw = connection_kwargs(p, application_name=f"pgops.online_backup keeper {sid}")
     try:
-        report = _keeper.launch(kw, spec, runtime_dir, p["start_timeout"])
+        report = _keeper.launch(kw, spec, runtime_dir, p["start_timeout"], handover_after=p["progress_interval"])
     except (PgopsError, OSError) as e:
         module.fail_json(msg=f"cannot start the session keeper: {e}; nothing was started")
-    if not report.get("ok"):
-        err = report.get("error", "unknown error")
-        if report.get("stage") == "connect":
-            module.fail_json(msg=f"unable to connect to database: {err}; nothing was started", session_id=sid)
-        major = major_of(report.get("version_num") or 150000)
-        module.fail_json(
-            msg=f"could not start the backup: {explain_start_error(report.get('sqlstate'), err, major, p['login_user'])}",
-            sqlstate=report.get("sqlstate"),
+    if report.get("handed_over"):
+        info = _keeper.describe(report["state"])
+        module.exit_json(
+            changed=True,
+            in_progress=True,
             session_id=sid,
+            keeper_pid=report.get("pid"),
+            progress={k: info.get(k) for k in ("start_stage", "start_waiting_seconds", "fast")},
+            line=start_line(info, p["spread_checkpoint_hint"]),
+            msg=f"the start of backup {p['label']!r} waits on; pg_backup_progress with session_id={sid} waits for it",
         )
+    if not report.get("ok"):
+        module.fail_json(msg=_keeper.start_failure(report, p["login_user"]), sqlstate=report.get("sqlstate"), session_id=sid)
     state = report["state"]
-    out = public(state)
-    out.update(expires_at=state.get("expires_at"), keeper_pid=state.get("pid"))
+    out = _keeper.start_result(state)
     if out.get("incremental_refused"):
         module.warn(f"this backup is a full one, not an incremental: {out['incremental_refused']}")
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
@@ -765,6 +783,8 @@ def main():
         lease=dict(type="int", default=0),
         dest=dict(type="path"),
         runtime_dir=dict(type="path"),
+        progress_interval=dict(type="float", default=0),
+        spread_checkpoint_hint=dict(type="str", default="fast=true"),
         primary=dict(
             type="dict",
             options=dict(

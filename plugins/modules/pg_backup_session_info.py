@@ -14,6 +14,8 @@ description:
     and what it waits for (the start's checkpoint, the stop, the WAL archive, or nobody).
   - Live keepers are asked for their current state; asking does not count as word from the run, so it never extends
     a lease. Nothing is changed, ever.
+  - A session that starts says how long its start has waited for the checkpoint; a running one whose copy runs says
+    how far the copy is (RV(sessions[].progress)).
   - Label contents are never listed.
 author:
   - pgops.online_backup contributors (@pgops)
@@ -103,6 +105,24 @@ sessions:
     seconds_since_contact:
       description: Seconds since the run last spoke to the keeper (running sessions).
       type: float
+    start_stage:
+      description:
+        - While the session starts, what the start does - V(connect), V(checkpoint) (PostgreSQL's start function waits
+          for its checkpoint) or V(wal summaries) (an incremental backup's changed blocks are read).
+      type: str
+    start_waiting_seconds:
+      description: While the session starts, seconds since the checkpoint was requested.
+      type: float
+    fast:
+      description: Whether the start asked for a fast (immediate) checkpoint instead of a spread one.
+      type: bool
+    progress:
+      description:
+        - While a M(pgops.online_backup.pg_backup_copy) of the session runs, how far it is (updated every second) -
+          C(bytes_done) and C(bytes_expected) (of the cluster's files), C(percent), C(rate_bytes_per_second) (over the
+          last seconds), C(eta_seconds), C(seconds) so far, C(phase) (C(copying), C(staging the changed blocks),
+          C(checksums), C(flushing to disk)), C(started_at), C(updated_at) and C(pid) (the copy's process).
+      type: dict
     started_at:
       description: When the start function returned.
       type: str
@@ -119,6 +139,13 @@ sessions:
       waiting_for: the stop (the copy runs meanwhile)
       lease: 300
       seconds_since_contact: 1.2
+      progress:
+        bytes_done: 851837746
+        bytes_expected: 1669339136
+        percent: 51.0
+        rate_bytes_per_second: 421612339
+        eta_seconds: 1.9
+        phase: copying
 runtime_dir:
   description: The directory that was read.
   returned: always

@@ -101,6 +101,16 @@ def wait_for_copy(repo: str, timeout: float = 60) -> dict:
     raise AssertionError(f"the copy did not start: {backups(repo)}")
 
 
+def wait_for_output(proc, text: str) -> list:
+    """Read a background run's output until a line holds text; the lines read (finish returns the rest)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the run ended without printing {text!r}:\n{''.join(lines[-40:])}")
+
+
 def running_keeper_pid(cluster) -> int:
     """The keeper of this cluster's backup, from the postgres user's session directory."""
     for path in glob.glob(os.path.expanduser("~postgres/.pgops_online_backup/sessions/*/state.json")):

@@ -22,6 +22,7 @@ from harness.backup import (
     slow_cluster,
     start_backup_in_background,
     wait_for_copy,
+    wait_for_output,
 )
 from harness.layout import restore_backup
 from harness.pg import MAJORS, TOOLS17, make_pg_dir
@@ -142,14 +143,20 @@ def test_two_tablespaces_one_written_during_backup(method, make_cluster, playboo
 
 
 def test_keeper_killed_mid_copy(make_cluster, tmp_path):
+    """While the run waits for the copy in turns (it printed its progress): the copy hears the session
+    end and stops, and the turn fails the task with the copy's own words, printed once by the rescue."""
     c = slow_cluster(make_cluster)
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
-    proc = start_backup_in_background(c, repo, str(tmp_path / "w"))
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_progress_interval=1)
     wait_for_copy(repo)
+    wait_for_output(proc, "[localhost] copy: ")
     os.kill(running_keeper_pid(c), signal.SIGKILL)
     rc, out = finish(proc)
     assert rc != 0
     assert "session lost, backup unusable" in out, out[-3000:]
+    fails = [line for line in out.splitlines() if line.startswith("fatal:") and "failed at 'Copy the data directory" in line]
+    assert len(fails) == 1, fails
+    assert "copy failed: the copy was cancelled (the backup was aborted): session lost" in fails[0], fails
     (after,) = backups(repo)
     assert after["status"] == "failed" and "session lost" in after["error"]
     assert os.listdir(os.path.join(repo, after["id"])) == ["backup.json"], "partial data must be removed"

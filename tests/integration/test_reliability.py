@@ -5,6 +5,7 @@ Each test reproduces a defect of an earlier version against real servers."""
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from harness.backup import (
     wait_for_copy,
 )
 from harness.pg import make_pg_dir
+
+_keeper = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._keeper")
 
 RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
 DRILL = os.path.join(REPO, "playbooks", "drill.yml")
@@ -177,6 +180,41 @@ def test_interrupted_mid_copy_over_ssh_the_next_run_starts_within_seconds(make_c
     assert backups(repo)[0]["id"] == running["id"]
     assert "the copy task attached to this backup went away" in backups(repo)[0]["error"]
     assert c.backups_in_progress() == 0
+
+
+def _status(sdir: str) -> dict:
+    """The keeper's state as it is now (root may ask it), or {} when it cannot be asked."""
+    return _keeper.request(sdir, {"op": "status"}, 5).get("state") or {}
+
+
+def _reading(root: str) -> list:
+    """tar or gzip processes of a copy of root (they run in it)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == root and open(f"/proc/{pid}/comm").read().strip() in ("tar", "gzip", "pigz"):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_interrupted_while_it_waits_for_a_copy_in_turns_the_next_run_starts_within_seconds(make_cluster, playbook, tmp_path):
+    """Past its first interval the copy runs on in a process of its own, and the run waits for it in
+    turns that print its progress, each attached to the keeper: the run dies, its turn with it, and
+    the keeper ends the backup at once; the copy hears that and stops."""
+    c = slow_cluster(make_cluster)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_progress_interval=3)
+    running = wait_for_copy(repo)
+    sdir = wait_until(lambda: glob.glob(os.path.join(SESSIONS, f"{running['id']}-*")), what="the session")[0]
+    wait_until(lambda: _status(sdir).get("watchers"), timeout=60, what="a turn of the run to wait for the copy")
+    kill_run(proc)
+    killed = time.monotonic()
+    wait_until(lambda: c.backups_in_progress() == 0, timeout=5, what="the keeper to end the backup")
+    wait_until(lambda: not _reading(c.data), timeout=10, what="the copy's tar and gzip to stop")
+    dead = next_run_succeeds_within(playbook, c, repo, 15, killed)
+    assert dead["id"] == running["id"] and "the run waiting for this backup's copy went away" in dead["error"], dead
 
 
 # -- 3. a missing WAL segment is caught before a restore

@@ -504,3 +504,109 @@ def test_attachment_refused_or_without_a_keeper(tmp_path, write_session, dead_pr
     attachment.start()  # no socket, and the keeper is dead: lost
     assert attachment.gone.startswith(f"session lost, backup unusable: keeper process {dead_process[0]} is gone")
     assert k.read_state(sdir)["status"] == "running"  # only the keeper or a sweep records it
+
+
+# -- the run waiting in turns (pg_backup_progress) for a handed-over start or copy
+
+
+def test_a_start_handed_over_once_and_only_while_starting():
+    core = k.Core(dict(QUIET, start_timeout=600), 0.0)
+    assert core.on_request("handover", 1.0) == ("handover", None) and core.handed_over
+    assert core.on_request("handover", 2.0)[1]["ok"] is False  # once
+    assert core.on_launcher_gone() is None  # the launcher left on purpose: no abort
+    started = running()
+    assert started.on_request("handover", 200.0)[1]["ok"] is False  # it has returned: the report is in the pipe
+    assert k.Core(QUIET, 0.0).on_launcher_gone() == "abort"  # not handed over: as before
+
+
+def test_a_handed_over_start_is_cancelled_by_the_keeper_after_start_timeout():
+    core = k.Core(dict(QUIET, start_timeout=600), 0.0)
+    assert core.due(700.0)[0] is None  # not handed over: the start task's own timeout counts
+    core.on_request("handover", 1.0)
+    action, wait = core.due(500.0)
+    assert action is None and wait == pytest.approx(100.0)
+    assert core.due(600.0) == ("abort", 0.0)
+    assert core.abort_reason == "the backup did not start within 600s; the start was cancelled"
+    assert core.status == "starting"  # the I/O layer cancels the start, then ends the session
+
+
+def test_watch_while_starting_or_running_only():
+    core = k.Core(QUIET, 0.0)
+    assert core.on_request("watch", 1.0) == ("watch", None) and core.watching == 1
+    core.started(2.0)
+    assert core.on_request("watch", 3.0) == ("watch", None) and core.watching == 2
+    core.end("aborted", "on request")
+    assert core.on_request("watch", 4.0)[1]["ok"] is False and core.watching == 2
+
+
+def test_a_turn_that_dies_aborts_at_once_starting_or_running():
+    starting = k.Core(QUIET, 0.0)
+    starting.on_request("watch", 1.0)
+    assert starting.on_detach(False, 2.0, "watch") == "abort" and starting.watching == 0
+    copying = running()
+    copying.on_request("watch", 101.0)
+    assert copying.on_detach(False, 102.0, "watch") == "abort"
+    copying.end("aborted", "the run went away")
+    copying.on_request("watch", 103.0)
+    assert copying.on_detach(False, 104.0, "watch") is None  # nothing left to abort
+
+
+def test_the_next_turn_is_due_within_its_promise():
+    core = running(SPEC, at=0.0)
+    core.on_request("attach", 0.0)  # the copy
+    core.on_request("watch", 1.0)
+    assert core.on_detach(True, 11.0, "watch", back_within=30.0) is None and core.watch_deadline == 41.0
+    assert core.due(40.0)[0] in (None, "keepalive")
+    core.on_request("watch", 40.5)  # the next turn came: no deadline while it waits
+    assert core.watch_deadline is None and core.due(100.0)[0] in (None, "keepalive")
+    core.on_detach(True, 101.0, "watch", back_within=30.0)
+    assert core.due(131.0) == ("abort", 0.0)
+    assert "went silent" in core.abort_reason and "copy" in core.abort_reason
+    assert core.status == "running"  # the I/O layer aborts
+
+
+def test_a_last_turn_promises_nothing():
+    core = running(QUIET, at=0.0)
+    core.on_request("watch", 1.0)
+    assert core.on_detach(True, 2.0, "watch") is None and core.watch_deadline is None
+    # The step ended: the lease counts from the last turn, as from any word.
+    assert core.due(61.0)[0] is None
+    assert core.due(62.0) == ("lease", 0.0)
+
+
+def test_a_silent_run_while_its_start_waits_is_named():
+    core = k.Core(dict(QUIET, start_timeout=1800), 0.0)
+    core.on_request("handover", 1.0)
+    core.on_request("watch", 1.5)
+    core.on_detach(True, 2.0, "watch", back_within=30.0)
+    assert core.due(32.0) == ("abort", 0.0) and "start" in core.abort_reason
+
+
+def test_watching_keeps_the_lease():
+    core = running(SPEC, at=0.0)
+    core.on_request("watch", 0.0)
+    for now in range(10, 600, 10):
+        action, _wait = core.due(float(now))
+        if action == "keepalive":
+            core.on_keepalive(None, float(now))
+        assert core.status == "running", now
+
+
+def test_attachment_as_a_watcher_promises_its_next_turn(tmp_path, write_session):
+    sdir = write_session(tmp_path, "w", status="running")
+    fake = FakeKeeper(sdir, {"ok": True, "state": {"status": "running"}})
+    try:
+        attachment = k.Attachment(sdir, op="watch")
+        attachment.start()
+        assert fake.accepted.wait(5) and attachment.gone is None
+        attachment.stop(back_within=30.0)
+        assert fake.requests == [{"op": "watch"}, {"op": "detach", "back_within": 30.0}]
+    finally:
+        fake.close()
+
+
+def test_a_dropped_attachment_goes_without_a_word(attached):
+    fake, attachment, gone = attached
+    attachment.drop()
+    assert wait_for(lambda: len(fake.requests) == 1)
+    assert fake.requests == [{"op": "attach"}] and gone == [] and attachment.gone is None

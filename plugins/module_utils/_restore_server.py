@@ -21,6 +21,10 @@ import time
 from . import _postgres
 from ._restore_plan import RestoreError
 
+# subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): pg_ctl and --version run
+# under a timeout, which run_command lacks.
+# pylint: disable=ansible-bad-function
+
 BIN_DIRS = ("/usr/lib/postgresql/{major}/bin", "/usr/pgsql-{major}/bin", "/var/cache/pgops-online-backup/pg/{major}/bin")
 # PostgreSQL 17 client tools installed by this collection's setup (pg_amcheck, psql, ...).
 EXTRA_TOOL_DIRS = {

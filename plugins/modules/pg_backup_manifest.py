@@ -287,6 +287,10 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._manifest impo
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
 from ansible_collections.pgops.online_backup.plugins.module_utils._storage import SSH_OPTION_SPEC, remote_of, stage_backup_at
 
+# subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): pg_verifybackup --version
+# runs under a timeout (run_command has none); its check keeps stdout and stderr as one ordered stream.
+# pylint: disable=ansible-bad-function
+
 TOOL = "pgops.online_backup.pg_backup_manifest"
 MAX_PROBLEMS_IN_MSG = 100
 VERIFYBACKUP_DIRS = ("/usr/lib/postgresql/{major}/bin", "/usr/pgsql-{major}/bin")

@@ -57,8 +57,11 @@ def run_playbook(
     env: dict | None = None,
     timeout: int = 600,
     record: bool = True,
+    bin_dir: str | None = None,
 ) -> PlaybookRun:
-    """playbook: a path, a collection playbook name, or a list of plays (written to a file)."""
+    """playbook: a path, a collection playbook name, or a list of plays (written to a file).
+    bin_dir: the bin directory of another ansible-core's virtualenv (default: this venv's)."""
+    bin_dir = bin_dir or VENV_BIN
     workdir = workdir or tempfile.mkdtemp(prefix="pgops-pb-")
     if isinstance(playbook, list):
         path = os.path.join(workdir, "playbook.yml")
@@ -69,7 +72,7 @@ def run_playbook(
     with open(inv, "w") as f:
         f.write(inventory)
     results_file = os.path.join(workdir, "results.jsonl")
-    cmd = [os.path.join(VENV_BIN, "ansible-playbook"), "-i", inv, playbook]
+    cmd = [os.path.join(bin_dir, "ansible-playbook"), "-i", inv, playbook]
     if extra_vars:
         vars_file = os.path.join(workdir, "extra_vars.json")
         with open(vars_file, "w") as f:
@@ -88,7 +91,7 @@ def run_playbook(
         ANSIBLE_FORCE_COLOR="0",
         ANSIBLE_LOCAL_TEMP=os.path.join(workdir, "local-tmp"),
         ANSIBLE_SSH_ARGS="-o ControlMaster=auto -o ControlPersist=5s -o UserKnownHostsFile=/dev/null",
-        PATH=VENV_BIN + os.pathsep + full_env.get("PATH", ""),
+        PATH=bin_dir + os.pathsep + full_env.get("PATH", ""),
     )
     if record:  # every task's result, for the test's asserts
         full_env.update(

@@ -21,12 +21,24 @@ class CallbackModule(CallbackBase):
     CALLBACK_NAME = "pgops_record"
     CALLBACK_NEEDS_ENABLED = True
 
+    @staticmethod
+    def _task_name(result) -> str:
+        """The task's own name: ansible-core 2.21 prefixes a role's tasks with '<role> : '."""
+        task = result._task
+        name = result.task_name if hasattr(result, "task_name") else task.get_name()
+        role = getattr(task, "_role", None)
+        if role is not None:
+            prefix = role.get_name() + " : "
+            if name.startswith(prefix):
+                return name[len(prefix) :]
+        return name
+
     def _record(self, result, status):
         path = os.environ.get("PGOPS_RECORD_FILE")
         if not path:
             return
         entry = {
-            "task": result.task_name if hasattr(result, "task_name") else result._task.get_name(),
+            "task": self._task_name(result),
             "host": result._host.get_name(),
             "status": status,
             "result": result._result,

@@ -56,6 +56,20 @@ tarball="$work/dist/pgops-online_backup-$version.tar.gz"
 ANSIBLE_COLLECTIONS_PATH="$work/installed" ansible-galaxy collection install --no-deps -p "$work/installed" "$tarball" >/dev/null
 installed="$work/installed/ansible_collections/pgops/online_backup"
 test -f "$installed/MANIFEST.json"
+log "the built tarball ships COPYING and no empty directory"
+python - "$tarball" <<'EOF_PY'
+import sys
+import tarfile
+
+with tarfile.open(sys.argv[1]) as tar:
+    members = tar.getmembers()
+files = [m.name for m in members if not m.isdir()]
+empty = sorted(m.name for m in members if m.isdir() and not any(f.startswith(m.name.rstrip("/") + "/") for f in files))
+problems = (["COPYING is missing"] if "COPYING" not in files else []) + [f"empty directory {d}" for d in empty]
+if problems:
+    sys.exit(f"{sys.argv[1]}: " + "; ".join(problems) + " (galaxy.yml build_ignore decides what ships)")
+print(f"ok: {len(files)} files, COPYING among them, no empty directory")
+EOF_PY
 
 # ansible-test bootstraps pip in each of its virtualenvs with a get-pip script
 # it would download from a host outside the package registries, cached in

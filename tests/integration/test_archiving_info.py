@@ -276,3 +276,23 @@ def test_standby_settings(make_cluster, playbook):
     finally:
         if standby is not None:
             standby.destroy()
+
+
+def test_the_postgresql_action_group_takes_the_connection_from_module_defaults(make_cluster, playbook):
+    """meta/runtime.yml's group: one module_defaults entry gives every module that connects to PostgreSQL
+    its connection, as with community.postgresql's group."""
+    c = make_cluster(15)
+    tasks = [
+        {"name": "read", "pgops.online_backup.pg_archiving_info": {}},
+        {"name": "check", "pgops.online_backup.pg_archiving_check": {"prove_timeout": 30}},
+        {"name": "config", "pgops.online_backup.pg_archiving_config": {"settings": {"archive_mode": "on"}}},
+    ]
+    defaults = {"group/pgops.online_backup.postgresql": c.conn_vars()}
+    run = playbook([{"hosts": "postgresql", "gather_facts": False, "module_defaults": defaults, "tasks": tasks}])
+    assert run.rc == 0, run
+    assert run.task("read")["ok"] is True and run.task("read")["changed"] is False
+    assert run.task("check")["proof"]["archived"] is True
+    assert run.task("config")["changed"] is False  # archive_mode is on already: nothing to set
+    # Control: without the defaults the same modules connect to the default socket and port, where nothing listens.
+    run = playbook(play([{**tasks[0], "ignore_errors": True}]))
+    assert [e["status"] for e in run.results if e["task"] == "read"] == ["failed"], run

@@ -73,14 +73,14 @@ def archive_through_a_gate(cluster) -> str:
     return gate
 
 
-def session_of(backup_id: str) -> dict | None:
-    """The state of the session the role started for this backup (its id starts with the backup's)."""
-    for path in glob.glob(os.path.join(SESSIONS, f"{backup_id}-*", "state.json")):
-        try:
-            return json.load(open(path))
-        except (OSError, ValueError):
-            return None
-    return None
+def session_of(record: dict) -> dict | None:
+    """The state of the session the role started for this backup: the one its record names. Not any
+    session whose id starts with the backup id: backups that another test's cluster starts in the same
+    second share it (ids are per second, with a random suffix)."""
+    try:
+        return json.load(open(os.path.join(SESSIONS, record["session_id"], "state.json")))
+    except (OSError, ValueError):
+        return None
 
 
 def kill_run(proc) -> None:
@@ -122,7 +122,7 @@ def test_interrupted_while_the_start_waits_for_its_checkpoint_the_next_run_start
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_fast_checkpoint=False)
     running = wait_until(lambda: [b for b in backups(repo) if b["status"] == "running"], what="the backup's record")[0]
-    wait_until(lambda: (session_of(running["id"]) or {}).get("status") == "starting", what="the start to wait")
+    wait_until(lambda: (session_of(running) or {}).get("status") == "starting", what="the start to wait")
     kill_run(proc)
     killed = time.monotonic()
     dead = next_run_succeeds_within(playbook, c, repo, 5, killed)
@@ -140,7 +140,7 @@ def test_interrupted_during_the_archive_wait_the_next_run_starts_within_seconds(
     running = wait_for_copy(repo)
     os.unlink(gate)
     state = wait_until(
-        lambda: (lambda s: s if s and s.get("archive_wait") else None)(session_of(running["id"])),
+        lambda: (lambda s: s if s and s.get("archive_wait") else None)(session_of(running)),
         timeout=120,
         what="the stop task to wait for the archive",
     )
@@ -207,7 +207,8 @@ def test_interrupted_while_it_waits_for_a_copy_in_turns_the_next_run_starts_with
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     proc = start_backup_in_background(c, repo, str(tmp_path / "w"), pg_backup_progress_interval=3)
     running = wait_for_copy(repo)
-    sdir = wait_until(lambda: glob.glob(os.path.join(SESSIONS, f"{running['id']}-*")), what="the session")[0]
+    sdir = os.path.join(SESSIONS, running["session_id"])
+    wait_until(lambda: os.path.isdir(sdir), what="the session")
     wait_until(lambda: _status(sdir).get("watchers"), timeout=60, what="a turn of the run to wait for the copy")
     kill_run(proc)
     killed = time.monotonic()

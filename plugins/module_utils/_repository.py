@@ -302,6 +302,19 @@ def parent_files(repository, parent_id: str) -> dict:
     return parent_file_map(parent_id, manifest, st.read_json(f"{parent_id}/{FILES_FILE}"))
 
 
+def chain_of(entries: list, backup: dict) -> list:
+    """The parents an incremental backup is restored from, oldest (its full one) first, as far as the
+    catalog holds them: a restore verifies each before it trusts it (a missing one is refused there)."""
+    by_id = {e.get("id"): e for e in entries}
+    chain, child = [], backup
+    while child.get("type") == "incremental" and child.get("parent") in by_id and len(chain) < 1000:
+        child = by_id[child["parent"]]
+        if any(c is child for c in chain):
+            break
+        chain.insert(0, child)
+    return chain
+
+
 def select(
     entries: list, wanted: str, allow_unverified: bool = False, skipped: list | None = None, before: float | None = None
 ) -> dict:

@@ -188,6 +188,14 @@ backup:
   description: The backup chosen by O(backup), same fields as an entry of RV(backups).
   returned: when O(backup) is set
   type: dict
+chain:
+  description:
+    - The parents RV(backup) is restored from when it is an incremental backup, its full backup first, as far as
+      the repository holds them (same fields as an entry of RV(backups)); empty for a full backup. The restore
+      role and the drill verify each against its manifest before they use the chain.
+  returned: when O(backup) is set
+  type: list
+  elements: dict
 table:
   description:
     - With O(format=table), the backups of RV(backups) as lines of text (join them with newlines for one string) -
@@ -221,6 +229,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._errors import
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import STATUSES
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     INVALID,
+    chain_of,
     filter_status,
     latest,
     read_catalog,
@@ -278,6 +287,7 @@ def main():
     if p["backup"]:
         try:
             result["backup"] = select(entries, p["backup"], p["allow_unverified"], before=before)
+            result["chain"] = chain_of(entries, result["backup"])
         except PgopsError as e:
             module.fail_json(msg=f"{p['repository']}: {e}", **result)
     module.exit_json(changed=False, **result)

@@ -25,6 +25,7 @@ from integration.test_restore import (  # noqa: F401 - restore_root is a fixture
     DRILL,
     RESTORE,
     archive_current_wal,
+    corrupt,
     failure_message,
     newest_backup,
     query,
@@ -249,6 +250,38 @@ def test_a_chain_with_a_failed_or_missing_parent_is_refused_before_anything_chan
         assert run.rc != 0
         msg = failure_message(run)
         assert f"needs its parent {infos[0]['id']}, which cannot be used" in msg and "no backup.json" in msg, msg
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+def test_a_chain_whose_full_backup_does_not_verify_is_refused_by_restore_and_failed_by_the_drill(chain, restore_root):  # noqa: F811
+    """A restore verifies before it trusts, the whole chain: the newest incremental verifies, its full parent
+    does not (one byte of its archive flipped), and nothing is restored from it."""
+    c, infos = chain["cluster"], chain["infos"]
+    repo = os.path.join(make_pg_dir("pgops-repo-corrupt-"), "repo")
+    shutil.copytree(chain["repo"], repo, symlinks=True)
+    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(repo)], check=True)
+    try:
+        full = os.path.join(repo, infos[0]["id"])
+        (archive,) = [n for n in os.listdir(full) if n.startswith("base.tar")]
+        corrupt(os.path.join(full, archive))
+        root = restore_root()
+        run = chain["playbook"](RESTORE, restore_vars(repo, c, root, pg_restore_backup=infos[2]["id"]))
+        assert run.rc != 0
+        # The loop's item that failed is printed with the parent's own verification message.
+        failed = [x for x in run.stdout.splitlines() if x.startswith(f"failed: [localhost] (item={infos[0]['id']})")]
+        assert len(failed) == 1 and f"backup {full} failed verification" in failed[0], run
+        assert not [x for x in run.stdout.splitlines() if x.startswith(f"failed: [localhost] (item={infos[1]['id']})")]
+        assert [r["task"] for r in run.results if r["status"] == "failed"] == [
+            "Verify the backups an incremental one is restored from against their manifests before anything changes"
+        ], run
+        assert not os.path.exists(os.path.join(root, "data")) or not os.listdir(os.path.join(root, "data"))
+
+        run = chain["playbook"](DRILL, {"pg_restore_repository": repo, "pg_restore_wal_archive": c.archive})
+        assert run.rc != 0
+        newest = {b["id"]: b for b in backups(repo)}[infos[2]["id"]]
+        assert newest["drill"]["result"] == "failed", newest["drill"]
+        assert f"backup {full} failed verification" in newest["drill"]["error"], newest["drill"]
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
 

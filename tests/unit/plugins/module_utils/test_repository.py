@@ -577,3 +577,20 @@ def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
     damaged = dict(newest, verification={"at": "2026-12-01T01:00:00+00:00", "verified": False})
     assert r.choose_parent([damaged, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)[0]["id"] == "20261130T000000Z"
     assert r.choose_parent([_entry("20261201T000000Z", 1, system_identifier="2", **base)], "1", "tar", 170002)[0] is None
+
+
+def test_chain_of_lists_an_incrementals_parents_full_first_as_far_as_the_catalog_holds_them():
+    full = {"id": "20261201T000000Z", "type": "full"}
+    inc1 = {"id": "20261201T010000Z", "type": "incremental", "parent": full["id"]}
+    inc2 = {"id": "20261201T020000Z", "type": "incremental", "parent": inc1["id"]}
+    other = {"id": "20261201T030000Z", "type": "full"}
+    entries = [other, inc2, inc1, full]
+    assert r.chain_of(entries, inc2) == [full, inc1]
+    assert r.chain_of(entries, inc1) == [full]
+    assert r.chain_of(entries, full) == [] and r.chain_of(entries, other) == []
+    # A parent the catalog lacks ends the chain there (the restore refuses it, naming it).
+    assert r.chain_of([inc2, inc1], inc2) == [inc1]
+    # A loop in a damaged catalog ends too.
+    looped = {"id": "20261201T040000Z", "type": "incremental", "parent": "20261201T050000Z"}
+    back = {"id": "20261201T050000Z", "type": "incremental", "parent": looped["id"]}
+    assert r.chain_of([looped, back], looped) == [looped, back]

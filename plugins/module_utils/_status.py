@@ -72,7 +72,10 @@ def judge(host: str, cluster: str, entries: list, coverage: dict, archiving: dic
                 f"the newest complete backup {newest['id']} is {row['backup_age_hours']} hours old "
                 f"(max_backup_age {policy['max_backup_age']:g})"
             )
-    if policy.get("min_window") and row["window_hours"] < policy["min_window"]:
+    # Judged on the exact span: the row's hours are rounded to 0.01 (36 s) for reading.
+    start, end = when(window.get("start")), when(window.get("end"))
+    window_exact = (end - start).total_seconds() / 3600 if start and end else 0.0
+    if policy.get("min_window") and window_exact < policy["min_window"]:
         why = f", because segment {row['first_missing']} is missing" if row["first_missing"] else ""
         violations.append(f"point-in-time recovery covers {row['window_hours']} hours (min_window {policy['min_window']:g}){why}")
     if policy.get("max_drill_age"):

@@ -151,3 +151,14 @@ def test_alert_rules_read_only_series_the_collection_writes():
     written += metrics.render_archive({"system_identifier": "1", "problems": [{"code": "archive_stale"}], "guard": {}}, "h")
     names = {line.split("{")[0].split(" ")[0] for line in written.splitlines() if not line.startswith("#")}
     assert used and used <= names, used - names
+
+
+def test_a_short_window_is_judged_on_its_exact_length_not_the_rounded_hours():
+    # 20 s of PITR shows as 0.01 hours, 10 s as 0.0: a policy of 0.001 h (3.6 s) is met by both, 30 s by neither.
+    for seconds, shown in ((20, 0.01), (10, 0.0)):
+        end = (NOW + datetime.timedelta(seconds=seconds)).isoformat()
+        cov = {"window": {"start": NOW.isoformat(), "end": end}, "gaps": []}
+        row, violations = status.judge("db1", "7", entries(), cov, HEALTHY, {"min_window": 0.001}, NOW)
+        assert row["window_hours"] == shown and violations == [], (seconds, violations)
+        row, violations = status.judge("db1", "7", entries(), cov, HEALTHY, {"min_window": 30 / 3600}, NOW)
+        assert violations == [f"point-in-time recovery covers {shown} hours (min_window {30 / 3600:g})"], violations

@@ -69,8 +69,15 @@ def playbook(tmp_path):
     """playbook(plays_or_path, inventory=None, **kw) -> PlaybookRun, run in tmp_path."""
 
     def run(plays, inventory: str | None = None, **kw):
-        workdir = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
-        workdir.mkdir()
+        # A test may run playbooks from several threads at once: the next free name is taken by mkdir itself.
+        n = len(list(tmp_path.glob("run*")))
+        while True:
+            workdir = tmp_path / f"run{n}"
+            try:
+                workdir.mkdir()
+                break
+            except FileExistsError:
+                n += 1
         return run_playbook(plays, inventory or local_inventory(), workdir=str(workdir), **kw)
 
     return run

@@ -30,6 +30,7 @@ from ._errors import PgopsError
 from ._files import fsync_dir, resolves_inside, write_json, write_private_file
 from ._incremental import FILES_FILE, split_unchanged, stage_files
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
+from ._remote import Remote, sh_quote
 from ._s3 import Store, is_s3
 from ._stream import scanner_for
 
@@ -277,7 +278,7 @@ def archive(
     if upload:
         writer = upload[0].open_write(upload[1])
     elif remote:
-        stages.append(("ssh", remote + [f"umask 077 && cat > {_sh_quote(tmp)}"]))
+        stages.append(("ssh", remote + [f"umask 077 && cat > {sh_quote(tmp)}"]))
     else:
         out_f = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     procs = []
@@ -382,8 +383,8 @@ def archive(
         done = subprocess.run(
             remote
             + [
-                f"sync -- {_sh_quote(tmp)} && mv {_sh_quote(tmp)} {_sh_quote(out_path)} && "
-                f"sync -- {_sh_quote(os.path.dirname(out_path))} && stat -c %s {_sh_quote(out_path)}"
+                f"sync -- {sh_quote(tmp)} && mv {sh_quote(tmp)} {sh_quote(out_path)} && "
+                f"sync -- {sh_quote(os.path.dirname(out_path))} && stat -c %s {sh_quote(out_path)}"
             ],
             capture_output=True,
             check=False,
@@ -532,7 +533,7 @@ def _full(path: str) -> bool:
 
 def _cleanup(tmp: str, remote) -> None:
     if remote:
-        subprocess.run(remote + [f"rm -f {_sh_quote(tmp)}"], check=False)
+        subprocess.run(remote + [f"rm -f {sh_quote(tmp)}"], check=False)
     else:
         try:
             os.unlink(tmp)
@@ -540,45 +541,10 @@ def _cleanup(tmp: str, remote) -> None:
             pass
 
 
-def _sh_quote(s: str) -> str:
-    return "'" + s.replace("'", "'\"'\"'") + "'"
-
-
-class Remote:
-    """The repository host, reached from the database host with ssh."""
-
-    def __init__(self, target: str, port: int = 22, options: list | None = None):
-        self.target = target
-        self.ssh = ["ssh", "-p", str(port), "-o", "BatchMode=yes", *(options or [])]
-        self.prefix = [*self.ssh, target]
-
-    def run(self, command: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.prefix + [command], capture_output=True, check=False)
-        if proc.returncode != 0:
-            raise CopyError(f"on {self.target}: {command!r} failed: {proc.stderr.decode(errors='replace').strip()}")
-        return proc
-
-    def write(self, path: str, data: bytes) -> None:
-        proc = subprocess.run(
-            self.prefix + [f"umask 077 && cat > {_sh_quote(path)}"], input=data, capture_output=True, check=False
-        )
-        if proc.returncode != 0:
-            raise CopyError(f"cannot write {path} on {self.target}: {proc.stderr.decode(errors='replace').strip()}")
-
-    def makedirs(self, path: str) -> None:
-        self.run(f"mkdir -p -m 0700 {_sh_quote(path)}")
-
-    def symlink(self, target: str, path: str) -> None:
-        self.run(f"ln -s {_sh_quote(target)} {_sh_quote(path)}")
-
-    def is_dir(self, path: str) -> bool:
-        return subprocess.run(self.prefix + [f"test -d {_sh_quote(path)}"], capture_output=True, check=False).returncode == 0
-
-
 def sync_filesystem(path: str, remote: Remote | None = None) -> None:
     """Flush a copied tree (method rsync) to disk: syncfs(2) of path's file system."""
     if remote:
-        remote.run(f"sync -f -- {_sh_quote(path)}")
+        remote.run(f"sync -f -- {sh_quote(path)}")
         return
     proc = subprocess.run(["sync", "-f", "--", path], capture_output=True, check=False)
     if proc.returncode != 0:

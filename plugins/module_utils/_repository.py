@@ -20,7 +20,6 @@ from ._backup_api import BackupApiError, major_of, wal_segment_name, wal_segment
 from ._errors import PgopsError
 from ._files import resolves_inside
 from ._incremental import FILES_FILE, parent_file_map
-from ._keeper import liveness
 from ._layout import (
     BACKUP_JSON,
     COLLECTION_VERSION,
@@ -37,6 +36,7 @@ from ._layout import (
 )
 from ._metrics import publish
 from ._s3 import parse_url
+from ._sessions import liveness
 from ._storage import is_s3_url, open_storage
 
 INVALID = "invalid"  # a backup.json that cannot be read as a JSON object

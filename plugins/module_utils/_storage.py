@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 import threading
 
-from ._copy import Remote
 from ._errors import PgopsError
 from ._files import ensure_private_dir, fsync_dir, read_json, write_json, write_private_file
 from ._layout import (
@@ -38,6 +37,7 @@ from ._layout import (
     write_backup,
 )
 from ._manifest import write_backup_manifest
+from ._remote import Remote
 
 # subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): ssh streams to and from
 # the repository host are Popen pipelines.
@@ -306,7 +306,7 @@ class S3Storage:
 
 
 class SshStorage:
-    """A repository in a directory of a repository host, reached over ssh as its owner (_copy.Remote, the
+    """A repository in a directory of a repository host, reached over ssh as its owner (_remote.Remote, the
     same ssh the copy writes with): what a restore, or a verification, on another host reads, and the
     backup.json it records into. Each call is one command there (find, cat, mv)."""
 

@@ -231,7 +231,6 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import major_of
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
-from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
     choose_parent,
@@ -245,6 +244,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     validate_repository,
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params, is_s3
+from ansible_collections.pgops.online_backup.plugins.module_utils._sessions import default_runtime_dir
 from ansible_collections.pgops.online_backup.plugins.module_utils._storage import open_storage
 
 CHECKSUMS = ["auto", "SHA224", "SHA256", "SHA384", "SHA512", "CRC32C", "NONE"]

@@ -250,17 +250,17 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._copy import (
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import read_json
 from ansible_collections.pgops.online_backup.plugins.module_utils._incremental import load_block_map
-from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
+from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
+from ansible_collections.pgops.online_backup.plugins.module_utils._metrics import write_copy_progress
+from ansible_collections.pgops.online_backup.plugins.module_utils._progress import Meter, copy_line, read_progress, write_progress
+from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
+from ansible_collections.pgops.online_backup.plugins.module_utils._sessions import (
     Attachment,
     default_runtime_dir,
     proc_stat,
     read_state,
     session_dir,
 )
-from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
-from ansible_collections.pgops.online_backup.plugins.module_utils._metrics import write_copy_progress
-from ansible_collections.pgops.online_backup.plugins.module_utils._progress import Meter, copy_line, read_progress, write_progress
-from ansible_collections.pgops.online_backup.plugins.module_utils._s3 import S3_OPTION_SPEC, config_from_params
 
 METRICS_EVERY = 5.0  # seconds between rewrites of the metrics file while the copy runs
 

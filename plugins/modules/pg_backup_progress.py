@@ -115,7 +115,8 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import read_json
-from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import (
+from ansible_collections.pgops.online_backup.plugins.module_utils._progress import copy_line, read_progress, start_line
+from ansible_collections.pgops.online_backup.plugins.module_utils._sessions import (
     LIVE,
     RUNNING,
     STARTING,
@@ -129,7 +130,6 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import
     session_dir,
     start_result,
 )
-from ansible_collections.pgops.online_backup.plugins.module_utils._progress import copy_line, read_progress, start_line
 
 LOOK_EVERY = 0.1  # seconds between looks while waiting
 COPY_EXIT_GRACE = 60.0  # seconds a cancelled copy may take to stop before it is killed

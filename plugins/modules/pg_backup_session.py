@@ -371,7 +371,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils import _keeper
+from ansible_collections.pgops.online_backup.plugins.module_utils import _keeper, _sessions
 from ansible_collections.pgops.online_backup.plugins.module_utils._archiving import (
     archiving_enabled,
     archiving_settings,
@@ -402,7 +402,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._postgres impo
 )
 from ansible_collections.pgops.online_backup.plugins.module_utils._progress import start_line
 
-public = _keeper.public
+public = _sessions.public
 
 
 class Failed(Exception):
@@ -426,14 +426,14 @@ def started(module, runtime_dir: str) -> None:
         module.fail_json(msg=f"lease must be 0 (off) or at least 5 seconds, got {p['lease']}")
     if p["max_duration"] < 1:
         module.fail_json(msg="max_duration must be at least 1 second")
-    sid = p["session_id"] or _keeper.new_session_id()
-    if not _keeper.valid_session_id(sid):
+    sid = p["session_id"] or _sessions.new_session_id()
+    if not _sessions.valid_session_id(sid):
         module.fail_json(msg=f"invalid session_id {sid!r}: letters, digits, '_', '.' and '-' only, at most 64")
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would start backup {p['label']!r} on {cluster_key(p)}", session_id=sid)
     ensure_driver(module)
     try:
-        _keeper.sweep(runtime_dir)
+        _sessions.sweep(runtime_dir)
     except OSError:
         pass
     spec = {
@@ -460,7 +460,7 @@ def started(module, runtime_dir: str) -> None:
     except (PgopsError, OSError) as e:
         module.fail_json(msg=f"cannot start the session keeper: {e}; nothing was started")
     if report.get("handed_over"):
-        info = _keeper.describe(report["state"])
+        info = _sessions.describe(report["state"])
         module.exit_json(
             changed=True,
             in_progress=True,
@@ -473,7 +473,7 @@ def started(module, runtime_dir: str) -> None:
     if not report.get("ok"):
         module.fail_json(msg=_keeper.start_failure(report, p["login_user"]), sqlstate=report.get("sqlstate"), session_id=sid)
     state = report["state"]
-    out = _keeper.start_result(state)
+    out = _sessions.start_result(state)
     if out.get("incremental_refused"):
         module.warn(f"this backup is a full one, not an incremental: {out['incremental_refused']}")
     module.exit_json(changed=True, msg=f"backup {p['label']!r} started at {out['start_lsn']}", **out)
@@ -487,10 +487,10 @@ def find_session(module, runtime_dir: str) -> tuple:
     p = module.params
     if p["session_id"]:
         try:
-            sdir = _keeper.session_dir(runtime_dir, p["session_id"])
+            sdir = _sessions.session_dir(runtime_dir, p["session_id"])
         except PgopsError as e:
             module.fail_json(msg=str(e))
-        state = _keeper.read_state(sdir)
+        state = _sessions.read_state(sdir)
         if state is None:
             module.fail_json(
                 msg=f"unknown session id {p['session_id']}: no such session in {runtime_dir} "
@@ -501,10 +501,10 @@ def find_session(module, runtime_dir: str) -> tuple:
     # Only sessions that can still be stopped: a reused label's finished sessions do not count.
     matches = [
         s
-        for s in _keeper.list_sessions(runtime_dir)
+        for s in _sessions.list_sessions(runtime_dir)
         if s.get("label") == p["label"]
         and s.get("cluster") == key
-        and (s.get("status") in _keeper.LIVE or (s.get("status") == _keeper.STOPPED and not s.get("delivered")))
+        and (s.get("status") in _sessions.LIVE or (s.get("status") == _sessions.STOPPED and not s.get("delivered")))
     ]
     if len(matches) != 1:
         what = "no" if not matches else f"{len(matches)}"
@@ -514,8 +514,8 @@ def find_session(module, runtime_dir: str) -> tuple:
             + (f" ({ids}): pass session_id" if matches else "; pg_backup_session_info lists the sessions")
         )
     sid = matches[0]["session_id"]
-    sdir = _keeper.session_dir(runtime_dir, sid)
-    return sdir, _keeper.read_state(sdir)
+    sdir = _sessions.session_dir(runtime_dir, sid)
+    return sdir, _sessions.read_state(sdir)
 
 
 ENDED = {
@@ -546,15 +546,15 @@ def forget(sdir: str) -> None:
 def stopped(module, runtime_dir: str) -> None:
     p = module.params
     sdir, state = find_session(module, runtime_dir)
-    state = _keeper.mark_lost_if_dead(sdir, state, write=not module.check_mode)
-    if state["status"] not in (_keeper.RUNNING, _keeper.STOPPED):
-        if state["status"] == _keeper.STARTING:
+    state = _sessions.mark_lost_if_dead(sdir, state, write=not module.check_mode)
+    if state["status"] not in (_sessions.RUNNING, _sessions.STOPPED):
+        if state["status"] == _sessions.STARTING:
             module.fail_json(msg=f"session {state['session_id']} has not started yet: its start waits for the checkpoint")
         fail_ended(module, sdir, state)
     if module.check_mode:
         module.exit_json(changed=True, msg=f"would stop backup session {state['session_id']}", **public(state))
     ensure_driver(module)
-    if state["status"] == _keeper.RUNNING:
+    if state["status"] == _sessions.RUNNING:
         state = request_stop(module, sdir, state)
     result = state["result"]
     out = public(state)
@@ -572,27 +572,27 @@ def stopped(module, runtime_dir: str) -> None:
         # The backup has ended on the server; the label stays in the session (and dest), and a
         # second stopped call resumes the wait.
         state["reason"] = e.extra["cause"]
-        _keeper.write_state(sdir, state)
+        _sessions.write_state(sdir, state)
         module.fail_json(msg=e.msg, changed=True, **{**out, **e.extra})
     # Kept (0600, swept after 7 days): the label stays retrievable until the caller has stored it.
-    state.update(delivered=True, delivered_at=_keeper.utcnow())
-    _keeper.write_state(sdir, state)
+    state.update(delivered=True, delivered_at=_sessions.utcnow())
+    _sessions.write_state(sdir, state)
     module.exit_json(changed=True, msg=f"backup {state['label']!r} stopped at {result['stop_lsn']}", **out)
 
 
 def request_stop(module, sdir: str, state: dict) -> dict:
-    reply = _keeper.request(sdir, {"op": "stop"}, timeout=120)
+    reply = _sessions.request(sdir, {"op": "stop"}, timeout=120)
     if reply.get("ok"):
         if reply.get("warning"):
             module.warn(reply["warning"])
         return reply["state"]
-    fresh = _keeper.read_state(sdir)
+    fresh = _sessions.read_state(sdir)
     if fresh is None:
         module.fail_json(
             msg=f"the session was aborted while this stop waited ({reply.get('error')}): backup unusable",
             session_id=state["session_id"],
         )
-    fresh = _keeper.mark_lost_if_dead(sdir, fresh)
+    fresh = _sessions.mark_lost_if_dead(sdir, fresh)
     if fresh.get("status") in ENDED:
         fail_ended(module, sdir, fresh)
     module.fail_json(msg=f"could not stop the backup: {reply.get('error')}", session_id=state["session_id"])
@@ -628,8 +628,8 @@ def wait_archive(module, sdir: str, state: dict, result: dict) -> dict:
         cause = f"the backup stopped, but the archive cannot be checked: unable to connect to database: {error_text(e)}"
         raise Failed(f"{cause}. {resume}", cause) from None
     pid = os.getpid()
-    state["archive_wait"] = {"pid": pid, "pid_starttime": _keeper.proc_stat(pid)[1], "since": _keeper.utcnow()}
-    _keeper.write_state(sdir, state)
+    state["archive_wait"] = {"pid": pid, "pid_starttime": _sessions.proc_stat(pid)[1], "since": _sessions.utcnow()}
+    _sessions.write_state(sdir, state)
     try:
         major = major_of(state["server_version_num"])
         settings = archiving_settings(conn, major)
@@ -727,17 +727,17 @@ def seconds_between(a: str, b: str) -> float:
 
 def aborted(module, runtime_dir: str) -> None:
     sdir, state = find_session(module, runtime_dir)
-    state = _keeper.mark_lost_if_dead(sdir, state, write=not module.check_mode)
-    live = state["status"] in _keeper.LIVE
+    state = _sessions.mark_lost_if_dead(sdir, state, write=not module.check_mode)
+    live = state["status"] in _sessions.LIVE
     if module.check_mode:
         module.exit_json(changed=live, msg=f"would abort session {state['session_id']}", session_id=state["session_id"])
     changed = False
     if live:
-        reply = _keeper.request(sdir, {"op": "abort"}, timeout=60)
+        reply = _sessions.request(sdir, {"op": "abort"}, timeout=60)
         changed = bool(reply.get("ok"))
         if not changed:
-            state = _keeper.mark_lost_if_dead(sdir, _keeper.read_state(sdir) or state)
-            if state["status"] in _keeper.LIVE:
+            state = _sessions.mark_lost_if_dead(sdir, _sessions.read_state(sdir) or state)
+            if state["status"] in _sessions.LIVE:
                 module.fail_json(msg=f"could not abort session {state['session_id']}: {reply.get('error')}")
         elif state.get("backend_pid"):
             wait_backend_gone(module, state["backend_pid"])
@@ -807,7 +807,7 @@ def main():
             ("state", "aborted", ["session_id", "label"], True),
         ],
     )
-    runtime_dir = module.params["runtime_dir"] or _keeper.default_runtime_dir()
+    runtime_dir = module.params["runtime_dir"] or _sessions.default_runtime_dir()
     if not os.path.isabs(runtime_dir):
         module.fail_json(msg=f"runtime_dir must be an absolute path, got {runtime_dir}")
     handler = {"started": started, "stopped": stopped, "aborted": aborted}[module.params["state"]]

@@ -156,7 +156,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._keeper import default_runtime_dir, list_sessions
+from ansible_collections.pgops.online_backup.plugins.module_utils._sessions import default_runtime_dir, list_sessions
 
 STATUSES = ["starting", "running", "stopped", "aborted", "expired", "lost", "failed"]
 

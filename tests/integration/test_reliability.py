@@ -26,7 +26,7 @@ from harness.backup import (
 )
 from harness.pg import make_pg_dir
 
-_keeper = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._keeper")
+_sessions = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._sessions")
 
 RESTORE = os.path.join(REPO, "playbooks", "restore.yml")
 DRILL = os.path.join(REPO, "playbooks", "drill.yml")
@@ -184,7 +184,7 @@ def test_interrupted_mid_copy_over_ssh_the_next_run_starts_within_seconds(make_c
 
 def _status(sdir: str) -> dict:
     """The keeper's state as it is now (root may ask it), or {} when it cannot be asked."""
-    return _keeper.request(sdir, {"op": "status"}, 5).get("state") or {}
+    return _sessions.request(sdir, {"op": "status"}, 5).get("state") or {}
 
 
 def _reading(root: str) -> list:

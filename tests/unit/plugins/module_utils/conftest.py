@@ -13,7 +13,7 @@ import pytest
 from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
-_keeper = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._keeper")
+_sessions = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._sessions")
 
 
 @pytest.fixture
@@ -41,16 +41,16 @@ def add_backup():
 @pytest.fixture
 def live_process():
     """(pid, starttime) of this test process: a keeper that is alive."""
-    return os.getpid(), _keeper.proc_stat(os.getpid())[1]
+    return os.getpid(), _sessions.proc_stat(os.getpid())[1]
 
 
 @pytest.fixture
 def dead_process():
     """(pid, starttime) of a process that has exited and been reaped."""
     child = subprocess.Popen(["true"])
-    starttime = _keeper.proc_stat(child.pid)[1]
+    starttime = _sessions.proc_stat(child.pid)[1]
     child.wait()
-    assert _keeper.proc_stat(child.pid) is None
+    assert _sessions.proc_stat(child.pid) is None
     return child.pid, starttime
 
 
@@ -61,7 +61,7 @@ def write_session():
     def write(runtime_dir, sid: str, **state):
         sdir = os.path.join(str(runtime_dir), sid)
         os.makedirs(sdir, exist_ok=True)
-        _keeper.write_state(sdir, {"session_id": sid, **state})
+        _sessions.write_state(sdir, {"session_id": sid, **state})
         return sdir
 
     return write

@@ -18,6 +18,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 k = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._keeper")
+sess = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._sessions")
 
 SPEC = {"max_duration": 3600, "lease": 60, "keepalive_interval": 30}
 # No keepalive gets in the way of what a test looks at.
@@ -223,63 +224,63 @@ def test_started_only_moves_a_starting_session():
 
 @pytest.mark.parametrize("sid", ["20261129T101500Z-0123abcd", "a", "A.b_c-9", "x" * 64])
 def test_valid_session_ids(sid):
-    assert k.valid_session_id(sid)
-    assert k.session_dir("/run/s", sid) == f"/run/s/{sid}"
+    assert sess.valid_session_id(sid)
+    assert sess.session_dir("/run/s", sid) == f"/run/s/{sid}"
 
 
 def test_new_session_ids_are_valid_and_unique():
-    ids = {k.new_session_id() for _ in range(50)}
-    assert len(ids) == 50 and all(k.valid_session_id(sid) for sid in ids)
+    ids = {sess.new_session_id() for _ in range(50)}
+    assert len(ids) == 50 and all(sess.valid_session_id(sid) for sid in ids)
 
 
 @pytest.mark.parametrize("sid", ["", ".", "..", "../x", "a/b", "/abs", "-x", ".hidden", "x" * 65, "a b", None, 42])
 def test_invalid_session_ids(sid):
-    assert not k.valid_session_id(sid)
-    with pytest.raises(k.KeeperError, match="invalid session id"):
-        k.session_dir("/run/s", sid)
+    assert not sess.valid_session_id(sid)
+    with pytest.raises(sess.KeeperError, match="invalid session id"):
+        sess.session_dir("/run/s", sid)
 
 
 # -- liveness: what a repository lock asks
 
 
 def test_liveness_of_sessions_this_process_cannot_see(tmp_path, write_session):
-    assert k.liveness(str(tmp_path), "nope", 60) == (None, f"no session nope in {tmp_path}")
-    assert k.liveness(str(tmp_path), "../x", 60)[0] is None
+    assert sess.liveness(str(tmp_path), "nope", 60) == (None, f"no session nope in {tmp_path}")
+    assert sess.liveness(str(tmp_path), "../x", 60)[0] is None
     (tmp_path / "empty").mkdir()
-    assert k.liveness(str(tmp_path), "empty", 60) == (None, "session empty has no readable state")
+    assert sess.liveness(str(tmp_path), "empty", 60) == (None, "session empty has no readable state")
     sdir = write_session(tmp_path, "junk")
     with open(os.path.join(sdir, "state.json"), "w") as f:
         f.write("[1]")
-    assert k.liveness(str(tmp_path), "junk", 60)[0] is None
+    assert sess.liveness(str(tmp_path), "junk", 60)[0] is None
 
 
 @pytest.mark.parametrize("status", ["starting", "running"])
 def test_liveness_of_a_live_session_is_its_keeper(tmp_path, write_session, live_process, dead_process, status):
     pid, starttime = live_process
     write_session(tmp_path, "s", status=status, pid=pid, pid_starttime=starttime)
-    assert k.liveness(str(tmp_path), "s", 60) == (True, f"its keeper (pid {pid}) is {status}")
+    assert sess.liveness(str(tmp_path), "s", 60) == (True, f"its keeper (pid {pid}) is {status}")
     # The same pid started at another time is another process (a reused pid).
     write_session(tmp_path, "s", status=status, pid=pid, pid_starttime=starttime + 1)
-    assert k.liveness(str(tmp_path), "s", 60) == (False, f"its session keeper (pid {pid}) is gone")
+    assert sess.liveness(str(tmp_path), "s", 60) == (False, f"its session keeper (pid {pid}) is gone")
     dead, dead_start = dead_process
     write_session(tmp_path, "s", status=status, pid=dead, pid_starttime=dead_start)
-    assert k.liveness(str(tmp_path), "s", 60) == (False, f"its session keeper (pid {dead}) is gone")
+    assert sess.liveness(str(tmp_path), "s", 60) == (False, f"its session keeper (pid {dead}) is gone")
     write_session(tmp_path, "s", status=status)  # no pid recorded
-    assert k.liveness(str(tmp_path), "s", 60)[0] is False
+    assert sess.liveness(str(tmp_path), "s", 60)[0] is False
 
 
 def test_liveness_of_a_stopped_session(tmp_path, write_session, live_process, dead_process):
     pid, starttime = live_process
     write_session(tmp_path, "s", status="stopped", pid=1, pid_starttime=0, archive_wait={"pid": pid, "pid_starttime": starttime})
-    assert k.liveness(str(tmp_path), "s", 60) == (True, "its stop task waits for the WAL archive")
+    assert sess.liveness(str(tmp_path), "s", 60) == (True, "its stop task waits for the WAL archive")
     dead, dead_start = dead_process
     write_session(tmp_path, "s", status="stopped", archive_wait={"pid": dead, "pid_starttime": dead_start})
-    assert k.liveness(str(tmp_path), "s", 60) == (False, "its backup stopped but the run that was finishing it is gone")
+    assert sess.liveness(str(tmp_path), "s", 60) == (False, "its backup stopped but the run that was finishing it is gone")
     now = time.time()
     write_session(tmp_path, "s", status="stopped", delivered=True, delivered_at=iso(now - 50))
-    assert k.liveness(str(tmp_path), "s", 60, now) == (True, "it stopped moments ago (its run is finishing the backup)")
-    assert k.liveness(str(tmp_path), "s", 40, now)[0] is False
-    assert k.liveness(str(tmp_path), "s", 60, now + 20)[0] is False
+    assert sess.liveness(str(tmp_path), "s", 60, now) == (True, "it stopped moments ago (its run is finishing the backup)")
+    assert sess.liveness(str(tmp_path), "s", 40, now)[0] is False
+    assert sess.liveness(str(tmp_path), "s", 60, now + 20)[0] is False
     # Delivered: a waiter that still runs no longer counts, only the grace does.
     write_session(
         tmp_path,
@@ -289,14 +290,14 @@ def test_liveness_of_a_stopped_session(tmp_path, write_session, live_process, de
         delivered_at=iso(now - 500),
         archive_wait={"pid": pid, "pid_starttime": starttime},
     )
-    assert k.liveness(str(tmp_path), "s", 60, now)[0] is False
+    assert sess.liveness(str(tmp_path), "s", 60, now)[0] is False
 
 
 @pytest.mark.parametrize("status", ["aborted", "expired", "lost", "failed"])
 def test_liveness_of_an_ended_session(tmp_path, write_session, live_process, status):
     pid, starttime = live_process  # even a keeper that still runs its clean-up
     write_session(tmp_path, "s", status=status, reason="why", pid=pid, pid_starttime=starttime)
-    assert k.liveness(str(tmp_path), "s", 60) == (False, f"its session ended ({status}: why)")
+    assert sess.liveness(str(tmp_path), "s", 60) == (False, f"its session ended ({status}: why)")
 
 
 # -- describe, list, mark lost, sweep
@@ -307,7 +308,7 @@ def test_describe_a_running_session(live_process):
     now = time.time()
     state = {"session_id": "s", "status": "running", "pid": pid, "pid_starttime": starttime, "last_contact_at": iso(now - 12.34)}
     state["result"] = {"labelfile": "secret"}
-    d = k.describe(state, now)
+    d = sess.describe(state, now)
     assert d["alive"] is True and d["stale"] is False
     assert d["waiting_for"] == "the stop (the copy runs meanwhile)"
     assert d["seconds_since_contact"] == pytest.approx(12.3, abs=0.05)
@@ -317,7 +318,7 @@ def test_describe_a_running_session(live_process):
 def test_describe_a_keeper_that_died(dead_process):
     pid, starttime = dead_process
     for status in ("starting", "running"):
-        d = k.describe({"status": status, "pid": pid, "pid_starttime": starttime})
+        d = sess.describe({"status": status, "pid": pid, "pid_starttime": starttime})
         assert d["alive"] is False and d["stale"] is True
         assert d["waiting_for"] == "nobody: the keeper process is gone"
 
@@ -325,40 +326,40 @@ def test_describe_a_keeper_that_died(dead_process):
 def test_describe_what_a_session_waits_for(live_process, dead_process):
     pid, starttime = live_process
     keeper = {"pid": pid, "pid_starttime": starttime}
-    assert "checkpoint" in k.describe(dict(keeper, status="starting"))["waiting_for"]
+    assert "checkpoint" in sess.describe(dict(keeper, status="starting"))["waiting_for"]
     waiter = {"status": "stopped", "archive_wait": {"pid": pid, "pid_starttime": starttime}}
-    assert k.describe(waiter)["waiting_for"] == "the WAL archive"
-    assert k.describe(waiter)["stale"] is False  # a stopped session has no keeper to lose
+    assert sess.describe(waiter)["waiting_for"] == "the WAL archive"
+    assert sess.describe(waiter)["stale"] is False  # a stopped session has no keeper to lose
     gone = {"status": "stopped", "archive_wait": {"pid": dead_process[0], "pid_starttime": dead_process[1]}}
-    assert k.describe(gone)["waiting_for"] == "nobody: the stop task that waited for the archive is gone"
-    assert k.describe(dict(waiter, delivered=True))["waiting_for"] is None
-    assert k.describe({"status": "aborted"})["waiting_for"] is None
+    assert sess.describe(gone)["waiting_for"] == "nobody: the stop task that waited for the archive is gone"
+    assert sess.describe(dict(waiter, delivered=True))["waiting_for"] is None
+    assert sess.describe({"status": "aborted"})["waiting_for"] is None
 
 
 def test_list_sessions_reads_only_session_directories(tmp_path, write_session, live_process):
-    assert k.list_sessions(str(tmp_path / "missing")) == []
+    assert sess.list_sessions(str(tmp_path / "missing")) == []
     write_session(tmp_path, "b", status="running", pid=live_process[0], pid_starttime=live_process[1])
     write_session(tmp_path, "a", status="aborted")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / "nostate").mkdir()
     (tmp_path / "notes").write_text("a stray file, not a session")  # found by review: it used to crash the listing
-    got = k.list_sessions(str(tmp_path))
+    got = sess.list_sessions(str(tmp_path))
     assert [(s["session_id"], s["alive"]) for s in got] == [("a", False), ("b", True)]
-    assert k.liveness(str(tmp_path), "notes", 60)[0] is None
-    assert k.sweep(str(tmp_path)) == []
+    assert sess.liveness(str(tmp_path), "notes", 60)[0] is None
+    assert sess.sweep(str(tmp_path)) == []
 
 
 def test_mark_lost_if_dead(tmp_path, write_session, dead_process, live_process):
     sdir = write_session(tmp_path, "s", status="running", pid=dead_process[0], pid_starttime=dead_process[1])
-    state = k.read_state(sdir)
-    checked = k.mark_lost_if_dead(sdir, dict(state), write=False)
-    assert checked["status"] == "lost" and k.read_state(sdir)["status"] == "running"  # check mode writes nothing
-    k.mark_lost_if_dead(sdir, state)
-    saved = k.read_state(sdir)
+    state = sess.read_state(sdir)
+    checked = sess.mark_lost_if_dead(sdir, dict(state), write=False)
+    assert checked["status"] == "lost" and sess.read_state(sdir)["status"] == "running"  # check mode writes nothing
+    sess.mark_lost_if_dead(sdir, state)
+    saved = sess.read_state(sdir)
     assert saved["status"] == "lost" and f"keeper process {dead_process[0]} is gone" in saved["reason"] and saved["ended_at"]
     alive = write_session(tmp_path, "t", status="running", pid=live_process[0], pid_starttime=live_process[1])
-    assert k.mark_lost_if_dead(alive, k.read_state(alive))["status"] == "running"
-    assert k.read_state(alive)["status"] == "running"
+    assert sess.mark_lost_if_dead(alive, sess.read_state(alive))["status"] == "running"
+    assert sess.read_state(alive)["status"] == "running"
 
 
 def test_sweep_marks_dead_keepers_lost_and_removes_old_finished_sessions(tmp_path, write_session, dead_process, live_process):
@@ -369,10 +370,10 @@ def test_sweep_marks_dead_keepers_lost_and_removes_old_finished_sessions(tmp_pat
     week_ago = time.time() - 8 * 86400
     os.utime(os.path.join(old, "state.json"), (week_ago, week_ago))
     os.utime(os.path.join(live, "state.json"), (week_ago, week_ago))  # a live one is never removed
-    assert k.sweep(str(tmp_path)) == ["old"]
+    assert sess.sweep(str(tmp_path)) == ["old"]
     assert sorted(os.listdir(tmp_path)) == ["dead", "live", "recent"]
-    assert k.read_state(dead)["status"] == "lost"
-    assert k.read_state(live)["status"] == "running" and k.read_state(recent)["status"] == "aborted"
+    assert sess.read_state(dead)["status"] == "lost"
+    assert sess.read_state(live)["status"] == "running" and sess.read_state(recent)["status"] == "aborted"
 
 
 # -- a task attached to the keeper (the copy)
@@ -421,7 +422,7 @@ class FakeKeeper:
 
     def __init__(self, sdir: str, first: dict):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(os.path.join(sdir, k.SOCKET_FILE))
+        self.sock.bind(os.path.join(sdir, sess.SOCKET_FILE))
         self.sock.listen(1)
         self.first = first
         self.requests = []
@@ -432,11 +433,11 @@ class FakeKeeper:
     def serve(self):
         client, _ = self.sock.accept()
         self.client = client
-        self.requests.append(json.loads(k._recv_line(client)))
+        self.requests.append(json.loads(sess.recv_line(client)))
         client.sendall(json.dumps(self.first).encode() + b"\n")
         self.accepted.set()
         try:
-            line = k._recv_line(client)
+            line = sess.recv_line(client)
         except OSError:  # closed by the test
             return
         if line:
@@ -465,7 +466,7 @@ def attached(tmp_path, write_session):
     sdir = write_session(tmp_path, "s", status="running")
     fake = FakeKeeper(sdir, {"ok": True, "state": {"status": "running"}})
     gone = []
-    attachment = k.Attachment(sdir, on_gone=lambda: gone.append(1))
+    attachment = sess.Attachment(sdir, on_gone=lambda: gone.append(1))
     attachment.start()
     assert fake.accepted.wait(5) and fake.requests == [{"op": "attach"}] and attachment.gone is None
     yield fake, attachment, gone
@@ -493,17 +494,17 @@ def test_attachment_refused_or_without_a_keeper(tmp_path, write_session, dead_pr
     sdir = write_session(tmp_path, "s", status="expired", reason=ended.reason)
     fake = FakeKeeper(sdir, refusal)
     try:
-        attachment = k.Attachment(sdir)
+        attachment = sess.Attachment(sdir)
         attachment.start()
         assert attachment.gone == "session expired, backup unusable: no word from the run for 60s (lease)"
     finally:
         fake.close()
-    os.unlink(os.path.join(sdir, k.SOCKET_FILE))
+    os.unlink(os.path.join(sdir, sess.SOCKET_FILE))
     write_session(tmp_path, "s", status="running", pid=dead_process[0], pid_starttime=dead_process[1])
-    attachment = k.Attachment(sdir)
+    attachment = sess.Attachment(sdir)
     attachment.start()  # no socket, and the keeper is dead: lost
     assert attachment.gone.startswith(f"session lost, backup unusable: keeper process {dead_process[0]} is gone")
-    assert k.read_state(sdir)["status"] == "running"  # only the keeper or a sweep records it
+    assert sess.read_state(sdir)["status"] == "running"  # only the keeper or a sweep records it
 
 
 # -- the run waiting in turns (pg_backup_progress) for a handed-over start or copy
@@ -596,7 +597,7 @@ def test_attachment_as_a_watcher_promises_its_next_turn(tmp_path, write_session)
     sdir = write_session(tmp_path, "w", status="running")
     fake = FakeKeeper(sdir, {"ok": True, "state": {"status": "running"}})
     try:
-        attachment = k.Attachment(sdir, op="watch")
+        attachment = sess.Attachment(sdir, op="watch")
         attachment.start()
         assert fake.accepted.wait(5) and attachment.gone is None
         attachment.stop(back_within=30.0)

@@ -19,7 +19,7 @@ sys.path.insert(0, collections_workspace())
 progress = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._progress")
 copy = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._copy")
 metrics = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._metrics")
-keeper = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._keeper")
+sessions = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._sessions")
 
 MiB = 1 << 20
 
@@ -112,24 +112,24 @@ def test_progress_record_is_private_and_replaced_whole(tmp_path):
 
 def test_a_running_session_lists_its_copy_progress(tmp_path, write_session, live_process):
     sdir = write_session(tmp_path, "s", status="running", pid=live_process[0], pid_starttime=live_process[1])
-    assert "progress" not in keeper.list_sessions(str(tmp_path))[0]
+    assert "progress" not in sessions.list_sessions(str(tmp_path))[0]
     rec = progress.Meter(100, 0.0).update(10, 1.5)
     progress.write_progress(sdir, rec)
-    (listed,) = keeper.list_sessions(str(tmp_path))
+    (listed,) = sessions.list_sessions(str(tmp_path))
     assert listed["progress"]["bytes_done"] == 10 and listed["progress"]["bytes_expected"] == 100
     # What the list playbook prints of a running session says it too.
     assert listed["waiting_for"] == f"the stop (the copy runs meanwhile): {progress.copy_line(rec)}"
     progress.write_progress(sdir, dict(rec, finished=True))  # the copy ended: nothing to show
-    assert "progress" not in keeper.list_sessions(str(tmp_path))[0]
+    assert "progress" not in sessions.list_sessions(str(tmp_path))[0]
 
 
 def test_a_starting_session_says_how_long_its_start_has_waited(live_process):
     state = {"status": "starting", "pid": live_process[0], "pid_starttime": live_process[1],
              "checkpoint_requested_at": "2026-11-29T10:00:00+00:00", "start_stage": "checkpoint", "fast": False}  # fmt: skip
     now = datetime.datetime.fromisoformat("2026-11-29T10:01:10+00:00").timestamp()
-    info = keeper.describe(state, now)
+    info = sessions.describe(state, now)
     assert info["start_waiting_seconds"] == 70.0 and info["waiting_for"].endswith("checkpoint_timeout), for 1m10s so far")
-    assert "WAL summarizer" in keeper.describe(dict(state, start_stage="wal summaries"), now)["waiting_for"]
+    assert "WAL summarizer" in sessions.describe(dict(state, start_stage="wal summaries"), now)["waiting_for"]
 
 
 # -- what the copy's reading process has read

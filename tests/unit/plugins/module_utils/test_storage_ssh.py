@@ -17,7 +17,7 @@ from harness.ansible import collections_workspace
 sys.path.insert(0, collections_workspace())
 storage = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._storage")
 files = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._restore_files")
-Remote = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._copy").Remote
+Remote = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._remote").Remote
 
 BID = "20261129T101500Z"
 

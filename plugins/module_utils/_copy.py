@@ -953,7 +953,8 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None,
         sdir = os.path.join(stage_root, name)
         os.makedirs(sdir, mode=0o700)
         _phase(progress, "staging the changed blocks")
-        keep, staged, st = stage_files(root, flist, sdir, incr[0], incr[1], tsoid)
+        prefix = "" if name == "base" else f"pg_tblspc/{name}/"
+        keep, staged, st = stage_files(root, flist, sdir, incr[0], incr[1], spec["parent_paths"], prefix, tsoid)
         _phase(progress, "copying")
         for k, v in st.items():
             istats[k] += v

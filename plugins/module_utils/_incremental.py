@@ -275,9 +275,20 @@ def incremental_name(rel_path: str) -> str:
     return os.path.join(head, PREFIX + tail)
 
 
-def stage_files(root: str, files: list, stage: str, bm: BlockMap, doc: dict, tablespace_oid: int | None = None) -> tuple:
+def in_parent(parent_paths, path: str) -> bool:
+    """Whether the parent backup holds this file, whole or as an INCREMENTAL file. pg_combinebackup
+    rebuilds an INCREMENTAL file from the same file in each earlier backup of the chain and fails when
+    one has neither, so a file the parent lacks is copied whole (the server's own rule)."""
+    return path in parent_paths or incremental_name(path) in parent_paths
+
+
+def stage_files(
+    root: str, files: list, stage: str, bm: BlockMap, doc: dict, parent_paths, prefix: str = "", tablespace_oid: int | None = None
+) -> tuple:
     """Write the INCREMENTAL files of root's relation files into stage (same relative directories).
-    Returns (files still to copy whole, staged relative paths, stats)."""
+    parent_paths: every path of the parent's manifest; prefix: root's place in the backup ("" for the
+    data directory, "pg_tblspc/<oid>/" for a tablespace). Returns (files still to copy whole, staged
+    relative paths, stats)."""
     bs, relseg, started = doc["block_size"], doc["relseg_blocks"], doc["started_epoch"]
     keep, staged = [], []
     stats = {"incremental_files": 0, "whole_files": 0, "blocks": 0, "bytes": 0, "replaced_bytes": 0}
@@ -285,6 +296,12 @@ def stage_files(root: str, files: list, stage: str, bm: BlockMap, doc: dict, tab
         key = relation_of(rel, tablespace_oid)
         if key is None:
             keep.append(rel)
+            continue
+        if not in_parent(parent_paths, prefix + rel):
+            # A segment the parent did not have: a relation that grew past 1 GB since the parent
+            # (or after this backup's start, before the copy listed its files).
+            keep.append(rel)
+            stats["whole_files"] += 1
             continue
         src = os.path.join(root, rel)
         try:

@@ -48,8 +48,9 @@ options:
       - With O(state=running), also choose the parent of an incremental backup, returned as RV(parent) - the newest
         complete backup of O(cluster) not known to be damaged, when it was taken with the same C(method) and
         PostgreSQL major (from O(fields)) and has a manifest - or, when there is none, RV(parent_refused) says why.
-      - Before PostgreSQL 17 (file-level incrementals) RV(parent) also holds C(files), every file of the parent with
-        its size, modification time, checksum and the backup that holds it.
+      - RV(parent) also holds C(files), every file of the parent with its size, modification time, checksum and the
+        backup that holds it: a file-level incremental (before PostgreSQL 17) compares each file with it, a block-level
+        one copies whole every relation file the parent does not hold.
       - Retention keeps the parents of every incremental backup it keeps.
     type: bool
     default: false
@@ -181,7 +182,7 @@ RETURN = r"""
 parent:
   description:
     - With O(incremental), the parent backup's C(id), C(start_lsn), C(timeline), C(started_at) and C(type) (and
-      C(files) before PostgreSQL 17); null when none.
+      C(files)); null when none.
   returned: state=running and incremental
   type: dict
 parent_refused:
@@ -229,7 +230,6 @@ import datetime
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api import major_of
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._layout import valid_backup_id
 from ansible_collections.pgops.online_backup.plugins.module_utils._repository import (
@@ -367,8 +367,9 @@ def main():
                 out["parent"], out["parent_refused"] = choose_parent(
                     read_catalog(repo), p["cluster"], fields.get("method", "tar"), fields.get("pg_version") or ""
                 )
-                if out["parent"] and major_of(fields.get("pg_version") or 0) < 17:
-                    # File-level: the copy compares each file with what the parent holds.
+                if out["parent"]:
+                    # File-level: the copy compares each file with what the parent holds. Block-level (17+):
+                    # a relation file the parent lacks is copied whole (pg_combinebackup needs it in each backup).
                     out["parent"]["files"] = parent_files(repo, out["parent"]["id"])
             module.exit_json(changed=True, msg=f"backup {out['backup_id']} is running in {out['path']}", **out)
         if state == "complete":

@@ -133,8 +133,12 @@ options:
     type: path
   parent:
     description:
-      - Make this a file-level incremental backup of this parent (RV(pgops.online_backup.pg_backup_catalog#module:parent)
-        with C(files)) - for PostgreSQL 12 to 16, where there are no WAL summaries.
+      - The parent backup of an incremental backup (RV(pgops.online_backup.pg_backup_catalog#module:parent), with
+        C(files)). Required when the session is a block-level incremental (PostgreSQL 17+): a relation file the parent
+        holds neither whole nor as an C(INCREMENTAL) file is copied whole, as the server's own incremental backup does,
+        because C(pg_combinebackup) needs each relation file in every backup of the chain.
+      - Without a block-level session, makes this a file-level incremental backup of this parent - for PostgreSQL 12 to
+        16, where there are no WAL summaries.
       - A file is not copied when it is the same as in the parent - same size and modification time, and last
         modified before the second the parent started (a change within the second a file was copied leaves its time as
         it was, so such files are always copied again) - or, with O(incremental_checksum), the same checksum.
@@ -276,6 +280,19 @@ def copy_id_of(pid: int) -> str:
     return f"{pid}.{st[1] if st else 0}"
 
 
+def parent_paths(parent: dict, state: dict) -> frozenset:
+    """The paths of a block-level incremental's parent (its manifest's), after checking that it is the
+    backup the session's changed blocks were read from."""
+    if not isinstance(parent.get("files"), dict):
+        raise ValueError("files is not a dict")
+    since = (state.get("incremental") or {}).get("from_lsn")
+    if since and parent.get("start_lsn") and str(parent["start_lsn"]).upper() != str(since).upper():
+        raise ValueError(
+            f"the session's changed blocks are since {since}, the parent {parent.get('id')} started at {parent['start_lsn']}"
+        )
+    return frozenset(parent["files"])
+
+
 def file_parent(parent: dict, checksum: bool) -> dict:
     if not valid_backup_id(parent["id"]):
         raise ValueError(f"invalid parent id {parent['id']!r}")
@@ -334,11 +351,6 @@ def main():
             seconds=0.0,
         )
     spec = dict(p)  # what the copy uses, beyond the module's own options
-    if p["parent"]:
-        try:
-            spec["file_parent"] = file_parent(p["parent"], p["incremental_checksum"])
-        except (KeyError, TypeError, ValueError) as e:
-            module.fail_json(msg=f"nothing copied: parent must be pg_backup_catalog's parent, with files ({e})")
     sdir = state = None
     if p["session_id"]:
         try:
@@ -346,15 +358,28 @@ def main():
         except PgopsError as e:
             module.fail_json(msg=str(e))
         state = read_state(sdir) or {}
-        if state.get("incremental"):
-            if p["parent"]:
-                module.fail_json(msg="nothing copied: the session is a block-level incremental; parent is for file-level ones")
-            if p["method"] == "cpio":
-                module.fail_json(msg="nothing copied: the session is an incremental backup, which method cpio cannot store")
-            try:
-                spec["incremental"] = load_block_map(sdir)
-            except (OSError, ValueError) as e:
-                module.fail_json(msg=f"nothing copied: the incremental backup's changed blocks cannot be read: {e}")
+    block_level = bool((state or {}).get("incremental"))
+    if block_level and p["method"] == "cpio":
+        module.fail_json(msg="nothing copied: the session is an incremental backup, which method cpio cannot store")
+    if block_level and not p["parent"]:
+        module.fail_json(
+            msg="nothing copied: the session is a block-level incremental backup: parent (pg_backup_catalog's parent, with "
+            "files) must say which files the parent backup holds, as pg_combinebackup needs each relation file in every backup "
+            "of the chain"
+        )
+    if p["parent"]:
+        try:
+            if block_level:
+                spec["parent_paths"] = parent_paths(p["parent"], state)
+            else:
+                spec["file_parent"] = file_parent(p["parent"], p["incremental_checksum"])
+        except (KeyError, TypeError, ValueError) as e:
+            module.fail_json(msg=f"nothing copied: parent must be pg_backup_catalog's parent, with files ({e})")
+    if block_level:
+        try:
+            spec["incremental"] = load_block_map(sdir)
+        except (OSError, ValueError) as e:
+            module.fail_json(msg=f"nothing copied: the incremental backup's changed blocks cannot be read: {e}")
     metrics = None
     if sdir and p["metrics_file"]:
         repository = p["dest"].rstrip("/").rsplit("/", 1)[0] or "/"

@@ -15,6 +15,8 @@ import shutil
 import struct
 import subprocess
 import tarfile
+import threading
+import time
 
 import pytest
 from harness.backup import BACKUP, backup_vars, backups
@@ -315,3 +317,88 @@ def test_rsync_incremental_is_a_directory_pg_combinebackup_reads(make_cluster, p
         assert {i for i, _t in writer.committed} <= written_ids(root, port)
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+SEGMENT_PAGES = 131072  # 1 GB of 8 kB pages: one relation segment file
+LATE = 20000  # rows written while the start waits: about 1000 pages, well into the second segment
+
+
+def test_a_relation_segment_born_while_the_start_waits_is_copied_whole(make_cluster, playbook, restore_root):  # noqa: F811
+    """A table that grows past 1 GB after the incremental's start point (here: while its spread checkpoint
+    runs) has a second segment file that neither the parent nor the WAL summaries (read up to the start)
+    know of. It must be stored whole: pg_combinebackup rebuilds an INCREMENTAL file from the same file in
+    the parent and fails when the parent has none, so such a backup (and every later one of its chain)
+    could not be restored. Restored by the restore playbook, with the rows that made the segment."""
+    c = make_cluster(17, summarize_wal="on", checkpoint_timeout="30s", checkpoint_completion_target="0.3", shared_buffers="256MB")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    try:
+        # Few rows per page (fillfactor 10): 1 GB of table for little WAL and time.
+        c.sql("CREATE TABLE big (id bigint, v text) WITH (fillfactor = 10, autovacuum_enabled = off)")
+        c.sql("INSERT INTO big SELECT g, 'x' FROM generate_series(1, 20000) g")
+        per_page = 20000 / (c.sql("SELECT pg_relation_size('big') / 8192")[0][0])
+        below = int((SEGMENT_PAGES - 300) * per_page)
+        c.sql("INSERT INTO big SELECT g, 'x' FROM generate_series(20001, %s) g", (below,))
+        relpath = c.sql("SELECT pg_relation_filepath('big')")[0][0]
+        assert not os.path.exists(os.path.join(c.data, relpath + ".1"))
+        full = take(c, repo, playbook, pg_backup_compression="zstd")
+        c.sql("UPDATE big SET v = 'changed' WHERE id <= 100")  # the summaries know big (its first segment changed)
+        # Dirty buffers for the next start's spread checkpoint to pace over a few seconds.
+        c.sql("CREATE TABLE dirty AS SELECT g, md5(g::text) AS h FROM generate_series(1, 400000) g")
+        c.sql("CHECKPOINT")
+        c.sql("UPDATE dirty SET h = md5(h)")
+        grown = {}
+
+        def grow_during_the_start():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                waiting = c.sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgops.online_backup keeper%%'"
+                    " AND query LIKE '%%pg_backup_start%%' AND state = 'active'"
+                )[0][0]
+                if waiting:
+                    time.sleep(0.5)  # the checkpoint has taken its redo point: the start LSN is behind us
+                    c.sql("INSERT INTO big SELECT g, 'late' FROM generate_series(%s, %s) g", (below + 1, below + LATE))
+                    grown["during_start"] = c.sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgops.online_backup keeper%%'"
+                        " AND query LIKE '%%pg_backup_start%%' AND state = 'active'"
+                    )[0][0]
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=grow_during_the_start)
+        thread.start()
+        inc = take(c, repo, playbook, pg_backup_compression="zstd", pg_backup_fast_checkpoint=False)
+        thread.join(60)
+        assert grown.get("during_start") == 1, f"the rows were not written while the start waited: {grown}"
+        pages = c.sql("SELECT pg_relation_size('big') / 8192")[0][0]
+        assert os.path.exists(os.path.join(c.data, relpath + ".1")), f"big did not grow a second segment ({pages} pages)"
+        assert (inc["type"], inc["parent"]) == ("incremental", full["id"])
+        names = tar_names(os.path.join(repo, inc["id"]))
+        assert (
+            relpath + ".1" in names
+            and os.path.join(os.path.dirname(relpath), "INCREMENTAL." + os.path.basename(relpath) + ".1") not in names
+        )
+        assert os.path.join(os.path.dirname(relpath), "INCREMENTAL." + os.path.basename(relpath)) in names
+        root = restore_root()
+        run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root))
+        assert run.rc == 0, run
+        prepared = result_of(run, "Restore backup")
+        assert prepared["chain"] == [full["id"], inc["id"]], prepared
+        counts = query(
+            root,
+            prepared["port"],
+            "SELECT count(*) FILTER (WHERE v = 'late'), count(*) FILTER (WHERE v = 'changed'), count(*) FROM big",
+        )
+        assert counts == [(LATE, 100, below + LATE)], counts
+        stop_server(os.path.join(root, "data"))
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+def tar_names(backup_dir: str) -> set:
+    """Member names of a backup's base archive (tar + zstd)."""
+    (archive,) = [n for n in os.listdir(backup_dir) if n.startswith("base.tar")]
+    listing = subprocess.run(
+        f"zstd -dc {os.path.join(backup_dir, archive)} | tar -tf -", shell=True, check=True, capture_output=True, text=True
+    ).stdout
+    return {n[2:] if n.startswith("./") else n for n in listing.split()}

@@ -104,8 +104,44 @@ def test_stage_files_replaces_relation_files_and_keeps_the_rest(tmp_path):
     doc = {"block_size": BS, "relseg_blocks": SEG, "started_epoch": 1000.0}
     stage = tmp_path / "stage"
     keep, staged, stats = inc.stage_files(
-        str(root), ["base", "base/5", "base/5/100", "base/5/PG_VERSION", "base/5/gone"], str(stage), bm, doc
+        str(root), ["base", "base/5", "base/5/100", "base/5/PG_VERSION", "base/5/gone"], str(stage), bm, doc, {"base/5/100"}
     )
     assert keep == ["base", "base/5", "base/5/PG_VERSION", "base/5/gone"]
     assert staged == ["base/5/INCREMENTAL.100"] and (stage / "base/5/INCREMENTAL.100").stat().st_size == 2 * BS
     assert stats == {"incremental_files": 1, "whole_files": 0, "blocks": 1, "bytes": 2 * BS, "replaced_bytes": 4 * BS}
+
+
+def test_a_relation_file_the_parent_does_not_hold_is_copied_whole(tmp_path):
+    """pg_combinebackup rebuilds an INCREMENTAL file from the same file in every earlier backup of the
+    chain: a segment the parent lacks (the relation grew past 1 GB since, or after this backup's start)
+    is copied whole even when the summaries know the relation; one the parent holds whole or as an
+    INCREMENTAL file is stored incrementally. Tablespace files are looked up under pg_tblspc/<oid>/."""
+    root = tmp_path / "data"
+    (root / "base" / "5").mkdir(parents=True)
+    for name in ("100", "100.1", "200"):
+        (root / "base" / "5" / name).write_bytes(b"a" * (4 * BS))
+        os.utime(root / "base" / "5" / name, (10, 10))
+    ts = tmp_path / "ts" / "PG_17_202406281" / "5"
+    ts.mkdir(parents=True)
+    (ts / "300").write_bytes(b"t" * (4 * BS))
+    os.utime(ts / "300", (10, 10))
+    bm = inc.BlockMap()
+    # Relation 100 changed in its first segment only; 200 and 300 did not change at all.
+    bm.add_summary([(1663, 5, 100, 0, None, [2])])
+    doc = {"block_size": BS, "relseg_blocks": SEG, "started_epoch": 1000.0}
+    parent = {"base/5/100", "base/5/INCREMENTAL.200", "pg_tblspc/16400/PG_17_202406281/5/300"}
+    keep, staged, stats = inc.stage_files(
+        str(root), ["base/5/100", "base/5/100.1", "base/5/200"], str(tmp_path / "stage"), bm, doc, parent
+    )
+    assert keep == ["base/5/100.1"]
+    assert staged == ["base/5/INCREMENTAL.100", "base/5/INCREMENTAL.200"]
+    assert stats["whole_files"] == 1 and stats["incremental_files"] == 2
+    tkeep, tstaged, _ = inc.stage_files(
+        str(tmp_path / "ts"), ["PG_17_202406281/5/300"], str(tmp_path / "tstage"), bm, doc, parent, "pg_tblspc/16400/", 16400
+    )
+    assert tkeep == [] and tstaged == ["PG_17_202406281/5/INCREMENTAL.300"]
+    # The same tablespace file when the parent does not hold it: whole.
+    tkeep, tstaged, _ = inc.stage_files(
+        str(tmp_path / "ts"), ["PG_17_202406281/5/300"], str(tmp_path / "tstage2"), bm, doc, set(), "pg_tblspc/16400/", 16400
+    )
+    assert tkeep == ["PG_17_202406281/5/300"] and tstaged == []

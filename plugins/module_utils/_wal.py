@@ -73,6 +73,9 @@ CHUNK = 1 << 20
 # backup history files and timeline history files.
 WAL_FILE_RE = re.compile(r"^(?:[0-9A-F]{24}(?:\.partial|\.[0-9A-F]{8}\.backup)?|[0-9A-F]{8}\.history)$")
 EXIT_FOUND, EXIT_MISSING, EXIT_UNREADABLE = 0, 1, 126
+# The repository host's cat says "not there" with a code of its own: 1 is also what a Python error or
+# an error in words exits with, and taking those for "missing" would end a recovery early.
+CAT_MISSING = 3
 
 
 class WalError(PgopsError):
@@ -99,12 +102,19 @@ def _pipeline(cmds: list, stdin, stdout) -> None:
     if not cmds:
         src = stdin if hasattr(stdin, "read") else os.fdopen(os.dup(stdin), "rb")
         for chunk in iter(lambda: src.read(CHUNK), b""):
-            os.write(stdout if isinstance(stdout, int) else stdout.fileno(), chunk)
+            write_all(stdout if isinstance(stdout, int) else stdout.fileno(), chunk)
         return
     try:
         run_pipeline(cmds, stdin, stdout)
     except LayoutError as e:
         raise WalError(str(e)) from None
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a short write on a full disk must not pass as done)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def content_digest(path: str) -> str:
@@ -146,16 +156,29 @@ def _same_or_refuse(existing: str, name: str, digest: str) -> str:
     )
 
 
+def _refuse_digest(where: str, name: str, theirs: str, digest: str):
+    if theirs != digest:
+        raise WalError(
+            f"{where} already says a different {name} is archived there (sha256 {theirs[:12]}..., this one {digest[:12]}...): "
+            "refusing to overwrite it. Two clusters may be archiving into one place (check --cluster), or the archive was "
+            "tampered with; investigate before archiving continues"
+        )
+
+
 def store(directory: str, name: str, fill, digest: str, compression: str, encrypted: bool = False) -> str:
     """Write name into directory through a temporary file (fill(fd) writes the
-    stored bytes), fsynced, linked into place, the directory fsynced."""
+    stored bytes; it raises when they are not all there), fsynced, linked into
+    place, the directory fsynced."""
     old = stored(directory, name)
     if old:
         return _same_or_refuse(old[0], name, digest)
     final = os.path.join(directory, name + COMPRESSION[compression][0] + (AGE_SUFFIX if encrypted else ""))
     if encrypted:
-        # Before the file itself: the digest is only read once the file is in place.
-        _write_digest(final + DIGEST_SUFFIX, digest)
+        # Claimed before the file itself and never replaced: the first push of a name decides what
+        # its digest says, so a concurrent push of other content is refused, not believed.
+        theirs = _claim_digest(final + DIGEST_SUFFIX, digest)
+        if theirs is not None:
+            _refuse_digest(final + DIGEST_SUFFIX, name, theirs, digest)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         fill(fd)
@@ -174,14 +197,26 @@ def store(directory: str, name: str, fill, digest: str, compression: str, encryp
         os.unlink(tmp)
 
 
-def _write_digest(path: str, digest: str) -> None:
+def _claim_digest(path: str, digest: str) -> str | None:
+    """Link path holding digest unless it exists: None when this call made it (or it already says
+    the same), else what it says."""
     fd, tmp = tempfile.mkstemp(prefix=".digest.", suffix=".tmp", dir=os.path.dirname(path))
     try:
-        os.write(fd, digest.encode() + b"\n")
-        os.fsync(fd)
+        try:
+            write_all(fd, digest.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+            fsync_dir(os.path.dirname(path))
+            return None
+        except FileExistsError:
+            with open(path) as f:
+                theirs = f.read().strip()
+            return None if theirs == digest else theirs
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.unlink(tmp)
 
 
 def ensure_wal_dir(repository: str, cluster: str) -> str:
@@ -226,8 +261,12 @@ def push_local(source: str, repository: str, cluster: str, compression: str, lev
     return store(directory, name, fill, digest, compression, encrypted=bool(recipients))
 
 
-def put(directory: str, name: str, compression: str, digest: str, encrypted: bool = False) -> str:
-    """The repository host's side of a push: stdin holds the stored (compressed, maybe encrypted) bytes."""
+def put(
+    directory: str, name: str, compression: str, digest: str, stored_sha256: str, stored_size: int, encrypted: bool = False
+) -> str:
+    """The repository host's side of a push: stdin holds the stored (compressed, maybe encrypted) bytes,
+    stored_size of them with sha256 stored_sha256: anything else (a stream cut off by a dead
+    compressor or a dropped connection) is refused before it is linked into place."""
     check_name(name)
     directory = directory.rstrip("/")
     repository = os.path.dirname(os.path.dirname(directory))
@@ -236,8 +275,16 @@ def put(directory: str, name: str, compression: str, digest: str, encrypted: boo
     _private_dirs([os.path.dirname(directory), directory])
 
     def fill(fd):
+        h, size = hashlib.sha256(), 0
         for chunk in iter(lambda: sys.stdin.buffer.read(CHUNK), b""):
-            os.write(fd, chunk)
+            h.update(chunk)
+            size += len(chunk)
+            write_all(fd, chunk)
+        if size != stored_size or h.hexdigest() != stored_sha256:
+            raise WalError(
+                f"received {size} bytes of {name} (sha256 {h.hexdigest()[:12]}...), the sender stored {stored_size} "
+                f"(sha256 {stored_sha256[:12]}...): the stream was cut off or damaged; nothing was stored"
+            )
 
     return store(directory, name, fill, digest, compression, encrypted)
 
@@ -286,10 +333,10 @@ def cat(directory: str, name: str) -> int:
     bytes (the database host decrypts and decompresses: the key never has to be here)."""
     check_name(name)
     if not os.path.isdir(directory):
-        return EXIT_UNREADABLE if not os.path.isdir(os.path.dirname(directory)) else EXIT_MISSING
+        return EXIT_UNREADABLE if not os.path.isdir(os.path.dirname(directory)) else CAT_MISSING
     found = stored(directory, name)
     if found is None:
-        return EXIT_MISSING
+        return CAT_MISSING
     out = sys.stdout.buffer
     out.write(os.path.basename(found[0]).encode() + b"\n")
     with open(found[0], "rb") as src:
@@ -311,11 +358,35 @@ def push_remote(source, host, port, options, program, repository, cluster, compr
     name = check_name(os.path.basename(source))
     cmds = store_commands(compression, level, recipients)
     digest = file_digest(source)
-    remote = [program, "put", "--dir", wal_dir(repository, cluster), "--name", name, "--compression", compression,
-              "--sha256", digest] + (["--encrypted"] if recipients else [])  # fmt: skip
-    with open(source, "rb") as src, tempfile.TemporaryFile() as out:
+    # The stored bytes are made here first (one segment): the repository host checks it received all
+    # of them, so a compressor or encryptor that dies midway can never leave a short file there.
+    with open(source, "rb") as src, tempfile.TemporaryFile() as stored_bytes, tempfile.TemporaryFile() as out:
+        _pipeline(cmds, src, stored_bytes.fileno())
+        stored_bytes.seek(0)
+        h, size = hashlib.sha256(), 0
+        for chunk in iter(lambda: stored_bytes.read(CHUNK), b""):
+            h.update(chunk)
+            size += len(chunk)
+        stored_bytes.seek(0)
+        remote = [
+            program,
+            "put",
+            "--dir",
+            wal_dir(repository, cluster),
+            "--name",
+            name,
+            "--compression",
+            compression,
+            "--sha256",
+            digest,
+            "--stored-sha256",
+            h.hexdigest(),
+            "--stored-size",
+            str(size),
+        ]
+        remote += ["--encrypted"] if recipients else []  # fmt: skip
         try:
-            run_pipeline(cmds + [ssh_command(host, port, options, remote)], src, out)
+            run_pipeline([ssh_command(host, port, options, remote)], stored_bytes, out)
         except LayoutError as e:
             raise WalError(f"pushing {name} to {host} failed: {e}") from None
         out.seek(0)
@@ -356,7 +427,7 @@ def get_remote(host, port, options, program, repository, cluster, name, target) 
     try:
         _deliver(target, fill)
     except WalError:
-        if result.get("rc") == EXIT_MISSING:
+        if result.get("rc") == CAT_MISSING:
             return EXIT_MISSING
         raise
     return EXIT_FOUND
@@ -427,8 +498,10 @@ def push_s3(source: str, store, cluster: str, compression: str, level=None, reci
         _pipeline(cmds, src, out.fileno())
         out.seek(0)
         data = out.read()  # one segment (16 MB by default): one PUT, no multipart
-    if recipients:
-        store.put_bytes(rel + DIGEST_SUFFIX, digest.encode() + b"\n")
+    if recipients and not store.put_bytes(rel + DIGEST_SUFFIX, digest.encode() + b"\n", if_none_match=True):
+        # Claimed before the object and never replaced: a concurrent push of other content is refused.
+        theirs = (store.get_bytes(rel + DIGEST_SUFFIX) or b"").decode().strip()
+        _refuse_digest(store.uri(rel + DIGEST_SUFFIX), name, theirs, digest)
     # Conditional: a concurrent push of the same name (or a retried PUT) shows up here, never overwrites.
     if not store.put_bytes(rel, data, if_none_match=True):
         return _s3_same_or_refuse(store, rel, name, digest)
@@ -493,7 +566,9 @@ def parser() -> argparse.ArgumentParser:
     put_p.add_argument("--dir", required=True)
     put_p.add_argument("--name", required=True)
     put_p.add_argument("--compression", required=True, choices=list(COMPRESSION))
-    put_p.add_argument("--sha256", required=True)
+    put_p.add_argument("--sha256", required=True, help="sha256 of the segment itself")
+    put_p.add_argument("--stored-sha256", required=True, help="sha256 of the bytes on stdin")
+    put_p.add_argument("--stored-size", required=True, type=int, help="how many bytes stdin holds")
     put_p.add_argument("--encrypted", action="store_true", help="stdin is age-encrypted (stored as .age)")
     cat_p = sub.add_parser("cat", help="(repository host) write the stored name, a newline and its stored bytes to stdout")
     cat_p.add_argument("--dir", required=True)
@@ -510,10 +585,15 @@ def main(argv=None) -> int:
     err = sys.stderr
     try:
         if args.command == "put":
-            sys.stdout.write(put(args.dir, args.name, args.compression, args.sha256, args.encrypted) + "\n")
+            msg = put(args.dir, args.name, args.compression, args.sha256, args.stored_sha256, args.stored_size, args.encrypted)
+            sys.stdout.write(msg + "\n")
             return 0
         if args.command == "cat":
-            return cat(args.dir, args.name)
+            try:
+                return cat(args.dir, args.name)
+            except (PgopsError, OSError) as e:
+                err.write(f"pgops-wal: cat failed: {e}\n")
+                return EXIT_UNREADABLE
         s3 = args.repository.startswith("s3://")
         if not (s3 or os.path.isabs(args.repository)):
             raise WalError(f"--repository must be an absolute path or an s3:// URL, got {args.repository!r}")

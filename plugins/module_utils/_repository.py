@@ -254,15 +254,17 @@ def distrust(entry: dict) -> str | None:
 def latest(
     entries: list, allow_unverified: bool = False, skipped: list | None = None, before: float | None = None
 ) -> dict | None:
-    """The newest complete backup that is not known to be damaged (and, with before, that
-    stopped before that time: the one a point-in-time recovery to it starts from); running,
-    failed and unreadable ones never count. Passed-over damaged ones are appended to skipped."""
+    """The newest complete backup that is not known to be damaged, nor is any backup an
+    incremental one is restored from (and, with before, that stopped before that time: the one a
+    point-in-time recovery to it starts from); running, failed and unreadable ones never count.
+    Passed-over damaged ones are appended to skipped."""
+    by_id = {e.get("id"): e for e in entries}
     for entry in sort_newest_first(entries):
         if not is_complete(entry):
             continue
         if before is not None and not (_when(entry.get("stopped_at")) or before) < before:
             continue
-        why = None if allow_unverified else distrust(entry)
+        why = (None if allow_unverified else distrust(entry)) or chain_problem(by_id, entry, allow_unverified)
         if why is None:
             return entry
         if skipped is not None:
@@ -270,9 +272,31 @@ def latest(
     return None
 
 
+def chain_problem(by_id: dict, entry: dict, allow_unverified: bool = False) -> str | None:
+    """Why an incremental backup cannot be restored for one of its parents (missing, not complete, or
+    known to be damaged), else None."""
+    child, seen = entry, set()
+    while child.get("type") == "incremental":
+        pid = child.get("parent")
+        if pid in seen:
+            return f"its chain of parents loops at {pid}"
+        seen.add(pid)
+        parent = by_id.get(pid)
+        if parent is None:
+            return f"its parent {pid} is not in the repository"
+        if not is_complete(parent):
+            return f"its parent {pid} is {parent.get('status')}"
+        why = None if allow_unverified else distrust(parent)
+        if why:
+            return f"its parent {pid} is known to be damaged: {why}"
+        child = parent
+    return None
+
+
 def choose_parent(entries: list, cluster: str, method: str, pg_version) -> tuple:
     """(the parent of an incremental backup, None) or (None, why there is none): the newest complete,
-    trusted backup of the cluster, when it was taken the same way (method, major) and has a manifest."""
+    trusted backup of the cluster whose own parents are all there and trusted, when it was taken the same
+    way (method, major) and has a manifest."""
     mine = [e for e in entries if e.get("system_identifier") == cluster]
     newest = latest(mine)
     if newest is None:

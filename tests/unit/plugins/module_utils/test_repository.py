@@ -579,6 +579,30 @@ def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
     assert r.choose_parent([_entry("20261201T000000Z", 1, system_identifier="2", **base)], "1", "tar", 170002)[0] is None
 
 
+def test_latest_and_choose_parent_pass_over_a_backup_whose_chain_is_broken():
+    """An incremental whose parent (or any earlier backup of its chain) is missing, not complete or known
+    to be damaged cannot be restored: latest passes over it (a restore of "latest" starts from a usable
+    backup instead of failing), and a new incremental does not chain onto it (it is a full backup or
+    takes an older, sound parent)."""
+    base = {"method": "tar", "pg_version": 170010, "start_lsn": "0/5000028", "timeline": 1, "manifest": {"files": 9}}
+    full = _entry("20261201T000000Z", 1, type="full", **base)
+    inc1 = _inc("20261202T000000Z", 1, full["id"], **base)
+    inc2 = _inc("20261203T000000Z", 1, inc1["id"], **base)
+    assert r.latest([inc2, inc1, full])["id"] == inc2["id"]
+    damaged_full = dict(full, drill={"at": "2026-12-03T01:00:00+00:00", "result": "failed", "error": "boom"})
+    skipped = []
+    assert r.latest([inc2, inc1, damaged_full], skipped=skipped) is None
+    assert [x["id"] for x in skipped] == [inc2["id"], inc1["id"], full["id"]]
+    assert f"its parent {full['id']} is known to be damaged" in skipped[0]["reason"]
+    assert r.latest([inc2, inc1, damaged_full], allow_unverified=True)["id"] == inc2["id"]
+    older = _entry("20261130T000000Z", 1, type="full", **base)
+    assert r.latest([inc2, dict(inc1, status="failed"), full, older])["id"] == full["id"]
+    assert r.latest([inc2, full])["id"] == full["id"]  # inc1 is gone
+    assert r.chain_problem({}, inc2) == f"its parent {inc1['id']} is not in the repository"
+    parent, why = r.choose_parent([inc2, inc1, damaged_full, older], "1", "tar", 170002)
+    assert why is None and parent["id"] == older["id"]
+
+
 def test_chain_of_lists_an_incrementals_parents_full_first_as_far_as_the_catalog_holds_them():
     full = {"id": "20261201T000000Z", "type": "full"}
     inc1 = {"id": "20261201T010000Z", "type": "incremental", "parent": full["id"]}

@@ -31,7 +31,7 @@ from ._files import fsync_dir, resolves_inside, write_json, write_private_file
 from ._incremental import FILES_FILE, split_unchanged, stage_files
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
 from ._remote import Remote, sh_quote
-from ._s3 import Store, is_s3
+from ._s3 import Store, is_s3, part_size_for
 from ._stream import scanner_for
 
 # subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): the copy streams tar/cpio
@@ -248,8 +248,8 @@ def archive(
     scanner: a _stream scanner; the archive stream is teed through it on its
     way to the compressor, so the manifest needs no second read.
     encrypt: the encryption command, run after the compressor (ciphertext does not compress).
-    upload: (an _s3.Store, name): the stream goes into a multipart upload instead of a file; it
-    is completed only when every step succeeded, and aborted otherwise.
+    upload: (an _s3.Store, name, part size): the stream goes into a multipart upload instead of a
+    file; it is completed only when every step succeeded, and aborted otherwise.
     staged: (directory, relative paths) of an incremental's INCREMENTAL files, archived after files
     (without its global/pg_control, which stays last).
     progress: counts what the archiver reads.
@@ -276,7 +276,7 @@ def archive(
     out_f = None
     writer = None
     if upload:
-        writer = upload[0].open_write(upload[1])
+        writer = upload[0].open_write(upload[1], part_size=upload[2])
     elif remote:
         stages.append(("ssh", remote + [f"umask 077 && cat > {sh_quote(tmp)}"]))
     else:
@@ -869,9 +869,10 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
         total = plan["source_bytes"]
     else:
         # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
-        jobs = [(oid, loc, tfiles) for oid, loc, tfiles, _size in plan["spaces"]] + [("base", data, plan["files"])]
+        jobs = [(oid, loc, tfiles, size) for oid, loc, tfiles, size in plan["spaces"]]
+        jobs.append(("base", data, plan["files"], plan["source_bytes"] - sum(size for *_rest, size in plan["spaces"])))
         total = 0
-        for name, root, flist in jobs:
+        for name, root, flist, size in jobs:
             flist, staged, _taken = stage(name, root, flist, None if name == "base" else int(name))
             out_name = archive_name(name, method, spec["compression"], spec["encryption"])
             scanner = scanner_for(method, "" if name == "base" else f"pg_tblspc/{name}/", algorithm) if algorithm else None
@@ -887,7 +888,8 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
                 scanner=scanner,
                 cancel=cancel,
                 encrypt=encrypt,
-                upload=(store, out_name) if store else None,
+                # Parts sized for the archive (S3 allows 10,000): a 16 MiB part holds 156 GiB in all.
+                upload=(store, out_name, part_size_for(size)) if store else None,
                 staged=staged,
                 progress=progress,
             )

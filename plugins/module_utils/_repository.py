@@ -312,6 +312,12 @@ def choose_parent(entries: list, cluster: str, method: str, pg_version) -> tuple
         return None, f"the newest backup {bid} is of PostgreSQL {newest.get('pg_version')} or lacks its start LSN and timeline"
     if not newest.get("manifest"):
         return None, f"the newest backup {bid} has no backup_manifest, which pg_combinebackup needs"
+    if (
+        major_of(pg_version) >= 17
+        and newest.get("type") == "incremental"
+        and (newest.get("incremental") or {}).get("mode") == "file"
+    ):
+        return None, f"the newest backup {bid} is a file-level incremental, which pg_combinebackup cannot take as a parent"
     parent = {"id": bid, "start_lsn": newest["start_lsn"], "timeline": newest["timeline"], "type": newest.get("type", "full")}
     return dict(parent, started_at=newest.get("started_at")), None
 
@@ -384,6 +390,18 @@ RESERVED = ("id", "status", "schema", "completed_at", "failed_at", "manifest", "
 
 def caller_fields(fields: dict | None) -> dict:
     return {k: v for k, v in (fields or {}).items() if k not in RESERVED}
+
+
+def note_parent(repository: str, backup_id: str, parent_id: str) -> dict:
+    """Record in a running backup the parent it was given, so that retention (which may run
+    meanwhile, from another play) keeps that parent; completion records the final one."""
+    st = open_storage(repository)
+    info = st.read_backup(backup_id)
+    if not isinstance(info, dict) or info.get("status") != "running":
+        raise RepositoryError(f"backup {backup_id} is not running; its parent is not recorded")
+    info["parent"] = parent_id
+    st.write_backup(backup_id, info)
+    return info
 
 
 def open_backup(repository: str, cluster: str, fields: dict, lock_grace: float, session_runtime_dir: str | None, warn) -> dict:
@@ -608,6 +626,9 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
             why(older, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
     # A kept incremental keeps its whole chain: without its parents it cannot be restored.
     by_id = {e["id"]: e for e in complete}
+    for e in mine:  # a running incremental's parent (recorded when it was chosen) too
+        if e.get("status") == "running" and e.get("parent") in by_id:
+            why(by_id[e["parent"]], f"the parent of running backup {e['id']}")
     for e in complete:  # newest first: a parent kept here is seen again further down
         if e["id"] in reasons and e.get("type") == "incremental" and e.get("parent") in by_id:
             why(by_id[e["parent"]], f"the parent of incremental backup {e['id']}")

@@ -236,6 +236,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._repository im
     choose_parent,
     complete_backup,
     fail_backup,
+    note_parent,
     open_backup,
     parent_files,
     pin_backup,
@@ -294,6 +295,19 @@ def expired(module, repo: str) -> None:
     module.exit_json(
         changed=changed, clusters=results, msg="; ".join(lines) or "no backups", diff=diff[0] if len(diff) == 1 else diff
     )
+
+
+def choose(repo: str, p: dict, out: dict) -> None:
+    """The parent of an incremental backup, into out (parent, parent_refused, backup)."""
+    fields = p["fields"]
+    out["parent"], out["parent_refused"] = choose_parent(
+        read_catalog(repo), p["cluster"], fields.get("method", "tar"), fields.get("pg_version") or ""
+    )
+    if out["parent"]:
+        # File-level: the copy compares each file with what the parent holds. Block-level (17+):
+        # a relation file the parent lacks is copied whole (pg_combinebackup needs it in each backup).
+        out["parent"]["files"] = parent_files(repo, out["parent"]["id"])
+        out["backup"] = note_parent(repo, out["backup_id"], out["parent"]["id"])
 
 
 def main():
@@ -363,14 +377,14 @@ def main():
             runtime_dir = p["session_runtime_dir"] or (default_runtime_dir() if p["session_local"] else None)
             out = open_backup(repo, p["cluster"], p["fields"], p["lock_grace"], runtime_dir, module.warn)
             if p["incremental"]:
-                fields = p["fields"]
-                out["parent"], out["parent_refused"] = choose_parent(
-                    read_catalog(repo), p["cluster"], fields.get("method", "tar"), fields.get("pg_version") or ""
-                )
-                if out["parent"]:
-                    # File-level: the copy compares each file with what the parent holds. Block-level (17+):
-                    # a relation file the parent lacks is copied whole (pg_combinebackup needs it in each backup).
-                    out["parent"]["files"] = parent_files(repo, out["parent"]["id"])
+                try:
+                    choose(repo, p, out)
+                except (PgopsError, OSError) as e:
+                    # Nothing has started yet: the record is failed and the lock released, as a run's rescue would.
+                    fail_backup(
+                        repo, out["backup_id"], p["cluster"], f"choosing the parent failed: {e}", False, p["fields"], None
+                    )
+                    raise
             module.exit_json(changed=True, msg=f"backup {out['backup_id']} is running in {out['path']}", **out)
         if state == "complete":
             out = complete_backup(

@@ -54,7 +54,8 @@ options:
     description:
       - The backup's directory (must exist, outside the data directory and every tablespace), or its
         C(s3://bucket/prefix/<backup id>) location. Each archive is then streamed into a multipart upload (no local
-        copy; memory bounded to about 48 MiB per archive), completed only when every step succeeded and aborted
+        copy; memory bounded to about 48 MiB per archive of up to 78 GiB of files, three parts sized for twice the
+        archive's files beyond that, as S3 allows 10,000 parts), completed only when every step succeeded and aborted
         otherwise.
     type: str
     required: true
@@ -361,6 +362,11 @@ def main():
     block_level = bool((state or {}).get("incremental"))
     if block_level and p["method"] == "cpio":
         module.fail_json(msg="nothing copied: the session is an incremental backup, which method cpio cannot store")
+    if p["parent"] and not block_level and p["method"] == "cpio":
+        module.fail_json(
+            msg="nothing copied: a file-level incremental backup (parent) stores only the changed files, and a restore "
+            "takes the others from earlier backups only when they are tar or rsync ones: use method tar or rsync"
+        )
     if block_level and not p["parent"]:
         module.fail_json(
             msg="nothing copied: the session is a block-level incremental backup: parent (pg_backup_catalog's parent, with "

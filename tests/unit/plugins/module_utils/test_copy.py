@@ -13,6 +13,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 copier = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._copy")
+s3 = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._s3")
 CONTROL, CopyError, archive, compressor_command, walk, walk_error = (
     copier.CONTROL,
     copier.CopyError,
@@ -161,3 +162,43 @@ def test_a_missing_compressor_is_a_copy_error(monkeypatch):
     with pytest.raises(CopyError, match="compression zstd needs zstd on this host"):
         compressor_command("zstd", 3, 2)
     assert compressor_command("none", None, 2) == []
+
+
+def test_an_upload_is_written_in_parts_sized_for_the_archive(tmp_path):
+    """S3 allows 10,000 parts: with the default 16 MiB a data directory over 156 GiB failed at part
+    10,001, after the whole upload. The copy sizes the parts for twice the archive's expected size."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "PG_VERSION").write_text("17\n")
+    (root / "f").write_bytes(os.urandom(4096))
+    opened = []
+
+    class Writer:
+        def __init__(self):
+            self.data = b""
+            self.bytes_written = 0
+
+        def write(self, chunk):
+            self.data += bytes(chunk)
+            self.bytes_written += len(chunk)
+
+        def close(self):
+            pass
+
+        def abort(self):
+            raise AssertionError("aborted")
+
+    class Store:
+        def open_write(self, rel, part_size):
+            opened.append((rel, part_size, Writer()))
+            return opened[-1][2]
+
+        def uri(self, rel):
+            return f"s3://bucket/{rel}"
+
+    size = 200 * 1024**3
+    part = copier.part_size_for(size)
+    assert part * s3.MAX_PARTS >= 2 * size and part % (1024 * 1024) == 0
+    r = copier.archive("tar", str(root), ["PG_VERSION", "f"], "base.tar", "none", None, 0, upload=(Store(), "base.tar", part))
+    (rel, used, writer) = opened[0]
+    assert (rel, used) == ("base.tar", part) and r["bytes"] == len(writer.data) > 4096

@@ -560,6 +560,33 @@ def test_retention_keeps_every_parent_of_a_kept_incremental_and_removes_whole_ch
     assert plan["oldest_kept"]["id"] == "20261129T000000Z"
 
 
+def test_retention_keeps_the_parent_a_running_incremental_was_given():
+    """Retention run from another play while an incremental is being taken: the parent recorded in its
+    running record is kept (the backup would otherwise complete with its parent deleted)."""
+    entries = [
+        _entry("20261202T000000Z", 0, status="running", parent="20261129T000000Z"),
+        _entry("20261201T000000Z", 1, type="full"), _entry("20261129T000000Z", 3, type="full"),
+        _entry("20261128T000000Z", 4, type="full"),
+    ]  # fmt: skip
+    plan = r.plan_retention(entries, "1", keep=1, now=NOW)
+    assert [k["id"] for k in plan["keep"]] == ["20261201T000000Z", "20261129T000000Z"], plan
+    assert any("parent of running backup 20261202T000000Z" in why for why in plan["keep"][1]["reasons"])
+    assert [x["id"] for x in plan["remove"]] == ["20261128T000000Z"]
+
+
+def test_note_parent_records_it_in_the_running_backup_only(repo):
+    repo = str(repo)
+    st = r.open_storage(repo)
+    bid = "20261202T000000Z"
+    os.mkdir(os.path.join(repo, bid))
+    st.write_backup(bid, {"id": bid, "status": "running", "system_identifier": "1"})
+    assert r.note_parent(repo, bid, "20261201T000000Z")["parent"] == "20261201T000000Z"
+    assert st.read_backup(bid)["parent"] == "20261201T000000Z"
+    st.write_backup(bid, {"id": bid, "status": "complete", "system_identifier": "1"})
+    with pytest.raises(r.RepositoryError, match="not running"):
+        r.note_parent(repo, bid, "20261201T000000Z")
+
+
 def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
     base = {"method": "tar", "pg_version": 170010, "start_lsn": "0/5000028", "timeline": 1, "manifest": {"files": 9}}
     newest = _entry("20261201T000000Z", 1, **base)
@@ -577,6 +604,11 @@ def test_choose_parent_is_the_newest_trusted_backup_taken_the_same_way():
     damaged = dict(newest, verification={"at": "2026-12-01T01:00:00+00:00", "verified": False})
     assert r.choose_parent([damaged, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)[0]["id"] == "20261130T000000Z"
     assert r.choose_parent([_entry("20261201T000000Z", 1, system_identifier="2", **base)], "1", "tar", 170002)[0] is None
+    # On 17+, a file-level incremental (taken with the module directly) cannot be a block-level one's parent.
+    file_level = dict(newest, type="incremental", parent="20261130T000000Z", incremental={"mode": "file"})
+    assert "file-level incremental" in r.choose_parent([file_level, _entry("20261130T000000Z", 2, **base)], "1", "tar", 170002)[1]
+    sixteen = dict(file_level, pg_version=160010)
+    assert r.choose_parent([sixteen, _entry("20261130T000000Z", 2, **base)], "1", "tar", 160002)[0]["id"] == newest["id"]
 
 
 def test_latest_and_choose_parent_pass_over_a_backup_whose_chain_is_broken():

@@ -166,3 +166,23 @@ def test_encryption_fails_closed_before_the_start(make_cluster, playbook):
         # Nothing was written: no backup directory, no session.
         assert not glob.glob(os.path.join(repo, "2*")), os.listdir(repo)
         assert c.backups_in_progress() == 0
+
+
+def test_an_encrypted_backup_is_refused_while_wal_is_archived_in_clear(make_cluster, playbook):
+    """pg_backup_encryption age with an archive_command that pushes WAL without --age-recipient: a restore
+    needs that WAL, so the backup would be readable without the key. Refused before the start, saying how
+    to fix it; with the recipient in archive_command the same backup runs."""
+    c = make_cluster(15)
+    prog = install_pgops_wal(os.path.join(make_pg_dir("pgops-prog-"), "install"))
+    repo = make_repository()
+    public = keypair(make_pg_dir("pgops-keys-"))[2]
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} --compression none %p",))
+    c.sql("SELECT pg_reload_conf()")
+    v = backup_vars(c, repo, pg_backup_encryption="age", pg_backup_age_recipients=[public])
+    run = playbook(BACKUP, extra_vars=v)
+    assert run.rc != 0 and "archive_command stores WAL in clear" in run.stdout and "nothing was started" in run.stdout, run
+    assert not glob.glob(os.path.join(repo, "2*")) and c.backups_in_progress() == 0
+    c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} --age-recipient {public} %p",))
+    c.sql("SELECT pg_reload_conf()")
+    run = playbook(BACKUP, extra_vars=v)
+    assert run.rc == 0, run

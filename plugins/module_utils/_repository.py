@@ -123,8 +123,14 @@ def lock_holder(repository, rel: str, lock: dict, grace: float, now: float | Non
     age = now - taken
     session = lock.get("session") or {}
     if lock.get("host") != socket.gethostname() or not session.get("runtime_dir"):
-        # The session is on another host (a repository host's lock): nothing here can see it.
-        return (age <= REMOTE_TRUST), f"its session is on another host; the lock was taken {int(age)}s ago"
+        # The session is on another host (a repository host's lock): nothing here can see it. Its sign of
+        # life is the lock or what its copy writes into the backup, whichever is newer: a copy that runs
+        # longer than a day keeps its lock as long as it writes.
+        touched = st.newest_mtime(bid) if valid_backup_id(bid) else 0.0
+        quiet = now - max(touched, taken)
+        return (quiet <= REMOTE_TRUST), (
+            f"its session is on another host; the lock was taken {int(age)}s ago, its backup last written {int(quiet)}s ago"
+        )
     live, why = liveness(session["runtime_dir"], session["id"], grace, now)
     if live is not None:
         return live, why

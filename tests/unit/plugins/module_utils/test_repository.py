@@ -167,16 +167,26 @@ def test_lock_of_a_stopped_session(session_lock, write_session, live_process):
     assert r.lock_holder(repo, path, lock, 20, now=now)[0] is False
 
 
-def test_lock_of_another_host_is_trusted_for_a_day(tmp_path, add_backup):
+def test_lock_of_another_host_is_trusted_for_a_day_after_its_last_sign_of_life(tmp_path, add_backup):
     repo = str(tmp_path / "repo")
     bid = "20261129T101500Z"
     add_backup(repo, bid, "running")
     path, _ = r.acquire_lock(repo, CLUSTER, bid, 0, {"id": bid, "runtime_dir": str(tmp_path / "sessions")})
     lock = {"backup_id": bid, "host": "elsewhere.example", "session": {"id": bid, "runtime_dir": str(tmp_path)}}
+    backup = os.path.join(repo, bid)
+    age(backup, 30 * HOUR)
     age(path, 23 * HOUR)
     live, why = r.lock_holder(repo, path, lock, 0)
     assert live is True and "another host" in why
     age(path, 25 * HOUR)
+    assert r.lock_holder(repo, path, lock, 0)[0] is False
+    # A copy that runs longer than a day keeps writing its archive: the lock holds while it does.
+    with open(os.path.join(backup, "base.tar.zst.partial"), "wb") as f:
+        f.write(b"x")
+    age(backup, HOUR)  # the directory and what is in it, the new archive too
+    live, why = r.lock_holder(repo, path, lock, 0)
+    assert live is True and "last written 3600s ago" in why, why
+    age(backup, 25 * HOUR)
     assert r.lock_holder(repo, path, lock, 0)[0] is False
     # The same for a lock that names no session (the run's session is not on this host).
     assert r.lock_holder(repo, path, dict(lock, host=socket.gethostname(), session={}), 0)[0] is False

@@ -162,11 +162,12 @@ def acquire_lock(repository, cluster: str, backup_id: str, grace: float, session
                 "for it to finish, or end it: pgops.online_backup.pg_backup_session_info lists the sessions "
                 f"and pg_backup_session state=aborted session_id={(lock.get('session') or {}).get('id')} ends it"
             ) from None
+        if not st.delete_if(rel, lock):
+            continue  # another run replaced the stale lock meanwhile: judge that one
         note = f"removed a stale lock {st.path(rel)} ({why})"
         dead = lock.get("backup_id")
         if valid_backup_id(dead):
             _mark_dead_run_failed(st, dead, why)
-        st.delete(rel)
     raise RepositoryError(f"could not take the lock {st.path(rel)}")
 
 

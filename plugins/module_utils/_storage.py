@@ -144,6 +144,26 @@ class FileStorage:
         except FileNotFoundError:
             pass
 
+    def delete_if(self, rel: str, doc: dict) -> bool:
+        """Remove rel only while it still holds doc (a stale lock judged by what it said): it is
+        moved aside atomically first, and put back when it turns out to be a newer one."""
+        path = self.path(rel)
+        aside = f"{path}.{os.getpid()}.{threading.get_ident()}.stale"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it
+        try:
+            if read_json(aside) == doc:
+                return True
+            try:
+                os.link(aside, path)  # a newer lock taken meanwhile: back in place, unless yet another exists
+            except FileExistsError:
+                pass
+            return False
+        finally:
+            os.unlink(aside)
+
     def delete_tree(self, rel: str) -> None:
         shutil.rmtree(self.path(rel), ignore_errors=True)
 
@@ -263,6 +283,13 @@ class S3Storage:
 
     def delete(self, rel: str) -> None:
         self.store.delete([rel])
+
+    def delete_if(self, rel: str, doc: dict) -> bool:
+        # No portable conditional delete: read again right before deleting (a narrow window remains).
+        if self.read_json(rel) not in (None, doc):
+            return False
+        self.store.delete([rel])
+        return True
 
     def delete_tree(self, rel: str) -> None:
         self.store.abort_uploads(rel.rstrip("/") + "/")

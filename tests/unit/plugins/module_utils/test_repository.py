@@ -194,6 +194,22 @@ def test_lock_of_another_host_is_trusted_for_a_day_after_its_last_sign_of_life(t
     assert r.lock_holder(repo, path, dict(lock, host=socket.gethostname(), session={}), 0)[0] is True
 
 
+def test_a_stale_lock_is_removed_only_while_it_is_still_the_one_judged(tmp_path):
+    """Two runs judge the same stale lock: the first replaces it with its own; the second must not then
+    delete that fresh lock (both would hold it). delete_if moves the lock aside atomically and puts it
+    back when it is not the one judged."""
+    st = r.open_storage(str(tmp_path))
+    stale = {"backup_id": "20261129T101500Z", "host": "h"}
+    fresh = {"backup_id": "20261129T101700Z", "host": "h"}
+    assert st.claim(".locks/c.lock", stale)
+    assert st.delete_if(".locks/c.lock", stale) is True and st.read_json(".locks/c.lock") is None
+    assert st.claim(".locks/c.lock", fresh)
+    assert st.delete_if(".locks/c.lock", stale) is False
+    assert st.read_json(".locks/c.lock") == fresh
+    assert sorted(os.listdir(tmp_path / ".locks")) == ["c.lock"]  # nothing left aside
+    assert st.delete_if(".locks/missing.lock", stale) is True
+
+
 def test_lock_of_a_finished_backup_is_stale(session_lock, live_process):
     repo, _, _ = session_lock(live_process)
     layout.update_backup(os.path.join(repo, FIRST), status="failed")

@@ -229,12 +229,14 @@ def ensure_wal_dir(repository: str, cluster: str) -> str:
 
 
 def _private_dirs(paths: list) -> None:
-    """Each directory, made 0700 when it is new (WAL holds every row of the cluster)."""
+    """Each directory, made 0700 when it is new (WAL holds every row of the cluster), and its
+    parent flushed: a segment fsynced into a directory that a crash forgets is lost too."""
     for path in paths:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            pass
+            continue
+        fsync_dir(os.path.dirname(path))
 
 
 def store_commands(compression: str, level, recipients) -> list:

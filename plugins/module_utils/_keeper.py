@@ -231,6 +231,12 @@ class Core:
                 }
             if self.status != RUNNING:
                 return None, {"ok": False, "error": f"the session ended ({self.status}: {self.reason})"}
+            if self.attached:
+                # Its files would hold changes made after the stop's LSN: a copy must finish first.
+                return None, {
+                    "ok": False,
+                    "error": "a copy is still attached to this backup: stop it once the copy has finished (or abort it)",
+                }
             return "stop", None
         return None, {"ok": False, "error": f"unknown request {op!r}"}
 
@@ -652,6 +658,8 @@ class Keeper:
         while not self.core.ended:
             action, wait = self.core.due(time.monotonic())
             if action in ("expire", "lease"):
+                # A start still waiting for its checkpoint holds the connection: close() would wait for it.
+                self.db.cancel()
                 self.db.close()
                 self._save()
                 return

@@ -279,11 +279,19 @@ def latest(
     return None
 
 
+def restored_with_parent(entry: dict) -> bool:
+    """Whether restoring this backup needs its parent: every incremental one but a file-level rsync
+    one, which is a complete directory (its unchanged files are hard links to the parent's)."""
+    if entry.get("type") != "incremental":
+        return False
+    return not (entry.get("method") == "rsync" and (entry.get("incremental") or {}).get("mode") == "file")
+
+
 def chain_problem(by_id: dict, entry: dict, allow_unverified: bool = False) -> str | None:
     """Why an incremental backup cannot be restored for one of its parents (missing, not complete, or
     known to be damaged), else None."""
     child, seen = entry, set()
-    while child.get("type") == "incremental":
+    while restored_with_parent(child):
         pid = child.get("parent")
         if pid in seen:
             return f"its chain of parents loops at {pid}"

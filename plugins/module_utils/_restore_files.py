@@ -130,33 +130,46 @@ def writable_parent(path: str) -> str | None:
     return f"{probe} is not writable by uid {os.geteuid()}: create {path} for this user first, or run as its owner"
 
 
-def clear_directory(path: str) -> None:
-    """Remove everything inside path; path itself stays (with its owner and mode)."""
+def clear_directory(path: str) -> list:
+    """Remove everything inside path but a mount point's lost+found; path itself stays (with its
+    owner and mode). Goes on past what cannot be removed; returns those problems."""
+    problems = []
     for name in os.listdir(path):
+        if name == "lost+found":
+            continue  # the file system's own (a target that is a mount point), never ours to remove
         full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        else:
-            os.unlink(full)
+        try:
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.unlink(full)
+        except OSError as e:
+            problems.append(f"{full}: {e.strerror}")
+    return problems
 
 
 def prepare_directory(path: str, state: str) -> None:
     if state == "absent":
         os.makedirs(path, mode=0o700)
     elif state == "not_empty":
-        clear_directory(path)
+        problems = clear_directory(path)
+        if problems:
+            raise RestoreError(f"{path} cannot be emptied: {'; '.join(problems[:3])}")
     os.chmod(path, 0o700)
 
 
-def undo_directory(path: str, state: str) -> None:
-    """Put a target back as it was before a failed restore (absent, or empty)."""
+def undo_directory(path: str, state: str) -> list:
+    """Empty (or remove, when it was absent) a target after a failed restore; what could not be removed."""
     try:
         if state == "absent":
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path)
         elif os.path.isdir(path):
-            clear_directory(path)
-    except OSError:
+            return clear_directory(path)
+    except FileNotFoundError:
         pass
+    except OSError as e:
+        return [f"{path}: {e.strerror}"]
+    return []
 
 
 # -- the backup
@@ -537,13 +550,15 @@ def wal_files_needed(start_wal: str, stop_wal: str, seg_size=None) -> list:
     return wal_segment_names(start_wal, stop_wal, seg_size)
 
 
-def missing_wal(archive: str, names: list, present: set | None = None) -> list:
+def missing_wal(archive: str, names: list, present: set | None = None, plain: bool = False) -> list:
     """Names not found in a WAL archive directory: each must be there under its exact name, or
-    compressed (name.gz, .zst, .lz4), encrypted or not (.age). Other files that share its stem (the backup's own
+    compressed (name.gz, .zst, .lz4), encrypted or not (.age) - only under its exact name when plain
+    (what a plain cp restore_command can use). Other files that share its stem (the backup's own
     <segment>.<offset>.backup history file, a .partial) do not stand in for it."""
     if present is None:
         try:
             present = set(os.listdir(archive))
         except OSError as e:
             raise RestoreError(f"WAL archive {archive} cannot be read: {e.strerror}") from None
-    return [n for n in names if not any(n + suffix in present for suffix in STORED_SUFFIXES)]
+    suffixes = ("",) if plain else STORED_SUFFIXES
+    return [n for n in names if not any(n + suffix in present for suffix in suffixes)]

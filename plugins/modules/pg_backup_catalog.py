@@ -49,7 +49,7 @@ options:
         complete backup of O(cluster) not known to be damaged, when it was taken with the same C(method) and
         PostgreSQL major (from O(fields)) and has a manifest - or, when there is none, RV(parent_refused) says why.
       - RV(parent) also holds C(files), every file of the parent with its size, modification time, checksum and the
-        backup that holds it: a file-level incremental (before PostgreSQL 17) compares each file with it, a block-level
+        backup that holds it. A file-level incremental (before PostgreSQL 17) compares each file with it; a block-level
         one copies whole every relation file the parent does not hold.
       - Retention keeps the parents of every incremental backup it keeps.
     type: bool

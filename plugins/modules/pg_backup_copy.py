@@ -135,7 +135,7 @@ options:
   parent:
     description:
       - The parent backup of an incremental backup (RV(pgops.online_backup.pg_backup_catalog#module:parent), with
-        C(files)). Required when the session is a block-level incremental (PostgreSQL 17+): a relation file the parent
+        C(files)). Required when the session is a block-level incremental (PostgreSQL 17+), where a relation file the parent
         holds neither whole nor as an C(INCREMENTAL) file is copied whole, as the server's own incremental backup does,
         because C(pg_combinebackup) needs each relation file in every backup of the chain.
       - Without a block-level session, makes this a file-level incremental backup of this parent - for PostgreSQL 12 to

@@ -32,7 +32,10 @@ description:
     Earlier recovery settings copied from the original server are dropped (or commented out in
     C(postgresql.conf)) so they cannot combine with the new target.
   - The restored server is kept away from the original one. It gets C(archive_mode=off) (unless O(keep_archiving)),
-    its own O(port), O(listen_addresses) and O(socket_directory), and no C(external_pid_file). C(postmaster.pid),
+    its own O(port), O(listen_addresses) and O(socket_directory), no C(external_pid_file), and empty
+    C(archive_cleanup_command) and C(recovery_end_command) (a standby's C(archive_cleanup_command) would delete WAL
+    from the original's archive at every restartpoint of the recovery); C(hot_standby=on), so that the run can watch
+    the recovery (O(settings) may say otherwise for C(hot_standby) and C(recovery_end_command)). C(postmaster.pid),
     C(postmaster.opts), C(recovery.conf), C(standby.signal), replication slots and WAL segments that came with
     the copy are removed. A C(data_directory) setting in the copied C(postgresql.conf) is commented out.
   - Everything is checked before anything changes (input, backup, free space, target directories, binaries,
@@ -388,6 +391,7 @@ MANAGED_SETTINGS = {
     "archive_mode": "keep_archiving",
     "hba_file": "access",
     "external_pid_file": "(none; the original's pid file is never shared)",
+    "archive_cleanup_command": "(none; a restore never cleans up the archive it recovers from)",
 }
 
 
@@ -595,7 +599,13 @@ def plan(module) -> dict:
             # Recovery's WAL is on the repository host: it is asked there.
             present = {name for name, _mtime in SshStorage(wal_dir, ssh).files("")}
             wal_dir = f"{ssh.target}:{wal_dir}"
-        lacking = missing_wal(wal_dir, needed, present)
+        lacking = missing_wal(wal_dir, needed, present, plain=bool(p["wal_archive"]))
+        if lacking and p["wal_archive"] and not missing_wal(wal_dir, lacking, present):
+            raise RestoreError(
+                f"the WAL archive {wal_dir} holds {', '.join(lacking)} only compressed or encrypted (pgops-wal's layout), "
+                "which wal_archive's plain copy cannot use: leave wal_archive unset so that the WAL is read with "
+                "pgops-wal get from the repository (or give a restore_command that decodes it)"
+            )
         if lacking:
             raise RestoreError(
                 f"the WAL archive {wal_dir} lacks {', '.join(lacking)}, which backup {info.get('id')} needs "
@@ -622,6 +632,11 @@ def plan(module) -> dict:
         restore_command, p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"]
     )
     settings.update(port=port, listen_addresses=p["listen_addresses"], unix_socket_directories=socket_dir, external_pid_file="")
+    # A standby's commands must not run here: archive recovery runs archive_cleanup_command at every
+    # restartpoint (it would delete from the original's archive) and recovery_end_command at its end.
+    # Hot standby lets the run watch recovery (the original may have had it off, which also turns
+    # recovery_target_action pause into shutdown).
+    settings.update(archive_cleanup_command="", recovery_end_command="", hot_standby="on")
     if not p["keep_archiving"]:
         settings["archive_mode"] = "off"
     if p["access"] == "socket_trust":
@@ -766,9 +781,14 @@ def main():
     try:
         done = restore(module, pl)
     except (PgopsError, OSError) as e:
-        for path, state in pl["states"]:
-            undo_directory(path, state)
-        module.fail_json(msg=f"restore of {what} failed: {e}; the target directories were put back as they were", **result)
+        left = [problem for path, state in pl["states"] for problem in undo_directory(path, state)]
+        if left:
+            after = f"; what it wrote could not all be removed ({'; '.join(left[:3])}): remove it before the next run"
+        elif replaced:
+            after = f"; the target directories are empty again (the old content of {', '.join(replaced)} was removed by force)"
+        else:
+            after = "; the target directories were put back as they were"
+        module.fail_json(msg=f"restore of {what} failed: {e}{after}", **result)
     result.update(done, seconds=round(time.monotonic() - began, 3))
     module.exit_json(changed=True, msg=f"restored {what}, ready to start on port {pl['port']}", **result)
 

@@ -278,7 +278,20 @@ def test_a_chain_whose_full_backup_does_not_verify_is_refused_by_restore_and_fai
             "Verify the backups an incremental one is restored from against their manifests before anything changes"
         ], run
         assert not os.path.exists(os.path.join(root, "data")) or not os.listdir(os.path.join(root, "data"))
-
+        # The failed verification is recorded on the full backup: "latest" now passes over the whole chain.
+        assert {b["id"]: b for b in backups(repo)}[infos[0]["id"]]["verification"]["verified"] is False
+        run = chain["playbook"](DRILL, {"pg_restore_repository": repo, "pg_restore_wal_archive": c.archive})
+        assert run.rc != 0 and f"its parent {infos[0]['id']} is known to be damaged" in run.stdout, run
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+    # Where nothing has recorded the damage yet, the drill finds it itself and records its failure.
+    repo = os.path.join(make_pg_dir("pgops-repo-corrupt-"), "repo")
+    shutil.copytree(chain["repo"], repo, symlinks=True)
+    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(repo)], check=True)
+    try:
+        full = os.path.join(repo, infos[0]["id"])
+        (archive,) = [n for n in os.listdir(full) if n.startswith("base.tar")]
+        corrupt(os.path.join(full, archive))
         run = chain["playbook"](DRILL, {"pg_restore_repository": repo, "pg_restore_wal_archive": c.archive})
         assert run.rc != 0
         newest = {b["id"]: b for b in backups(repo)}[infos[2]["id"]]

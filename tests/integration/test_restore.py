@@ -435,3 +435,35 @@ def test_drill_on_17_runs_pg_amcheck_and_always_cleans_up(make_cluster, playbook
         assert c.postmaster_pid() == live_pid
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+
+
+def test_a_standbys_cleanup_command_never_runs_on_the_restored_server(make_cluster, playbook, restore_root):
+    """A backup of a server whose configuration has archive_cleanup_command (as a standby's has) and
+    hot_standby off: archive recovery runs archive_cleanup_command at every restartpoint, so left as it
+    was it would delete WAL from the original's archive. The restored server gets it (and
+    recovery_end_command) empty, and hot standby on so the run can watch the recovery (off, PostgreSQL
+    14+ refuses every connection until recovery ends, and turns a pause into a shutdown)."""
+    marker_dir = make_pg_dir("pgops-cleanup-")
+    command = f"touch {marker_dir}/cleanup-ran-%r"
+    c = make_cluster(16, hot_standby="off", archive_cleanup_command=f"'{command}'", recovery_end_command=f"'{command}-end'")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    try:
+        c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        take_backup(c, repo)
+        c.sql("INSERT INTO t VALUES (1001)")
+        archive_current_wal(c)
+        root = restore_root()
+        run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root))
+        assert run.rc == 0, run
+        port = result_of(run, "Restore backup")["port"]
+        assert query(root, port, "SELECT count(*) FROM t") == [(1001,)]
+        settings = dict(query(root, port, "SELECT name, setting FROM pg_settings WHERE name IN "
+                                          "('archive_cleanup_command', 'recovery_end_command', 'hot_standby')"))  # fmt: skip
+        assert settings == {"archive_cleanup_command": "", "recovery_end_command": "", "hot_standby": "on"}, settings
+        assert os.listdir(marker_dir) == []
+        # The original keeps its own settings: only the restored copy is changed.
+        assert c.sql("SHOW archive_cleanup_command")[0][0] == command
+        stop_server(os.path.join(root, "data"))
+    finally:
+        shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
+        shutil.rmtree(marker_dir, ignore_errors=True)

@@ -178,6 +178,19 @@ def test_stop_while_running_is_carried_out_by_the_io_layer():
     assert core.status == "running"  # the I/O layer ends the session once the stop function returned
 
 
+def test_stop_is_refused_while_a_copy_is_attached_and_carried_out_after_it_detached():
+    """A stray stop while the copy runs would end the backup under it: the copy's files would hold
+    changes made after the stop's LSN. A watcher (the run waiting in turns) does not block it."""
+    core = running()
+    assert core.on_request("attach", 100.0) == ("attach", None)
+    action, reply = core.on_request("stop", 110.0)
+    assert action is None and reply["ok"] is False and "copy is still attached" in reply["error"]
+    assert core.status == "running"
+    core.on_detach(True, 120.0)
+    assert core.on_request("watch", 121.0) == ("watch", None)
+    assert core.on_request("stop", 122.0) == ("stop", None)
+
+
 @pytest.mark.parametrize("status", ["stopped", "aborted", "expired", "failed"])
 def test_stop_is_refused_after_the_end(status):
     core = running()

@@ -657,6 +657,9 @@ def test_latest_and_choose_parent_pass_over_a_backup_whose_chain_is_broken():
     assert r.latest([inc2, dict(inc1, status="failed"), full, older])["id"] == full["id"]
     assert r.latest([inc2, full])["id"] == full["id"]  # inc1 is gone
     assert r.chain_problem({}, inc2) == f"its parent {inc1['id']} is not in the repository"
+    # A file-level rsync incremental is a complete directory: it restores without its parent.
+    rsync_file = dict(inc2, method="rsync", incremental={"mode": "file"})
+    assert r.chain_problem({}, rsync_file) is None and r.latest([rsync_file])["id"] == inc2["id"]
     parent, why = r.choose_parent([inc2, inc1, damaged_full, older], "1", "tar", 170002)
     assert why is None and parent["id"] == older["id"]
 

@@ -89,8 +89,34 @@ def test_undo_puts_targets_back(tmp_path):
     files.prepare_directory(str(existing), "not_empty")
     assert os.listdir(existing) == []
     (existing / "half").write_text("x")
-    files.undo_directory(str(existing), "empty")
+    assert files.undo_directory(str(existing), "empty") == []
     assert existing.exists() and os.listdir(existing) == []
+
+
+def test_a_mount_points_lost_and_found_stays_and_what_cannot_be_removed_is_said(tmp_path, monkeypatch):
+    """A target that is a mount point holds the file system's lost+found: it counts as empty, is never
+    removed, and does not stop the undo of what a failed restore wrote beside it. What the undo cannot
+    remove is returned (the run says so instead of claiming the target was put back)."""
+    mount = tmp_path / "mnt"
+    (mount / "lost+found").mkdir(parents=True)
+    assert files.directory_state(str(mount))[0] == "empty"
+    (mount / "base").mkdir()
+    (mount / "zz_partial").write_text("x")
+    assert files.undo_directory(str(mount), "empty") == []
+    assert os.listdir(mount) == ["lost+found"]
+    for name in ("a_stuck", "b_base"):
+        (mount / name).mkdir()
+    real = files.shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        if path.endswith("a_stuck"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    left = files.undo_directory(str(mount), "empty")
+    assert len(left) == 1 and "a_stuck: Permission denied" in left[0], left
+    assert sorted(os.listdir(mount)) == ["a_stuck", "lost+found"]  # the rest was removed after the failure
 
 
 # -- the backup's files
@@ -261,6 +287,8 @@ def test_wal_needed_and_missing(tmp_path):
     (tmp_path / "000000010000000000000003.zst").write_bytes(b"")
     needed = files.wal_files_needed("000000010000000000000002", "000000010000000000000004")
     assert files.missing_wal(str(tmp_path), needed) == ["000000010000000000000004"]
+    # A plain cp restore_command (wal_archive) cannot use the compressed one.
+    assert files.missing_wal(str(tmp_path), needed, plain=True) == ["000000010000000000000003", "000000010000000000000004"]
     with pytest.raises(RestoreError, match="cannot be read"):
         files.missing_wal(str(tmp_path / "nope"), needed)
 

@@ -869,7 +869,7 @@ def _run_copy(spec, plan, cancel, stage, remote, store, threads, algorithm, entr
         total = plan["source_bytes"]
     else:
         # Tablespaces first, base (with global/pg_control at its end) last, as pg_basebackup does.
-        jobs = [(oid, loc, tfiles, size) for oid, loc, tfiles, size in plan["spaces"]]
+        jobs = list(plan["spaces"])
         jobs.append(("base", data, plan["files"], plan["source_bytes"] - sum(size for *_rest, size in plan["spaces"])))
         total = 0
         for name, root, flist, size in jobs:

@@ -97,13 +97,16 @@ def walk_error(err: OSError) -> None:
         raise CopyError(f"cannot read {err.filename}: {err.strerror}")
 
 
-def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
+def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = (), linked: list | None = None) -> tuple:
     """Relative paths to copy under root (directories included, each before its
     contents), and the total bytes of regular files. pg_control comes last.
 
     Symlinked directories are followed (the archivers dereference them), so a
     pg_wal on another volume becomes an empty pg_wal directory in the backup,
     as pg_basebackup does, never a link back to the live cluster's WAL.
+    Sockets, pipes and devices are left out, as pg_basebackup does (a socket of a server whose
+    unix_socket_directories is the data directory). linked: gets the regular files with more than
+    one hard link.
     """
     if not os.access(root, os.R_OK | os.X_OK) or not os.path.isdir(root):
         raise CopyError(f"cannot read {root}: not a readable directory")
@@ -142,6 +145,10 @@ def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = ()) -> tuple:
                 continue  # dropped while we walked: normal on a running cluster
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
+                if linked is not None and st.st_nlink > 1:
+                    linked.append(rel)
+            elif not stat.S_ISDIR(st.st_mode):
+                continue  # a socket, pipe or device: nothing a restore needs, and tar refuses sockets
             out.append(rel)
     if control:
         out.append(CONTROL)
@@ -179,6 +186,8 @@ _BENIGN = (
     "was modified while being copied",
     "new bytes not copied",
     "shrunk by",
+    # rsync's summary of the above (exit 23): a listed file gone by the time it is copied
+    "some files/attrs were not transferred",
 )
 
 
@@ -578,7 +587,7 @@ def rsync_tree(
     if progress is not None:
         progress.reading(proc)
     try:
-        _out, err_bytes = proc.communicate("\0".join(files).encode() + b"\0")
+        _out, err_bytes = proc.communicate("\0".join(files).encode("utf-8", "surrogateescape") + b"\0")
     finally:
         if cancel is not None:
             cancel.untrack(proc)
@@ -797,7 +806,15 @@ def plan_copy(spec: dict) -> dict:
     """Every file to copy, walked before the copy starts (CopyError when a directory cannot be read)."""
     major = spec["server_version_num"] // 10000
     extra = tuple(d.strip("/") for d in spec["exclude_directories"])
-    files, source_bytes = walk(spec["data_directory"], True, extra)
+    linked = [] if spec["method"] == "cpio" else None
+    files, source_bytes = walk(spec["data_directory"], True, extra, linked)
+    if linked:
+        # GNU cpio's newc format defers every file with several links to the end of the archive: after
+        # global/pg_control, whose minimum recovery point a standby backup's restore relies on.
+        raise CopyError(
+            f"{len(linked)} file(s) of the data directory have several hard links (e.g. {linked[0]}; after pg_upgrade "
+            "--link while the old cluster is kept), which cpio writes after global/pg_control: use method tar or rsync"
+        )
     if spec["method"] == "cpio" and CPIO_TRAILER in files:
         # cpio -i (and our scanner) would take it for the end of the archive.
         raise CopyError(f"{spec['data_directory']}/{CPIO_TRAILER} cannot be copied with cpio: use tar or rsync")
@@ -806,6 +823,7 @@ def plan_copy(spec: dict) -> dict:
         loc = ts["location"]
         # Only the cluster's own PG_<major>_<catversion> directory, named as in the archive.
         sub = tablespace_subdir(loc, major)
+        # A tablespace's own archive is written before base's: its deferred links still precede pg_control.
         tfiles, tsize = walk(os.path.join(loc, sub), False)
         spaces.append((str(ts["oid"]), loc, [sub] + [os.path.join(sub, f) for f in tfiles], tsize))
     return {

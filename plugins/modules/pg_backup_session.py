@@ -568,6 +568,8 @@ def stopped(module, runtime_dir: str) -> None:
         out["archive_wait_seconds"] = 0.0
         if p["wait_for_archive"]:
             out.update(wait_archive(module, sdir, state, result))
+        elif state.get("backup_from") == "standby":
+            out["primary_wal_switched"] = switch_without_waiting(module, state, result)
     except Failed as e:
         # The backup has ended on the server; the label stays in the session (and dest), and a
         # second stopped call resumes the wait.
@@ -689,6 +691,25 @@ def primary_params(module, conn) -> dict:
     merged.update(login_host="", login_unix_socket="", port=5432, connect_params={})
     merged.update({k: v for k, v in primary.items() if v not in (None, "")})
     return merged
+
+
+def switch_without_waiting(module, state: dict, result: dict):
+    """A standby's stop that does not wait for the archive still has the primary finish the stop
+    segment: on an idle primary without archive_timeout it would otherwise never be complete, and the
+    backup could not be restored. A failure here is a warning (the backup itself has ended)."""
+    try:
+        conn = connect(connection_kwargs(module.params, application_name="pgops.online_backup standby stop"))
+    except psycopg2.Error as e:
+        module.warn(f"could not ask the primary to switch WAL (no connection to the standby: {error_text(e)}): "
+                    f"make sure {result['stop_wal']} gets archived")  # fmt: skip
+        return None
+    try:
+        return switch_wal_on_primary(module, conn, state, result)
+    except Failed as e:
+        module.warn(f"{e}: make sure {result['stop_wal']} gets archived")
+        return None
+    finally:
+        conn.close()
 
 
 def switch_wal_on_primary(module, standby_conn, state: dict, result: dict) -> bool:

@@ -119,3 +119,28 @@ def test_primary_source_refuses_a_standby_and_standby_needs_archive_mode_always(
     assert "standby_archive_mode_not_always" in run.stdout, run.stdout[-3000:]
     assert not os.path.exists(repo)
     assert standby.backups_in_progress() == 0
+
+
+def test_a_standby_stop_that_does_not_wait_still_has_the_primary_finish_its_segment(pair, playbook):
+    """pg_backup_wait_for_archive false on a standby (as the stop advises where the standby does not archive):
+    the primary is still asked to switch WAL, so that on an idle primary without archive_timeout the stop
+    segment is completed and archived instead of staying open while the backup is recorded complete."""
+    primary, standby = pair()
+    primary.sql("CREATE TABLE t (id int)")
+    primary.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+    caught_up(primary, standby)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    run = playbook(
+        BACKUP,
+        inventory(standby=standby),
+        extra_vars={"pg_backup_repository": repo, "pg_backup_source": "standby", "pg_backup_wait_for_archive": False},
+    )
+    assert run.rc == 0, run
+    stop = run.task("Stop the backup, write backup_label into it and wait for its WAL to be archived")
+    assert stop["wal_archived"] is False and stop["primary_wal_switched"] is True, stop
+    (path,) = glob.glob(os.path.join(repo, "2*", "backup.json"))
+    stop_wal = json.load(open(path))["stop_wal"]
+    deadline = time.monotonic() + 30  # the primary's archiver, nothing else writing
+    while not os.path.exists(os.path.join(primary.archive, stop_wal)):
+        assert time.monotonic() < deadline, f"{stop_wal} was never archived: the primary did not finish it"
+        time.sleep(0.1)

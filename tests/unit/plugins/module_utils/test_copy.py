@@ -202,3 +202,81 @@ def test_an_upload_is_written_in_parts_sized_for_the_archive(tmp_path):
     r = copier.archive("tar", str(root), ["PG_VERSION", "f"], "base.tar", "none", None, 0, upload=(Store(), "base.tar", part))
     (rel, used, writer) = opened[0]
     assert (rel, used) == ("base.tar", part) and r["bytes"] == len(writer.data) > 4096
+
+
+def _data_dir(tmp_path) -> str:
+    root = str(tmp_path / "data")
+    for rel in ("PG_VERSION", "global/pg_control", "base/1/1259", "base/1/2600"):
+        touch(root, rel, 5000)
+    return root
+
+
+@pytest.mark.parametrize("method", ["tar", "cpio", "rsync"])
+def test_a_socket_in_the_data_directory_is_left_out(tmp_path, method):
+    """unix_socket_directories may include the data directory: tar refused the socket (every backup failed),
+    rsync copied it. It is left out, as pg_basebackup does."""
+    import socket
+
+    root = _data_dir(tmp_path)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.path.join(root, ".s.PGSQL.5432"))
+    try:
+        os.makedirs(root + ".out")
+        assert ".s.PGSQL.5432" not in walk(root)[0]
+        copier.run_copy({**_spec(root, method), "manifest_checksum": "SHA256"})
+        assert ".s.PGSQL.5432" not in _stored_names(root + ".out", method)
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("method", ["tar", "rsync"])
+def test_a_file_named_in_another_encoding_is_copied(tmp_path, method):
+    """A file name that is not UTF-8 (rsync crashed encoding its file list)."""
+    root = _data_dir(tmp_path)
+    name = os.fsdecode(b"lat\xe9")
+    touch(root, name)
+    os.makedirs(root + ".out")
+    copier.run_copy({**_spec(root, method), "manifest_checksum": "SHA256"})
+    assert name in _stored_names(root + ".out", method)
+
+
+def test_rsync_accepts_a_file_removed_between_the_walk_and_the_copy(tmp_path):
+    """A listed file dropped before rsync reaches it (DROP TABLE, VACUUM FULL): rsync exits 23 with its
+    summary line, which is as benign as tar's 'File removed before we read it'."""
+    root = _data_dir(tmp_path)
+    os.makedirs(root + ".out")
+    spec = {**_spec(root, "rsync"), "manifest_checksum": "SHA256"}
+    plan = copier.plan_copy(spec)
+    os.unlink(os.path.join(root, "base/1/2600"))
+    copier.run_copy(spec, plan)
+    assert "base/1/1259" in _stored_names(root + ".out", "rsync")
+
+
+def test_cpio_refuses_hard_linked_files_which_it_would_write_after_pg_control(tmp_path):
+    """GNU cpio (newc) defers files with several links to the end of the archive: after global/pg_control.
+    Shown first with cpio itself, then refused before anything is written; tar keeps the order."""
+    root = _data_dir(tmp_path)
+    os.link(os.path.join(root, "base/1/1259"), os.path.join(tmp_path, "old-cluster-link"))
+    listing = subprocess.run(
+        ["cpio", "-o", "-0", "-H", "newc"], cwd=root, input=b"base/1/1259\0global/pg_control\0", capture_output=True
+    ).stdout
+    names = subprocess.run(["cpio", "-it"], input=listing, capture_output=True).stdout.decode().split()
+    assert names == ["global/pg_control", "base/1/1259"], names  # the deferral this guards against
+    with pytest.raises(CopyError, match="several hard links .* use method tar or rsync"):
+        copier.plan_copy(_spec(root, "cpio"))
+    files = copier.plan_copy(_spec(root, "tar"))["files"]
+    assert files[-1] == CONTROL and "base/1/1259" in files
+
+
+def _stored_names(out: str, method: str) -> set:
+    if method == "rsync":
+        data = os.path.join(out, "data")
+        return {os.path.relpath(os.path.join(d, f), data) for d, _s, fs in os.walk(data) for f in fs}
+    (archive,) = [n for n in os.listdir(out) if n.startswith("base.")]
+    cmd = (
+        ["tar", "--quoting-style=literal", "-tf", os.path.join(out, archive)]
+        if method == "tar"
+        else ["cpio", "-it", "-F", os.path.join(out, archive)]
+    )
+    listing = subprocess.run(cmd, capture_output=True, check=True).stdout
+    return {os.fsdecode(n[2:] if n.startswith(b"./") else n) for n in listing.split(b"\n") if n}

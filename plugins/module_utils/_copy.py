@@ -758,6 +758,7 @@ COPY_DEFAULTS = {
     "encryption": "none",
     "age_recipients": [],
     "s3": None,  # an s3:// dest's settings (_s3.config_from_params)
+    "staging_dir": None,  # where a block-level incremental stages its INCREMENTAL files (staging_directory)
 }
 
 
@@ -923,6 +924,34 @@ def _phase(progress: CopyProgress | None, phase: str) -> None:
         progress.phase = phase
 
 
+def staging_directory(spec: dict) -> str:
+    """Where a block-level incremental copy stages its INCREMENTAL files until they are archived:
+    staging_dir; else the backup's own directory when it is one on this host (the repository's file
+    system, made to hold backups); else the system's temporary directory (often small, or in memory)."""
+    if spec.get("staging_dir"):
+        return spec["staging_dir"]
+    if not is_s3(spec["dest"]) and not spec["repository_host"]:
+        return spec["dest"]
+    return tempfile.gettempdir()
+
+
+def staging_problem(directory: str, blocks: int, relations: int, block_size: int) -> str | None:
+    """Why the changed blocks cannot be staged in directory (None when they can): checked before
+    anything is written, against their most (every changed block, a header block per relation)."""
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        return f"the incremental backup's changed blocks cannot be staged in {directory}: not a writable directory"
+    most = (int(blocks) + int(relations)) * int(block_size)
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < most + 64 * 1024 * 1024:
+        return (
+            f"the incremental backup's changed blocks need up to {most // (1024 * 1024)} MiB of staging space, and "
+            f"{directory} has {free // (1024 * 1024)} MiB free: set staging_dir (pg_backup_incremental_staging_dir) "
+            "to a larger file system, or take a full backup"
+        )
+    return None
+
+
 def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None, progress: CopyProgress | None = None) -> dict:
     """Copy the data directory and tablespaces into dest with the spec's method;
     the result pg_backup_copy returns. Raises CopyError or OSError.
@@ -941,7 +970,13 @@ def run_copy(spec: dict, plan: dict | None = None, cancel: Cancel | None = None,
     written = []
     incr = spec.get("incremental")  # (BlockMap, its document) from the keeper: a block-level incremental
     fparent = spec.get("file_parent")  # the parent's files: a file-level incremental
-    stage_root = tempfile.mkdtemp(prefix="pgops-incremental-") if incr else None
+    stage_root = None
+    if incr:
+        where = staging_directory(spec)
+        why = staging_problem(where, incr[0].block_count(), len(incr[0].relations), incr[1]["block_size"])
+        if why:
+            raise CopyError(why)
+        stage_root = tempfile.mkdtemp(prefix=".pgops-incremental-", dir=where)
     if incr:
         istats = {"mode": "block", "incremental_files": 0, "whole_files": 0, "blocks": 0, "bytes": 0, "replaced_bytes": 0}
     else:

@@ -151,6 +151,13 @@ options:
     description: With O(parent), compare files by checksum (read in full) instead of size and modification time.
     type: bool
     default: false
+  staging_dir:
+    description:
+      - Where a block-level incremental backup stages its C(INCREMENTAL) files before they are archived (up to the size
+        of the changed blocks; checked before anything is written).
+      - Default the backup's own directory when O(dest) is a directory on this host, else the system's temporary
+        directory (on S3 or a repository host).
+    type: path
   exclude_directories:
     description: Further directories (relative to the data directory) whose contents are left out, e.g. a
       C(stats_temp_directory) inside the data directory on PostgreSQL 12 to 14.
@@ -317,6 +324,7 @@ def main():
             threads=dict(type="int", default=0),
             server_version_num=dict(type="int", default=150000),
             exclude_directories=dict(type="list", elements="str", default=[]),
+            staging_dir=dict(type="path"),
             repository_host=dict(type="str"),
             ssh_port=dict(type="int", default=22),
             ssh_options=dict(type="list", elements="str", default=[]),

@@ -280,3 +280,21 @@ def _stored_names(out: str, method: str) -> set:
     )
     listing = subprocess.run(cmd, capture_output=True, check=True).stdout
     return {os.fsdecode(n[2:] if n.startswith(b"./") else n) for n in listing.split(b"\n") if n}
+
+
+def test_the_changed_blocks_are_staged_where_there_is_room_or_the_copy_refuses_before_writing(tmp_path):
+    """A block-level incremental stages its INCREMENTAL files: in the backup's own directory for a local
+    repository (not the system's /tmp, often small or in memory), in staging_dir when given, and never
+    where they cannot fit (refused before anything is written, naming the setting)."""
+    dest = str(tmp_path / "backup")
+    os.makedirs(dest)
+    spec = {**copier.COPY_DEFAULTS, "dest": dest}
+    assert copier.staging_directory(spec) == dest
+    assert copier.staging_directory({**spec, "staging_dir": "/srv/stage"}) == "/srv/stage"
+    assert copier.staging_directory({**spec, "repository_host": "repo@h"}) == copier.tempfile.gettempdir()
+    assert copier.staging_directory({**spec, "dest": "s3://b/p/20261201T000000Z"}) == copier.tempfile.gettempdir()
+    assert copier.staging_problem(dest, 100, 3, 8192) is None
+    st = os.statvfs(dest)
+    why = copier.staging_problem(dest, st.f_bavail * st.f_frsize // 8192 + 1, 0, 8192)
+    assert why and "pg_backup_incremental_staging_dir" in why and "MiB free" in why, why
+    assert "not a writable directory" in copier.staging_problem(str(tmp_path / "nope"), 100, 3, 8192)

@@ -150,7 +150,7 @@ def acquire_lock(repository, cluster: str, backup_id: str, grace: float, session
     rel = lock_rel(cluster)
     content = {"backup_id": backup_id, "host": socket.gethostname(), "created_at": utcnow(), "session": session or {}}
     note = None
-    for _attempt in range(2):
+    for _attempt in range(3):  # claim; break a stale lock (or see a newer one); claim again
         if st.claim(rel, content):
             return st.path(rel), note
         lock = st.read_json(rel) or {}

@@ -147,22 +147,18 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _same_or_refuse(existing: str, name: str, digest: str) -> str:
-    if content_digest(existing) == digest:
-        return f"{name} was already archived with the same content ({existing})"
-    raise WalError(
-        f"{existing} already holds a different {name}: refusing to overwrite it. Two clusters may be archiving into one "
+def _different(where: str, name: str) -> WalError:
+    """The refusal of a push whose name the archive holds with other content (never overwritten)."""
+    return WalError(
+        f"{where} already holds a different {name}: refusing to overwrite it. Two clusters may be archiving into one "
         "place (check --cluster), or the archive was tampered with; investigate before archiving continues"
     )
 
 
-def _refuse_digest(where: str, name: str, theirs: str, digest: str):
-    if theirs != digest:
-        raise WalError(
-            f"{where} already says a different {name} is archived there (sha256 {theirs[:12]}..., this one {digest[:12]}...): "
-            "refusing to overwrite it. Two clusters may be archiving into one place (check --cluster), or the archive was "
-            "tampered with; investigate before archiving continues"
-        )
+def _same_or_refuse(existing: str, name: str, digest: str) -> str:
+    if content_digest(existing) == digest:
+        return f"{name} was already archived with the same content ({existing})"
+    raise _different(existing, name)
 
 
 def store(directory: str, name: str, fill, digest: str, compression: str, encrypted: bool = False) -> str:
@@ -176,9 +172,8 @@ def store(directory: str, name: str, fill, digest: str, compression: str, encryp
     if encrypted:
         # Claimed before the file itself and never replaced: the first push of a name decides what
         # its digest says, so a concurrent push of other content is refused, not believed.
-        theirs = _claim_digest(final + DIGEST_SUFFIX, digest)
-        if theirs is not None:
-            _refuse_digest(final + DIGEST_SUFFIX, name, theirs, digest)
+        if _claim_digest(final + DIGEST_SUFFIX, digest) is not None:
+            raise _different(final + DIGEST_SUFFIX, name)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         fill(fd)
@@ -482,10 +477,7 @@ def _s3_digest(store, rel: str) -> str:
 def _s3_same_or_refuse(store, rel: str, name: str, digest: str) -> str:
     if _s3_digest(store, rel) == digest:
         return f"{name} was already archived with the same content ({store.uri(rel)})"
-    raise WalError(
-        f"{store.uri(rel)} already holds a different {name}: refusing to overwrite it. Two clusters may be archiving into "
-        "one place (check --cluster), or the archive was tampered with; investigate before archiving continues"
-    )
+    raise _different(store.uri(rel), name)
 
 
 def push_s3(source: str, store, cluster: str, compression: str, level=None, recipients=None) -> str:
@@ -502,8 +494,8 @@ def push_s3(source: str, store, cluster: str, compression: str, level=None, reci
         data = out.read()  # one segment (16 MB by default): one PUT, no multipart
     if recipients and not store.put_bytes(rel + DIGEST_SUFFIX, digest.encode() + b"\n", if_none_match=True):
         # Claimed before the object and never replaced: a concurrent push of other content is refused.
-        theirs = (store.get_bytes(rel + DIGEST_SUFFIX) or b"").decode().strip()
-        _refuse_digest(store.uri(rel + DIGEST_SUFFIX), name, theirs, digest)
+        if (store.get_bytes(rel + DIGEST_SUFFIX) or b"").decode().strip() != digest:
+            raise _different(store.uri(rel + DIGEST_SUFFIX), name)
     # Conditional: a concurrent push of the same name (or a retried PUT) shows up here, never overwrites.
     if not store.put_bytes(rel, data, if_none_match=True):
         return _s3_same_or_refuse(store, rel, name, digest)

@@ -228,11 +228,26 @@ def test_drill_restores_the_newest_incremental_with_its_chain_and_pg_amcheck_is_
     assert "pg_amcheck" in json.dumps(drill), drill
 
 
+def copy_of_repository(repo: str, prefix: str) -> str:
+    """A copy of a repository, owned by postgres, to damage without touching the fixture's."""
+    copy = os.path.join(make_pg_dir(prefix), "repo")
+    shutil.copytree(repo, copy, symlinks=True)
+    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(copy)], check=True)
+    return copy
+
+
+def corrupt_full_copy(chain) -> tuple:
+    """(a copy of the chain's repository, its full backup's directory) with one byte of that full backup's archive flipped."""
+    repo = copy_of_repository(chain["repo"], "pgops-repo-corrupt-")
+    full = os.path.join(repo, chain["infos"][0]["id"])
+    (archive,) = [n for n in os.listdir(full) if n.startswith("base.tar")]
+    corrupt(os.path.join(full, archive))
+    return repo, full
+
+
 def test_a_chain_with_a_failed_or_missing_parent_is_refused_before_anything_changes(chain, restore_root):  # noqa: F811
     c, infos = chain["cluster"], chain["infos"]
-    repo = os.path.join(make_pg_dir("pgops-repo-broken-"), "repo")
-    shutil.copytree(chain["repo"], repo, symlinks=True)
-    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(repo)], check=True)
+    repo = copy_of_repository(chain["repo"], "pgops-repo-broken-")
     try:
         bj = os.path.join(repo, infos[1]["id"], "backup.json")
         with open(bj) as f:
@@ -260,13 +275,8 @@ def test_a_chain_whose_full_backup_does_not_verify_is_refused_by_restore_and_fai
     """A restore verifies before it trusts, the whole chain: the newest incremental verifies, its full parent
     does not (one byte of its archive flipped), and nothing is restored from it."""
     c, infos = chain["cluster"], chain["infos"]
-    repo = os.path.join(make_pg_dir("pgops-repo-corrupt-"), "repo")
-    shutil.copytree(chain["repo"], repo, symlinks=True)
-    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(repo)], check=True)
+    repo, full = corrupt_full_copy(chain)
     try:
-        full = os.path.join(repo, infos[0]["id"])
-        (archive,) = [n for n in os.listdir(full) if n.startswith("base.tar")]
-        corrupt(os.path.join(full, archive))
         root = restore_root()
         run = chain["playbook"](RESTORE, restore_vars(repo, c, root, pg_restore_backup=infos[2]["id"]))
         assert run.rc != 0
@@ -285,13 +295,8 @@ def test_a_chain_whose_full_backup_does_not_verify_is_refused_by_restore_and_fai
     finally:
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
     # Where nothing has recorded the damage yet, the drill finds it itself and records its failure.
-    repo = os.path.join(make_pg_dir("pgops-repo-corrupt-"), "repo")
-    shutil.copytree(chain["repo"], repo, symlinks=True)
-    subprocess.run(["chown", "-R", "postgres:postgres", os.path.dirname(repo)], check=True)
+    repo, full = corrupt_full_copy(chain)
     try:
-        full = os.path.join(repo, infos[0]["id"])
-        (archive,) = [n for n in os.listdir(full) if n.startswith("base.tar")]
-        corrupt(os.path.join(full, archive))
         run = chain["playbook"](DRILL, {"pg_restore_repository": repo, "pg_restore_wal_archive": c.archive})
         assert run.rc != 0
         newest = {b["id"]: b for b in backups(repo)}[infos[2]["id"]]

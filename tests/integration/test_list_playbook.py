@@ -16,7 +16,6 @@ from harness.backup import (
     BACKUP,
     backup_vars,
     backups,
-    descendants,
     finish,
     running_keeper_pid,
     start_backup_in_background,
@@ -32,17 +31,34 @@ PRINT = "Print the backups and the running sessions"
 SIZE = r"\d+(\.\d)? (B|KiB|MiB|GiB)"
 
 
-def copy_processes(proc) -> list:
-    """The copy's tar and compressor below a background backup run."""
-    found = []
-    for pid in descendants(proc.pid):
+def copy_processes(data_directory: str) -> list:
+    """The copy's tar and compressor for this data directory. Found by tar's command line and its
+    siblings, not by descent from the run: a copy that outlasts progress_interval is handed over to
+    a detached process, which is no longer below the run."""
+
+    def comm(pid):
         try:
-            comm = open(f"/proc/{pid}/comm").read().strip()
+            return open(f"/proc/{pid}/comm").read().strip()
         except OSError:
-            continue
-        if comm in ("tar", "gzip", "pigz"):
-            found.append(pid)
-    return found
+            return None
+
+    def ppid(pid):
+        try:
+            return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    parents = set()
+    for pid in pids:
+        if comm(pid) == "tar":
+            try:
+                args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if data_directory.encode() in args:
+                parents.add(ppid(pid))
+    return [pid for pid in pids if ppid(pid) in parents and comm(pid) in ("tar", "gzip", "pigz")]
 
 
 def row_of(lines: list, backup_id: str) -> list:
@@ -95,7 +111,7 @@ def test_list_prints_every_backup_with_its_status_and_the_running_session(make_c
     proc = start_backup_in_background(c, repo, str(tmp_path / "running"), pg_backup_runtime_dir=runtime)
     try:
         running = wait_for_copy(repo)
-        paused = copy_processes(proc)
+        paused = copy_processes(c.data)
         assert paused, "no copy process found below the run"
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)

@@ -484,6 +484,10 @@ class Fleet:
         r = as_postgres(
             [f"{pg['bin']}/pg_ctl", "-D", pg["data"], "-m", "fast", "-w", "-t", "30", "stop"], check=False, timeout=60
         )
+        # pg_ctl -w returns once postmaster.pid is unlinked, a moment before the postmaster exits.
+        deadline = time.monotonic() + (10 if r.returncode == 0 else 0)
+        while not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if not process_gone(pid):
             stop_pid(pid)
             return [f"{host['name']}: pg_ctl stop failed ({r.returncode}: {r.stderr.strip()}); postmaster {pid} was killed"]

@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=300, help="pgbench scale (300 is about 4.5 GB)")
     ap.add_argument("--change", type=float, default=5.0, help="percent of pgbench_accounts updated between the backups")
     ap.add_argument("--compression", default="zstd", help="our backups' compression (none, zstd, lz4, gzip)")
+    ap.add_argument("--tasks", action="store_true", help="also print each of our playbook's tasks' seconds")
     args = ap.parse_args()
 
     c = Cluster(17, name="bench")
@@ -77,7 +78,7 @@ def main() -> int:
         print(f"data directory without pg_wal: {data_mb:.0f} MB", flush=True)
 
         def ours(name: str) -> dict:
-            t0 = time.monotonic()
+            started, t0 = time.time(), time.monotonic()
             r = run_playbook(
                 os.path.join(REPO, "playbooks", "backup.yml"),
                 INVENTORY,
@@ -91,11 +92,13 @@ def main() -> int:
                     "pg_backup_fast_checkpoint": True,
                 },
                 workdir=fresh(os.path.join(work, f"run-{name}".replace(" ", "-"))),
-                record=False,
+                record=args.tasks,
             )
             times[name] = time.monotonic() - t0
             if r.rc != 0:
                 raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")
+            if args.tasks:
+                print(f"{name}:\n{r.timeline(started)}", flush=True)
             bid = max(n for n in os.listdir(repo) if n[0].isdigit())
             with open(os.path.join(repo, bid, "backup.json")) as f:
                 info = json.load(f)

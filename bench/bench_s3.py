@@ -54,6 +54,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=100, help="pgbench scale (100 is about 1.5 GB)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each contender; the best is reported")
+    ap.add_argument("--tasks", action="store_true", help="also print each of our playbook's tasks' seconds")
     args = ap.parse_args()
 
     c = Cluster(15, name="bench-s3")
@@ -128,6 +129,7 @@ def main() -> int:
         def ours(**more):
             def run():
                 url = f"s3://{bucket}/ours-{next(counter)}"
+                started = time.time()
                 r = run_playbook(
                     os.path.join(REPO, "playbooks", "backup.yml"),
                     f"[postgresql]\nlocalhost ansible_connection=local ansible_python_interpreter={NODE_PYTHON}\n",
@@ -144,10 +146,12 @@ def main() -> int:
                         **more,
                     },  # fmt: skip
                     workdir=tempfile.mkdtemp(dir=work),
-                    record=False,
+                    record=args.tasks,
                 )
                 if r.rc != 0:
                     raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")
+                if args.tasks:
+                    print(r.timeline(started), flush=True)
                 prefix = url.split("/", 3)[3]
                 client = s3.client()
                 keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]

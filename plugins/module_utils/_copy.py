@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ._checksum import CRC32C_IMPLEMENTATION, default_algorithm, new_hasher
 from ._errors import PgopsError
-from ._files import fsync_dir, resolves_inside, write_json, write_private_file
+from ._files import fsync_dir, resolves_inside, write_all, write_json, write_private_file
 from ._incremental import FILES_FILE, split_unchanged, stage_files
 from ._layout import COPY_ENTRIES, RSYNC_DATA, RSYNC_TABLESPACES, LayoutError, archive_name, compressor, encryptor
 from ._remote import Remote, sh_quote
@@ -444,11 +444,6 @@ _TEE = _libc_tee()
 _CHUNK = 1 << 20
 
 
-def _write_all(fd: int, view) -> None:
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _tee_some(src: int, sink: int, n: int) -> int:
     while True:
         got = _TEE(src, sink, n, 0)
@@ -490,13 +485,13 @@ def _tee(src: int, sink: int, scanner) -> None:
                 got += os.readv(src, [buf[got:n]])
         else:
             n = os.readv(src, [buf[: ahead or scanner.header_wanted()]])
-            _write_all(sink, buf[:n])
+            write_all(sink, buf[:n])
         if not n:
             return  # ended early: the caller sees the scanner is not done
         scanner.feed(buf[:n])
         total += n
     end = -(-(total + scanner.END_EXTRA) // scanner.RECORD) * scanner.RECORD
-    _write_all(sink, memoryview(bytes(end - total)))
+    write_all(sink, memoryview(bytes(end - total)))
     while os.readv(src, [buf]):
         pass  # the archiver's own padding: zeros
 

@@ -74,14 +74,45 @@ def write_file_atomically(path: str, data: bytes, mode: int) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
+
+
+def write_all(fd: int, data) -> None:
+    """os.write until every byte is written (a short write on a full disk must not pass as done)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def copy_range(src: int, dst: int, offset: int, length: int) -> int:
+    """Copy length bytes of src from offset to dst's position, in the kernel where it can
+    (copy_file_range: no trip through Python, shared extents where the filesystem has them);
+    returns the bytes copied, fewer only at src's end."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < length:
+        if use_kernel:
+            try:
+                n = os.copy_file_range(src, dst, length - done, offset + done)
+            except OSError:  # another filesystem, or not supported there: copy through Python
+                use_kernel = False
+                continue
+        else:
+            chunk = os.pread(src, min(length - done, 1 << 20), offset + done)
+            write_all(dst, chunk)
+            n = len(chunk)
+        if n == 0:
+            if use_kernel and offset + done < os.fstat(src).st_size:
+                use_kernel = False  # the kernel copied nothing before the end: let Python read it
+                continue
+            break
+        done += n
+    return done
 
 
 def fsync_dir(path: str) -> None:

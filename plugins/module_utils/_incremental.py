@@ -29,7 +29,7 @@ import time
 
 from ._backup_api import format_lsn, parse_lsn
 from ._errors import PgopsError
-from ._files import write_private_file
+from ._files import copy_range, write_all, write_private_file
 
 MAGIC = 0xD3AE1F0D
 PREFIX = "INCREMENTAL."
@@ -256,18 +256,31 @@ def write_incremental(src: str, dst: str, blocks: list, truncation: int, block_s
     longer has (truncated while copied) is stored as zeros: WAL replay rewrites it."""
     head = struct.pack(f"=III{len(blocks)}I", MAGIC, len(blocks), truncation, *blocks)
     head += b"\0" * (header_size(len(blocks), block_size) - len(head))
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out, open(src, "rb", buffering=0) as f:
-            out.write(head)
-            for b in blocks:
-                data = os.pread(f.fileno(), block_size, b * block_size)
-                out.write(data + b"\0" * (block_size - len(data)))
-    except FileNotFoundError:
-        if os.path.exists(dst):
-            os.unlink(dst)
-        raise
+    # src is opened first: a file dropped since the walk leaves no dst (FileNotFoundError), and
+    # one dropped after this still reads to its end.
+    with open(src, "rb", buffering=0) as f:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, head)
+            for first, count in block_runs(blocks):
+                want = count * block_size
+                got = copy_range(f.fileno(), fd, first * block_size, want)
+                if got < want:
+                    write_all(fd, bytes(want - got))
+        finally:
+            os.close(fd)
     return len(head) + len(blocks) * block_size
+
+
+def block_runs(blocks: list) -> list:
+    """(first, count) of each run of consecutive block numbers in a sorted list: one copy each."""
+    runs = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return runs
 
 
 def incremental_name(rel_path: str) -> str:

@@ -46,7 +46,7 @@ import sys
 import tempfile
 
 from ._errors import PgopsError
-from ._files import fsync_dir
+from ._files import fsync_dir, write_all
 from ._layout import (
     AGE_SUFFIX,
     COMPRESSION,
@@ -108,13 +108,6 @@ def _pipeline(cmds: list, stdin, stdout) -> None:
         run_pipeline(cmds, stdin, stdout)
     except LayoutError as e:
         raise WalError(str(e)) from None
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a short write on a full disk must not pass as done)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def content_digest(path: str) -> str:

@@ -40,6 +40,24 @@ class PlaybookRun:
         assert found, f"no result for task {name!r}; tasks: {[r['task'] for r in self.results]}\n{self.stdout[-4000:]}"
         return found[-1]["result"]
 
+    def timeline(self, started: float) -> str:
+        """Each task's seconds (from its start to its last host's result), with Ansible's start-up
+        (started: time.time() before the run) and the time between tasks; for the benchmarks' --tasks."""
+        tasks, order = {}, []
+        for r in self.results:
+            if r["task"] not in tasks:
+                order.append(r["task"])
+                tasks[r["task"]] = [r["started"], r["ended"]]
+            tasks[r["task"]][1] = max(tasks[r["task"]][1], r["ended"])
+        lines, last = [], started
+        for name in order:
+            begin, end = tasks[name]
+            if begin - last > 0.005:
+                lines.append(f"{begin - last:7.2f}  ({'start-up' if last == started else 'between tasks'})")
+            lines.append(f"{end - begin:7.2f}  {name}")
+            last = end
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         # The failures first: a long run's output is cut to its end.
         failures = [line[:2000] for line in self.stdout.splitlines() if line.startswith(("fatal:", "failed:", "[ERROR]"))]

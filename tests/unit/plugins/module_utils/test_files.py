@@ -77,3 +77,30 @@ def test_json_round_trip_and_unreadable_json(tmp_path):
     assert files.read_json(str(tmp_path / "missing.json")) is None
     (tmp_path / "bad.json").write_text("{")
     assert files.read_json(str(tmp_path / "bad.json")) is None
+
+
+@pytest.mark.parametrize("kernel", ["works", "refuses", "copies nothing", "absent"])
+def test_copy_range_copies_exactly_and_stops_at_the_end(tmp_path, monkeypatch, kernel):
+    """copy_file_range where the kernel does it; Python's copy where it refuses (another
+    filesystem: EXDEV), where it wrongly copies nothing before the end, or where os lacks it."""
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 4096)  # 1 MiB of a known pattern
+    calls = []
+
+    def fake(*args):
+        calls.append(args)
+        if kernel == "refuses":
+            raise OSError(18, "Invalid cross-device link")
+        return 0
+
+    if kernel == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif kernel != "works":
+        monkeypatch.setattr(os, "copy_file_range", fake)
+    dst = tmp_path / "dst"
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        assert files.copy_range(s.fileno(), d.fileno(), 1000, 5000) == 5000
+        assert files.copy_range(s.fileno(), d.fileno(), (1 << 20) - 10, 100) == 10  # only 10 bytes are left
+    assert dst.read_bytes() == src.read_bytes()[1000:6000] + src.read_bytes()[-10:]
+    if kernel in ("refuses", "copies nothing"):
+        assert calls  # the kernel was asked first

@@ -90,6 +90,12 @@ def test_incremental_file_is_postgresql_format(tmp_path):
     empty = tmp_path / "INCREMENTAL.e"
     assert inc.write_incremental(str(src), str(empty), [], 6, BS) == 12  # no blocks: no padding
     assert os.path.getsize(empty) == 12
+    # Runs of consecutive blocks are copied in one piece each; a run that crosses the end is zero-filled.
+    assert inc.block_runs([0, 1, 2, 4, 5, 9]) == [[0, 3], [4, 2], [9, 1]]
+    runs = tmp_path / "INCREMENTAL.r"
+    assert inc.write_incremental(str(src), str(runs), [0, 1, 2, 4, 5, 6, 7], 8, BS) == BS + 7 * BS
+    body = runs.read_bytes()[BS:]
+    assert body == b"".join(bytes([i]) * BS for i in (0, 1, 2, 4, 5)) + b"\0" * (2 * BS)
     assert inc.label_lines("0/5000028", 1) == "INCREMENTAL FROM LSN: 0/5000028\nINCREMENTAL FROM TLI: 1\n"
 
 

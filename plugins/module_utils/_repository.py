@@ -599,7 +599,9 @@ def _when(value) -> float | None:
         return None
 
 
-def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_days: float = 0, now: float | None = None) -> dict:
+def plan_retention(
+    entries: list, system_identifier: str, keep: int = 0, keep_days: float = 0, now: float | None = None, restorable=None
+) -> dict:
     """What retention keeps and removes of one cluster's backups, and why (pure: entries in, a plan out).
 
     A complete backup is kept when it is pinned, is the newest complete one, is among the newest
@@ -608,17 +610,26 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
     Both rules set: a backup either keeps is kept. Neither set: everything is kept, failed
     backups too (they say why a run failed until a rule retires them). Running
     backups are never touched; failed ones go once they are older than the oldest kept backup
-    (and, with a window, older than the window)."""
+    (and, with a window, older than the window).
+
+    Only backups a restore would trust count toward the rules: one known to be damaged (its newest
+    verification or drill failed) or whose chain of parents is broken is never kept instead of a
+    good one; it stays while it is newer than the oldest kept backup, for inspection. restorable:
+    the ids whose WAL is all in this repository's archive (None: not known here); when no kept
+    backup is among them, the newest trusted one that is stays too."""
     now = time.time() if now is None else now
     mine = [e for e in sort_newest_first(entries) if e.get("system_identifier") == system_identifier]
     complete = [e for e in mine if is_complete(e)]
+    by_id = {e["id"]: e for e in mine}
+    damaged = {e["id"]: distrust(e) or chain_problem(by_id, e) for e in complete}
+    trusted = [e for e in complete if not damaged[e["id"]]]
     reasons = {}
 
     def why(entry, reason):
         reasons.setdefault(entry["id"], []).append(reason)
 
-    if complete:
-        why(complete[0], "the newest complete backup")
+    if trusted:
+        why(trusted[0], "the newest complete backup")
     for e in complete:
         if e.get("pinned"):
             why(e, f"pinned ({(e['pinned'] or {}).get('reason') or 'no reason given'})")
@@ -627,11 +638,11 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
         for e in complete:
             why(e, "no retention rule is set")
     if keep:
-        for e in complete[:keep]:
+        for e in trusted[:keep]:
             why(e, f"among the newest {keep}")
     if window_start is not None:
         older = None
-        for e in complete:
+        for e in trusted:
             stopped = _when(e.get("stopped_at")) or _when(e.get("completed_at"))
             if stopped is not None and stopped >= window_start:
                 why(e, f"stopped inside the {keep_days:g}-day window")
@@ -639,6 +650,11 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
                 older = e
         if older is not None:
             why(older, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
+    if restorable is not None and not any(e["id"] in restorable for e in trusted if e["id"] in reasons):
+        for e in trusted:
+            if e["id"] in restorable:
+                why(e, "the newest backup whose WAL is all archived here (the newer ones kept lack some)")
+                break
     # A kept incremental keeps its whole chain: without its parents it cannot be restored.
     by_id = {e["id"]: e for e in complete}
     for e in mine:  # a running incremental's parent (recorded when it was chosen) too
@@ -649,12 +665,18 @@ def plan_retention(entries: list, system_identifier: str, keep: int = 0, keep_da
             why(by_id[e["parent"]], f"the parent of incremental backup {e['id']}")
     kept = [e for e in complete if e["id"] in reasons]
     oldest_kept = kept[-1]["id"] if kept else None
+    for e in complete:
+        if e["id"] not in reasons and damaged[e["id"]] and oldest_kept is not None and e["id"] > oldest_kept:
+            why(e, f"known to be damaged ({damaged[e['id']]}), kept for inspection while newer than what is kept")
+    kept = [e for e in complete if e["id"] in reasons]
     remove = []
     for e in mine:
         if e["id"] in reasons or e.get("status") == "running":
             continue
         if is_complete(e):
-            remove.append({"id": e["id"], "status": "complete", "reason": "no rule keeps it"})
+            bad = damaged[e["id"]]
+            reason = f"known to be damaged: {bad}" if bad else "no rule keeps it"
+            remove.append({"id": e["id"], "status": "complete", "reason": reason})
         elif e.get("status") in ("failed", INVALID) and (keep or keep_days):
             old_enough = oldest_kept is None or e["id"] < oldest_kept
             if window_start is not None:
@@ -680,7 +702,8 @@ def retention(
         raise RepositoryError("retention needs the cluster's system identifier: refusing to judge other clusters' backups")
     st = open_storage(repository)
     entries = [e for e in read_catalog(st) if valid_backup_id(e["id"])]
-    plan = plan_retention(entries, system_identifier, keep, keep_days, now)
+    restorable = _restorable(st, entries, system_identifier)
+    plan = plan_retention(entries, system_identifier, keep, keep_days, now, restorable=restorable)
     if not dry_run:
         for r in plan["remove"]:
             st.delete_tree(r["id"])
@@ -695,29 +718,45 @@ def retention(
     return out
 
 
+def _restorable(st, entries: list, system_identifier: str):
+    """The ids of the cluster's complete backups whose WAL is all in this repository's archive, or
+    None when nothing is archived here (the archive is elsewhere: not known)."""
+    files = wal_files(st, wal_dir("", system_identifier).lstrip("/"))
+    complete = [e for e in entries if e.get("system_identifier") == system_identifier and is_complete(e)]
+    if not files or not complete:
+        return None
+    seg_size = int(complete[0].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
+    return {b["id"] for b in coverage(sort_newest_first(complete), files, seg_size)["backups"] if b["wal_complete"]}
+
+
 def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: bool) -> dict:
-    """WAL older than the start segment of the oldest kept backup goes, unless a kept backup's own
-    WAL range is incomplete: then nothing goes, and why is said."""
+    """WAL before the lowest start segment of the kept and running backups goes (the lowest by
+    position, not the oldest by id: a backup taken on a newer timeline forked from the past, or from
+    a lagging standby, starts before older ones), unless a kept backup's own WAL range is
+    incomplete: then nothing goes, and why is said."""
     st = open_storage(repository)
     directory = wal_dir("", system_identifier).lstrip("/")
     files = wal_files(st, directory)
-    oldest = plan["oldest_kept"]
     if not (plan["keep_rule"]):
         return {"wal_removed": [], "wal_kept_because": "no retention rule is set (keep, keep_days)"}
-    if not files or oldest is None:
+    if not files or plan["oldest_kept"] is None:
         return {"wal_removed": [], "wal_kept_because": None if files else "no WAL archived by pgops-wal here"}
-    kept = [e for e in read_catalog(st) if e["id"] in {k["id"] for k in plan["keep"]}]
-    seg_size = int(oldest.get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
+    catalog = read_catalog(st)
+    kept = [e for e in catalog if e["id"] in {k["id"] for k in plan["keep"]}]
+    seg_size = int(plan["oldest_kept"].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
     report = coverage(sort_newest_first(kept), files, seg_size)
     broken = [b for b in report["backups"] if not b["wal_complete"]]
     if broken:
         names = ", ".join(f"{b['id']} (missing {', '.join(b['missing'][:3]) or 'its WAL range'})" for b in broken)
         return {"wal_removed": [], "wal_kept_because": f"kept backups lack WAL, so none was expired: {names}"}
-    doomed = plan_wal_expiry(files, oldest["start_wal"], seg_size)
+    mine = [e for e in catalog if e.get("system_identifier") == system_identifier]
+    running = [e for e in mine if e.get("status") == "running" and e.get("start_wal")]
+    floor = min((e["start_wal"] for e in kept + running), key=lambda name: wal_segno(name, seg_size))
+    doomed = plan_wal_expiry(files, floor, seg_size)
     if not dry_run:
         # An encrypted segment's digest goes with it.
         st.delete_files(directory, [f for n in doomed for f in ((n, n + DIGEST_SUFFIX) if is_encrypted(n) else (n,))])
-    return {"wal_removed": doomed, "wal_kept_because": None, "wal_kept_from": oldest["start_wal"]}
+    return {"wal_removed": doomed, "wal_kept_because": None, "wal_kept_from": floor}
 
 
 # -- the WAL archive of a cluster (what pgops-wal wrote into <repository>/wal/<system identifier>/)
@@ -744,19 +783,24 @@ def coverage(backups: list, files: list, seg_size: int) -> dict:
     wal_files() in; a report out). Segments count by their position on any timeline: after a
     promotion the new timeline's segments continue where the old one's stopped."""
     segments = {}  # position -> (name, mtime), the highest timeline's
+    timelines = {}  # position -> the timelines that have it
     for _name, seg, kind, mtime in files:
         if kind == "segment":
             pos = wal_segno(seg, seg_size)
+            timelines.setdefault(pos, set()).add(int(seg[:8], 16))
             if pos not in segments or seg > segments[pos][0]:
                 segments[pos] = (seg, mtime)
     reports = []
     for b in backups:
         try:
             needed = wal_segment_names(b["start_wal"], b["stop_wal"], seg_size)
-        except (KeyError, TypeError, PgopsError):
+            first_tli, last_tli = int(b["start_wal"][:8], 16), int(b["stop_wal"][:8], 16)
+        except (KeyError, TypeError, ValueError, PgopsError):
             reports.append({"id": b.get("id"), "wal_complete": False, "missing": [], "error": "no WAL range recorded"})
             continue
-        missing = [n for n in needed if wal_segno(n, seg_size) not in segments]
+        # The backup's own timeline (and, when a standby was promoted while it ran, the ones up to
+        # its stop's): the same position on another timeline is other WAL.
+        missing = [n for n in needed if not any(first_tli <= t <= last_tli for t in timelines.get(wal_segno(n, seg_size), ()))]
         reports.append(
             {
                 "id": b["id"],
@@ -785,24 +829,14 @@ def coverage(backups: list, files: list, seg_size: int) -> dict:
         window["start_timestamp"], window["end_timestamp"] = start, segments[pos][1]
     gaps = []
     if segments:
-        first = min(segments)
-        hole = None
-        for pos in range(first, newest + 1):
-            if pos in segments:
-                if hole is not None:
-                    gaps.append(hole)
-                    hole = None
-                continue
-            tli = int(segments[max(p for p in segments if p < pos)][0][:8], 16)
-            if hole is None:
-                hole = {"after": segments[pos - 1][0] if pos - 1 in segments else None, "missing": [], "count": 0}
-            hole["count"] += 1
-            if len(hole["missing"]) < 20:
-                hole["missing"].append(wal_segment_name(tli, pos, seg_size))
-            if len(gaps) > 50:
-                break
-        if hole is not None:
-            gaps.append(hole)
+        # One pass over the positions present; a hole's size is arithmetic (a gap of hours in an
+        # archive of millions of segments must not take hours).
+        present = sorted(segments)
+        for before, after in zip(present, present[1:]):
+            if after - before > 1 and len(gaps) <= 50:
+                tli = int(segments[before][0][:8], 16)
+                missing = [wal_segment_name(tli, p, seg_size) for p in range(before + 1, min(after, before + 21))]
+                gaps.append({"after": segments[before][0], "missing": missing, "count": after - before - 1})
     return {
         "backups": reports,
         "window": window,
@@ -813,8 +847,8 @@ def coverage(backups: list, files: list, seg_size: int) -> dict:
     }
 
 
-def plan_wal_expiry(files: list, oldest_kept_start: str, seg_size: int) -> list:
-    """WAL files older than the start segment of the oldest kept backup (any timeline); timeline
-    history files always stay."""
-    limit = wal_segno(oldest_kept_start, seg_size)
+def plan_wal_expiry(files: list, floor: str, seg_size: int) -> list:
+    """WAL files before the floor segment's position (the lowest start of what is kept), on any
+    timeline; timeline history files always stay."""
+    limit = wal_segno(floor, seg_size)
     return sorted(name for name, seg, kind, _mtime in files if kind != "history" and wal_segno(seg, seg_size) < limit)

@@ -31,9 +31,13 @@ def newest_drills(entries: list) -> list:
 
 
 def judge(host: str, cluster: str, entries: list, coverage: dict, archiving: dict, policy: dict, now) -> tuple:
+    from ._repository import latest  # here: _repository needs _sessions, which needs this module
+
     mine = [e for e in entries if str(e.get("system_identifier")) == cluster]
     complete = sorted((e for e in mine if e.get("status") == "complete"), key=lambda e: str(e.get("id")), reverse=True)
-    newest = complete[0] if complete else None
+    # The newest backup a restore would use: not one known to be damaged, nor one whose chain is broken.
+    passed_over = []
+    newest = latest(mine, skipped=passed_over)
     newest_at = when(newest.get("stopped_at") or newest.get("completed_at")) if newest else None
     drills = newest_drills(mine)
     passed = [d for d in drills if d[1].get("result") == "passed"]
@@ -87,6 +91,14 @@ def judge(host: str, cluster: str, entries: list, coverage: dict, archiving: dic
             )
     if row["last_drill_result"] == "failed":
         violations.append(f"the newest restore drill failed ({drills[-1][0]})")
+    drill_said = row["last_drill_result"] == "failed" and passed_over and drills[-1][0] == passed_over[0]["id"]
+    if passed_over and complete and complete[0]["id"] == passed_over[0]["id"] and not drill_said:
+        violations.append(f"the newest complete backup {passed_over[0]['id']} cannot be restored: {passed_over[0]['reason']}")
+    # Only when this repository holds the archive: with none here, every backup would look short of WAL.
+    own_wal = {b.get("id"): b for b in (coverage or {}).get("backups") or []} if (coverage or {}).get("segments") else {}
+    if newest is not None and newest["id"] in own_wal and not own_wal[newest["id"]].get("wal_complete"):
+        lacking = ", ".join(own_wal[newest["id"]].get("missing", [])[:3]) or "its WAL range"
+        violations.append(f"the newest usable backup {newest['id']} lacks WAL in the archive ({lacking}): it cannot be restored")
     if row["gaps"] and not any("missing" in v for v in violations):
         violations.append(f"the WAL archive misses {row['gaps']} segment(s), the first {row['first_missing']}")
     if archiving and not archiving.get("system_identifier"):

@@ -350,7 +350,7 @@ def main():
         module.fail_json(msg=problem)
     if bid is not None and not valid_backup_id(bid):
         module.fail_json(msg=f"invalid backup_id {bid!r}: expected the form 20261129T101500Z")
-    if p["keep"] < 0 or p["keep_days"] < 0:
+    if p["keep"] < 0 or not 0 <= p["keep_days"] < 1e6:  # also NaN and infinity
         module.fail_json(msg=f"keep and keep_days must be 0 (off) or more, got {p['keep']} and {p['keep_days']:g}")
     if is_s3(repo):
         try:

@@ -267,6 +267,9 @@ def tempfile_root_dir() -> str:
         ({"pg_backup_label": "é" * 700}, "pg_backup_label is 1400 bytes in UTF-8"),
         ({"pg_backup_label": "a\nb"}, "pg_backup_label must be one line"),
         ({"pg_backup_method": "rsync", "pg_backup_compression": "zstd"}, "compression must be none"),
+        # Refused before the copy, not by retention once the backup is complete (its rescue would delete it).
+        ({"pg_backup_keep": -1}, "pg_backup_keep (a count of backups) and pg_backup_keep_days (days) must be 0 (off) or more"),
+        ({"pg_backup_keep_days": "nan"}, "must be 0 (off) or more (got 0 and nan)"),
     ],
 )
 def test_bad_input_is_refused_before_anything_starts(extra, expected, make_cluster, playbook):

@@ -12,7 +12,7 @@ import time
 from harness.ansible import REPO
 from harness.backup import BACKUP, backup_vars, backups
 from harness.monitoring import samples, scrape_textfiles
-from harness.pg import make_pg_dir, stop_data_directory
+from harness.pg import free_port, make_pg_dir, stop_data_directory
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
 
@@ -174,6 +174,13 @@ def test_retention_by_window_and_count_keeps_what_pitr_needs(make_cluster, playb
     assert scraped[f"pgops_status_drill_timestamp_seconds{labels}"] == utc(record["at"]).timestamp()
     assert scraped[f"pgops_status_policy_violations{labels}"] == len(row["violations"])
     assert scraped["node_textfile_scrape_error"] == 0
+
+    # A server that cannot be read is a row of the report that breaks the policy, not a host that drops out of it.
+    status = playbook(STATUS, extra_vars={**sv, "pg_backup_port": free_port()})
+    assert status.rc != 0, status
+    (row,) = json.loads((files / "status.json").read_text())["clusters"]
+    assert (row["host"], row["cluster"], row["archive_problems"]) == ("localhost", "unknown", ["server_unreadable"]), row
+    assert any(v.startswith("the server could not be read") for v in row["violations"]), row
 
 
 def coverage_of(playbook, repo: str) -> dict:

@@ -557,7 +557,9 @@ def test_wal_expiry_refuses_while_a_kept_backup_lacks_wal(tmp_path, add_backup):
     for i in (1, 2, 3, 5):  # 06, which the newer backup needs, is missing
         (wal / f"0000000100000000000000{i:02X}.zst").write_bytes(b"x")
     out = r.retention(repo, "1", keep=1)
-    assert out["removed"] == ["20261101T000000Z"] and out["wal_removed"] == []
+    # The older backup is the only one whose WAL is all here: it stays, and so does every segment.
+    assert out["removed"] == [] and out["wal_removed"] == []
+    assert any("whose WAL is all archived here" in why for k in out["kept"] for why in k["reasons"]), out["kept"]
     assert "20261102T000000Z (missing 000000010000000000000006)" in out["wal_kept_because"]
     (wal / "000000010000000000000006.zst").write_bytes(b"x")
     out = r.retention(repo, "1", keep=1, dry_run=True)
@@ -566,6 +568,57 @@ def test_wal_expiry_refuses_while_a_kept_backup_lacks_wal(tmp_path, add_backup):
     assert len(os.listdir(wal)) == 5, "a dry run removes nothing"
     r.retention(repo, "1", keep=1)
     assert sorted(os.listdir(wal)) == ["000000010000000000000005.zst", "000000010000000000000006.zst"]
+
+
+def test_wal_expiry_starts_at_the_lowest_start_of_what_is_kept(tmp_path, add_backup):
+    """A newer backup on a timeline forked from the past (a point-in-time restore) starts before an
+    older one: its WAL stays, whatever the ids' order."""
+    repo = str(tmp_path)
+    add_backup(repo, "20261101T000000Z", "complete", system_identifier="1",
+               start_wal="00000001000000000000005A", stop_wal="00000001000000000000005B")  # fmt: skip
+    add_backup(repo, "20261102T000000Z", "complete", system_identifier="1",
+               start_wal="000000020000000000000037", stop_wal="000000020000000000000038")  # fmt: skip
+    wal = tmp_path / "wal" / "1"
+    wal.mkdir(parents=True)
+    names = [f"00000001{0:08X}{i:08X}.zst" for i in range(0x30, 0x5C)]
+    names += [f"00000002{0:08X}{i:08X}.zst" for i in range(0x32, 0x39)]
+    for n in names + ["00000002.history"]:
+        (wal / n).write_bytes(b"x")
+    out = r.retention(repo, "1", keep=2)
+    assert out["wal_kept_from"] == "000000020000000000000037", out
+    assert out["wal_removed"] == sorted(n for n in names if int(n[16:24], 16) < 0x37)
+    left = set(os.listdir(wal))
+    assert {"000000020000000000000037.zst", "000000020000000000000038.zst", "00000001000000000000005A.zst"} <= left
+
+
+def test_coverage_counts_only_the_backups_own_timeline_and_finds_long_gaps_at_once():
+    files = _wal(["000000010000000000000005.zst", "000000020000000000000006.zst", "000000010000000000000007.zst"])
+    report = r.coverage([_entry("20261101T000000Z", 1, start_wal="000000010000000000000005",
+                                stop_wal="000000010000000000000006")], files, SEG)  # fmt: skip
+    assert report["backups"][0]["missing"] == ["000000010000000000000006"]  # timeline 2's 06 is other WAL
+    promoted = r.coverage([_entry("20261101T000000Z", 1, start_wal="000000010000000000000005",
+                                  stop_wal="000000020000000000000006")], files, SEG)  # fmt: skip
+    assert promoted["backups"][0]["wal_complete"], "a standby promoted during the backup stops on the next timeline"
+    far = _wal(["000000010000000000000001.zst", "000000010000000100000000.zst"])  # 02 to FF missing: one hole
+    (gap,) = r.coverage([], far, SEG)["gaps"]
+    assert gap["count"] == 0xFE and gap["after"] == "000000010000000000000001" and len(gap["missing"]) == 20
+
+
+def test_retention_never_keeps_a_damaged_backup_instead_of_a_good_one():
+    failed_check = {"at": "2026-11-30T00:00:00+00:00", "verified": False, "problems_count": 2}
+    entries = [
+        _entry("20261201T000000Z", 1, verification=failed_check),
+        _entry("20261130T000000Z", 2, verification=failed_check),
+        _entry("20261129T000000Z", 3), _entry("20261128T000000Z", 4),
+    ]  # fmt: skip
+    plan = r.plan_retention(entries, "1", keep=2, now=NOW)
+    kept = {k["id"]: k["reasons"] for k in plan["keep"]}
+    assert "among the newest 2" in kept["20261129T000000Z"] and "among the newest 2" in kept["20261128T000000Z"]
+    assert any("known to be damaged" in why for why in kept["20261201T000000Z"])  # newer: kept for inspection
+    assert plan["remove"] == []
+    older_damaged = [_entry("20261201T000000Z", 1), _entry("20261130T000000Z", 2, verification=failed_check)]
+    (gone,) = r.plan_retention(older_damaged, "1", keep=1, now=NOW)["remove"]
+    assert gone["id"] == "20261130T000000Z" and gone["reason"].startswith("known to be damaged")
 
 
 def _inc(bid: str, days_ago: float, parent: str, **more) -> dict:

@@ -94,6 +94,22 @@ def test_a_failed_newest_drill_breaks_the_policy_even_without_rules():
     assert violations == ["the newest restore drill failed (20261201T100000Z)"]
 
 
+def test_a_damaged_or_walless_newest_backup_breaks_the_policy_even_without_rules():
+    e = entries()
+    e[0]["verification"] = {"at": "2026-12-01T11:00:00Z", "verified": False, "problems_count": 3}
+    row, violations = status.judge("db1", "7", e, WINDOW, HEALTHY, {}, NOW)
+    assert row["newest_backup"] == "20261130T100000Z", "the newest one a restore would use"
+    assert violations == ["the newest complete backup 20261201T100000Z cannot be restored: its verification at "
+                          "2026-12-01T11:00:00Z found 3 problem(s)"]  # fmt: skip
+    short = {**WINDOW, "segments": 9, "backups": [{"id": "20261201T100000Z", "wal_complete": False,
+                                                   "missing": ["000000010000000000000009"]}]}  # fmt: skip
+    violations = status.judge("db1", "7", entries(), short, HEALTHY, {}, NOW)[1]
+    assert violations == ["the newest usable backup 20261201T100000Z lacks WAL in the archive (000000010000000000000009): "
+                          "it cannot be restored"]  # fmt: skip
+    elsewhere = {**short, "segments": 0}  # the archive is not in this repository: not judged here
+    assert status.judge("db1", "7", entries(), elsewhere, HEALTHY, {}, NOW)[1] == []
+
+
 def test_drill_order_never_drilled_first_then_oldest():
     e = entries() + [
         {"id": "x", "system_identifier": "6", "status": "complete", "drill": {"result": "passed", "at": "2026-11-01T00:00:00Z"}},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 
 from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name, wal_name_le
@@ -194,6 +195,7 @@ def gather(conn) -> dict:
         "archive_mode": settings["archive_mode"],
         "archive_command": settings["archive_command"],
         "archive_library": settings["archive_library"],
+        "archive_age_recipients": age_recipients(settings["archive_command"]),
         "archive_timeout": _int(settings["archive_timeout"]),
         "full_page_writes": more.get("full_page_writes") == "on" if more.get("full_page_writes") else None,
         "wal_segment_size": _int(more.get("wal_segment_size")),
@@ -207,6 +209,26 @@ def gather(conn) -> dict:
     facts.update(sizes(conn))
     facts["guard"] = guard_facts(conn, facts)
     return facts
+
+
+def age_recipients(command: str | None) -> list | None:
+    """The public keys pgops-wal encrypts WAL for (its --age-recipient arguments), [] when it
+    encrypts for none; None when the command is unreadable or not pgops-wal's. The backup role
+    compares them with the backups' own: WAL a key cannot decrypt makes that key's restores fail."""
+    if not command or "pgops-wal" not in command:
+        return None
+    try:
+        words = shlex.split(command.replace("%%", "\0"))
+    except ValueError:
+        return None
+    words = [w.replace("\0", "%") for w in words]
+    found = []
+    for i, word in enumerate(words):
+        if word == "--age-recipient" and i + 1 < len(words):
+            found.append(words[i + 1])
+        elif word.startswith("--age-recipient="):
+            found.append(word.split("=", 1)[1])
+    return found
 
 
 def guard_facts(conn, facts: dict) -> dict:

@@ -125,6 +125,12 @@ archive_library:
   description: The C(archive_library) setting (15 and newer); null before 15.
   returned: always
   type: str
+archive_age_recipients:
+  description: The public keys the collection's C(pgops-wal) in C(archive_command) encrypts WAL for (empty when it
+    stores WAL in clear); null when C(archive_command) is not readable or is not C(pgops-wal).
+  returned: always
+  type: list
+  elements: str
 archive_timeout:
   description: The C(archive_timeout) setting in seconds.
   returned: always

@@ -195,7 +195,14 @@ def test_an_encrypted_backup_is_refused_while_wal_is_archived_in_clear(make_clus
     run = playbook(BACKUP, extra_vars=v)
     assert run.rc != 0 and "archive_command stores WAL in clear" in run.stdout and "nothing was started" in run.stdout, run
     assert not glob.glob(os.path.join(repo, "2*")) and c.backups_in_progress() == 0
+    # WAL encrypted, but for another key only: the backups' escrow key could not decrypt it.
+    escrow = keypair(make_pg_dir("pgops-keys-"))[2]
     c.sql("ALTER SYSTEM SET archive_command = %s", (f"{prog} push --repository {repo} --age-recipient {public} %p",))
     c.sql("SELECT pg_reload_conf()")
+    both = backup_vars(c, repo, pg_backup_encryption="age", pg_backup_age_recipients=[public, escrow])
+    run = playbook(BACKUP, extra_vars=both)
+    assert run.rc != 0, run
+    assert f"archive_command encrypts WAL for other keys: {escrow} (of pg_backup_age_recipients)" in run.stdout, run
+    assert not glob.glob(os.path.join(repo, "2*")) and c.backups_in_progress() == 0
     run = playbook(BACKUP, extra_vars=v)
     assert run.rc == 0, run

@@ -12,6 +12,7 @@ from harness.ansible import collections_workspace
 
 sys.path.insert(0, collections_workspace())
 pf = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._preflight")
+archiving = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._archiving")
 
 GOOD = {
     "server_version": "15.20",
@@ -283,3 +284,14 @@ def test_destination_without_data_directory_checks_the_rest(tmp_path):
     assert dest["data_directory"] is None
     assert pf.destination_problems(dest) == []
     assert codes(pf.evaluate(facts(destination=pf.inspect_destination("rel", None, [], 10, 1.1)))) == ["destination_not_absolute"]
+
+
+def test_age_recipients_are_read_from_pgops_wal_archive_command_as_the_shell_splits_it():
+    ssh_key = "ssh-ed25519 AAAAC3Nza 100%% ops"  # an SSH public key with a comment, quoted, % doubled
+    command = f"/usr/local/bin/pgops-wal push --repository /b --age-recipient age1abc --age-recipient '{ssh_key}' %p"
+    assert archiving.age_recipients(command) == ["age1abc", "ssh-ed25519 AAAAC3Nza 100% ops"]
+    assert archiving.age_recipients("/usr/local/bin/pgops-wal push --repository /b --age-recipient=age1x %p") == ["age1x"]
+    assert archiving.age_recipients("/usr/local/bin/pgops-wal push --repository /b %p") == [], "WAL in clear"
+    assert archiving.age_recipients("cp %p /archive/%f") is None, "not pgops-wal: not judged"
+    assert archiving.age_recipients(None) is None, "unreadable"
+    assert archiving.age_recipients("pgops-wal push --age-recipient 'unterminated %p") is None

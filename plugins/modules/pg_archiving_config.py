@@ -127,16 +127,28 @@ def current_settings(conn, names: list) -> dict:
     try:
         files = query_all(
             conn,
-            "SELECT DISTINCT ON (name) name, setting FROM pg_file_settings WHERE name = ANY(%s) AND error IS NULL"
+            # Not "error IS NULL": a value waiting for the restart is there with "setting could not be applied".
+            "SELECT DISTINCT ON (name) name, setting FROM pg_file_settings WHERE name = ANY(%s)"
             " ORDER BY name, seqno DESC",
             (names,),
         )
     except psycopg2.Error:  # pg_file_settings is for superusers: then the running value is all we know
         files = []
     for name, setting in files:
-        if name in out and out[name]["pending_restart"]:
+        # archive_command reads "(disabled)" while archive_mode is off (until the restart that turns it on).
+        if name in out and (out[name]["pending_restart"] or out[name]["setting"] == "(disabled)"):
             out[name]["configured"] = setting
     return out
+
+
+def not_allowed(conn, num: int, names: list) -> list:
+    """The settings this role may not ALTER SYSTEM (checked before the first one, so that a
+    missing grant never leaves half of them written)."""
+    if query_one(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")[0]:
+        return []
+    if num < 150000:
+        return list(names)
+    return [n for n in names if not query_one(conn, "SELECT has_parameter_privilege(%s, 'ALTER SYSTEM')", (n,))[0]]
 
 
 def wait_for_reload(conn, wanted: dict, changes: list) -> list:
@@ -178,6 +190,13 @@ def main():
             for k, v in wanted.items()
             if have[k]["configured"] != v
         ]
+        denied = not_allowed(conn, num, [c["name"] for c in changes])
+        if denied:
+            module.fail_json(
+                msg=f"this database role may not ALTER SYSTEM SET {', '.join(denied)}: connect as a superuser (or, on 15 and "
+                f"newer, GRANT ALTER SYSTEM ON PARAMETER {', '.join(denied)} TO <role>); nothing was changed",
+                changes=changes,
+            )
         if changes and not module.check_mode:
             try:
                 with conn.cursor() as cur:

@@ -286,3 +286,56 @@ def test_the_guard_reports_a_growing_backlog_and_publishes_it(make_cluster, play
         assert ready and float(ready[0].split()[-1]) >= 4, ready
     finally:
         os.chmod(wal_dir, 0o700)
+
+
+def test_the_archiving_role_refuses_an_archive_library_and_ungranted_settings_and_reruns_cleanly(make_cluster, playbook, program):
+    """Three setups the role must not half-change: an archive library in charge of the WAL (on 16+ an
+    archive_command beside it stops archiving), a role that may not ALTER SYSTEM every setting, and a
+    second run before the restart (archive_command reads "(disabled)" until then: no change to make)."""
+    c = make_cluster(16, archive_mode="off")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    auto_conf = os.path.join(c.data, "postgresql.auto.conf")
+    c.sql("ALTER SYSTEM SET archive_library = 'basic_archive'")
+    c.sql("SELECT pg_reload_conf()")
+    before = open(auto_conf).read()
+    run = playbook(ARCHIVING, extra_vars=archiving_vars(c, repo, program))
+    assert run.rc != 0 and "archive_library is set to basic_archive" in run.stdout, run
+    assert open(auto_conf).read() == before, "nothing may change"
+    c.sql("ALTER SYSTEM RESET archive_library")
+    c.sql("SELECT pg_reload_conf()")
+
+    # A login role granted archive_command but not archive_mode: refused before the first ALTER SYSTEM.
+    c.sql("CREATE ROLE pgops_half LOGIN")
+    c.sql("GRANT ALTER SYSTEM ON PARAMETER archive_command TO pgops_half")
+    before = open(auto_conf).read()
+    settings = {"archive_command": "/bin/true %p", "archive_mode": "on"}  # the granted one first
+    half = playbook(
+        [
+            {
+                "hosts": "postgresql",
+                "gather_facts": False,
+                "tasks": [
+                    {
+                        "name": "config",
+                        "pgops.online_backup.pg_archiving_config": {
+                            **c.conn_vars(),
+                            "login_user": "pgops_half",
+                            "settings": settings,
+                        },
+                    }
+                ],
+            }
+        ]  # fmt: skip
+    )
+    assert half.rc != 0, half
+    said = half.task("config")["msg"]
+    assert "may not ALTER SYSTEM SET archive_mode:" in said and "nothing was changed" in said, said
+    assert open(auto_conf).read() == before, "archive_command was written before archive_mode was refused"
+
+    # Without the restart: the run says so; a second run has nothing to set.
+    first = playbook(ARCHIVING, extra_vars=archiving_vars(c, repo, program, pg_archiving_restart=False))
+    assert first.rc != 0 and "takes effect only when" in first.stdout, first
+    assert first.task("Set archive_mode and archive_command with ALTER SYSTEM")["changed"] is True
+    again = playbook(ARCHIVING, extra_vars=archiving_vars(c, repo, program, pg_archiving_restart=False))
+    config = again.task("Set archive_mode and archive_command with ALTER SYSTEM")
+    assert config["changed"] is False, config

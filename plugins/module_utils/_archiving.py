@@ -347,7 +347,10 @@ def prove(conn, facts: dict, timeout: float) -> tuple:
         try:
             query_one(conn, "SELECT pg_logical_emit_message(false, 'pgops.online_backup', 'archive proof')::text")
         except psycopg2.Error:
-            pass  # then the switch below may do nothing, which the result says
+            try:  # an assigned transaction id makes its commit write a record (EXECUTE revoked above)
+                query_one(conn, "SELECT txid_current()")
+            except psycopg2.Error:
+                pass  # then the switch below may do nothing: the proof says it did not switch
     t0 = time.monotonic()
     lsn = parse_lsn(query_one(conn, "SELECT pg_switch_wal()::text")[0])
     # pg_switch_wal() returns the end of the switch record, or the insert position

@@ -26,6 +26,7 @@ CODES = (
     "archiver_failing",
     "archive_proof_failed",
     "archive_proof_timeout",
+    "archive_proof_not_switched",
     "missing_backup_privilege",
     "cannot_switch_wal",
     "destination_not_absolute",
@@ -118,6 +119,14 @@ def archiver_problem(facts: dict) -> dict | None:
     ready = facts.get("ready_count")
     if proof.get("performed"):
         outcome = proof.get("outcome")
+        if outcome == "archived" and proof.get("switched") is False:
+            return make_problem(
+                "archive_proof_not_switched",
+                f"the proof could not switch WAL: nothing was written since the last switch and the role could write no "
+                f"WAL record, so {proof.get('wal')} is an older segment and proves nothing about archive_command now",
+                "grant EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) to the role, or run again once the "
+                "server has written some WAL",
+            )
         if outcome == "archived":
             return None  # archiving works now, whatever failed before
         if outcome == "failed":

@@ -43,8 +43,10 @@ options:
     type: float
     default: 60
 notes:
-  - Problem codes are those of M(pgops.online_backup.pg_archiving_info), plus the proof's V(archive_proof_failed) and
-    V(archive_proof_timeout).
+  - Problem codes are those of M(pgops.online_backup.pg_archiving_info), plus the proof's V(archive_proof_failed),
+    V(archive_proof_timeout) and V(archive_proof_not_switched) (nothing was written since the last switch and the role
+    could write no WAL record, so no new segment was archived; before switching, the module writes a logical message,
+    else assigns a transaction id).
 seealso:
   - module: pgops.online_backup.pg_archiving_info
 """

@@ -295,3 +295,48 @@ def test_age_recipients_are_read_from_pgops_wal_archive_command_as_the_shell_spl
     assert archiving.age_recipients("cp %p /archive/%f") is None, "not pgops-wal: not judged"
     assert archiving.age_recipients(None) is None, "unreadable"
     assert archiving.age_recipients("pgops-wal push --age-recipient 'unterminated %p") is None
+
+
+def test_a_proof_that_did_not_switch_proves_nothing():
+    """On an idle server whose role may write no WAL record, pg_switch_wal() switches nothing and the
+    segment waited for is an old one, archived long ago: not a proof of archive_command now."""
+    problems = pf.evaluate(facts(proof={"switched": False}))
+    assert codes(problems) == ["archive_proof_not_switched"], problems
+    assert "pg_logical_emit_message" in problems[0]["hint"]
+    assert pf.evaluate(facts(proof={"switched": True})) == []
+
+
+def test_the_proof_writes_a_record_before_switching_even_without_pg_logical_emit_message(monkeypatch):
+    """Right after a switch nothing is written, so pg_switch_wal() would switch nothing: the proof first
+    writes a logical message, or, with EXECUTE on it revoked (a common hardening), assigns a transaction
+    id, whose commit is a record. The server here is a stand-in that answers the proof's queries."""
+    import psycopg2
+
+    seg = 16 << 20
+    state = {"insert": 2 * seg + 0x28, "asked": []}
+
+    def query_one(conn, sql, args=None):
+        state["asked"].append(sql)
+        if "pg_logical_emit_message" in sql:
+            raise psycopg2.Error("permission denied for function pg_logical_emit_message")
+        if "txid_current" in sql:
+            state["insert"] += 0x40  # the commit record
+            return ("745",)
+        if "pg_switch_wal" in sql:
+            switched = state["insert"] % seg > 0x28
+            end = (state["insert"] // seg + 1) * seg if switched else state["insert"]
+            return (f"{end >> 32:X}/{end & 0xFFFFFFFF:X}",)
+        lsn = state["insert"]
+        return (f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}", "000000010000000000000002")
+
+    monkeypatch.setattr(archiving, "query_one", query_one)
+    monkeypatch.setattr(archiving, "archiver_row", lambda conn: {"failed_count": 0})
+    monkeypatch.setattr(
+        archiving,
+        "wait_for_segment_or_failure",
+        lambda conn, wal, timeout, failed: {"archived": True, "outcome": "archived", "archiver": {}},
+    )
+    proof, _row = archiving.prove(None, {"wal_segment_size": seg}, 5)
+    assert any("txid_current" in q for q in state["asked"]), state["asked"]
+    assert proof["switched"] is True and proof["wal"] == "000000010000000000000002", proof
+    assert pf.evaluate(facts(proof=proof)) == []

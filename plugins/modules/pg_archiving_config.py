@@ -128,8 +128,7 @@ def current_settings(conn, names: list) -> dict:
         files = query_all(
             conn,
             # Not "error IS NULL": a value waiting for the restart is there with "setting could not be applied".
-            "SELECT DISTINCT ON (name) name, setting FROM pg_file_settings WHERE name = ANY(%s)"
-            " ORDER BY name, seqno DESC",
+            "SELECT DISTINCT ON (name) name, setting FROM pg_file_settings WHERE name = ANY(%s) ORDER BY name, seqno DESC",
             (names,),
         )
     except psycopg2.Error:  # pg_file_settings is for superusers: then the running value is all we know

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -165,7 +166,20 @@ class FileStorage:
             os.unlink(aside)
 
     def delete_tree(self, rel: str) -> None:
-        shutil.rmtree(self.path(rel), ignore_errors=True)
+        """Remove a backup's directory. It is renamed aside first, so a removal that fails half way
+        never leaves a backup.json that still says complete over half the files."""
+        path = self.path(rel)
+        if not os.path.lexists(path):
+            return
+        aside = os.path.join(os.path.dirname(path), f".removing-{os.path.basename(path)}-{os.getpid()}")
+        os.rename(path, aside)
+        errors = []
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(aside, onexc=lambda _f, p, e: errors.append(f"{p}: {e}"))
+        else:
+            shutil.rmtree(aside, onerror=lambda _f, p, e: errors.append(f"{p}: {e[1]}"))
+        if errors:
+            raise StorageError(f"{rel} was set aside as {aside} but could not be removed: {errors[0]} ({len(errors)} error(s))")
 
     def delete_payload(self, backup_id: str) -> list:
         """Everything of a backup but its backup.json."""
@@ -293,6 +307,8 @@ class S3Storage:
 
     def delete_tree(self, rel: str) -> None:
         self.store.abort_uploads(rel.rstrip("/") + "/")
+        # backup.json first: a removal that fails half way leaves no record saying complete over half the data.
+        self.store.delete([rel.rstrip("/") + "/" + BACKUP_JSON])
         self.store.delete_prefix(rel)
 
     def delete_payload(self, backup_id: str) -> list:

@@ -732,3 +732,22 @@ def test_chain_of_lists_an_incrementals_parents_full_first_as_far_as_the_catalog
     looped = {"id": "20261201T040000Z", "type": "incremental", "parent": "20261201T050000Z"}
     back = {"id": "20261201T050000Z", "type": "incremental", "parent": looped["id"]}
     assert r.chain_of([looped, back], looped) == [looped, back]
+
+
+def test_a_backup_removal_that_fails_half_way_leaves_no_backup_listed(tmp_path, add_backup, monkeypatch):
+    """The directory is set aside before it is removed: whatever stays behind is not a backup."""
+    repo = str(tmp_path)
+    add_backup(repo, "20261101T000000Z", "complete", system_identifier="1")
+    storage = importlib.import_module("ansible_collections.pgops.online_backup.plugins.module_utils._storage")
+
+    def rmtree_that_fails(path, onerror=None, onexc=None):  # as a file the repository's owner may not unlink
+        err = PermissionError(13, "Permission denied")
+        if onexc:
+            onexc(os.unlink, os.path.join(path, "base.tar"), err)
+        else:
+            onerror(os.unlink, os.path.join(path, "base.tar"), (PermissionError, err, None))
+
+    monkeypatch.setattr(storage.shutil, "rmtree", rmtree_that_fails)
+    with pytest.raises(storage.StorageError, match="was set aside as .*removing-20261101T000000Z.*Permission denied"):
+        storage.open_storage(repo).delete_tree("20261101T000000Z")
+    assert [e["id"] for e in r.read_catalog(repo)] == [], "a half-removed backup must not be listed"

@@ -95,12 +95,18 @@ data_directory:
   description: The server's data directory (for a restart with pg_ctl); null when the role may not read it.
   returned: always
   type: str
+service_unit:
+  description: The systemd unit the server runs in (read from its postmaster's cgroup on the database host), so that
+    a restart goes through it; null when it runs outside systemd or this cannot be read.
+  returned: always
+  type: str
 server_version_num:
   description: Server version as a number.
   returned: always
   type: int
 """
 
+import os
 import re
 import time
 
@@ -138,6 +144,23 @@ def current_settings(conn, names: list) -> dict:
         if name in out and (out[name]["pending_restart"] or out[name]["setting"] == "(disabled)"):
             out[name]["configured"] = setting
     return out
+
+
+def service_unit(data_directory: str | None) -> str | None:
+    """The systemd unit the postmaster runs in (from its cgroup), else None: a restart must go
+    through that unit, or systemd sees its service die and the new postmaster outside it."""
+    try:
+        with open(os.path.join(data_directory or "", "postmaster.pid")) as f:
+            pid = int(f.readline())
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    for line in lines:
+        for part in reversed(line.split(":", 2)[-1].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
 
 
 def not_allowed(conn, num: int, names: list) -> list:
@@ -226,6 +249,7 @@ def main():
         restart_needed=bool(pending),
         pending_restart=pending,
         data_directory=row[0] if row else None,
+        service_unit=service_unit(row[0] if row else None),
         server_version_num=num,
         diff=diff,
         msg=(f"set {', '.join(c['name'] for c in changes)}" if changes else "every setting already has its value")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 import os
 import sys
 
@@ -340,3 +341,19 @@ def test_the_proof_writes_a_record_before_switching_even_without_pg_logical_emit
     assert any("txid_current" in q for q in state["asked"]), state["asked"]
     assert proof["switched"] is True and proof["wal"] == "000000010000000000000002", proof
     assert pf.evaluate(facts(proof=proof)) == []
+
+
+def test_the_systemd_unit_of_a_postmaster_is_read_from_its_cgroup(tmp_path, monkeypatch):
+    config = importlib.import_module("ansible_collections.pgops.online_backup.plugins.modules.pg_archiving_config")
+    (tmp_path / "postmaster.pid").write_text("4242\n/var/lib/postgresql/16/main\n")
+    cgroups = {"/proc/4242/cgroup": "0::/system.slice/system-postgresql.slice/postgresql@16-main.service\n"}
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        return io.StringIO(cgroups[path]) if path in cgroups else real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert config.service_unit(str(tmp_path)) == "postgresql@16-main.service"
+    cgroups["/proc/4242/cgroup"] = "0::/user.slice/user-1000.slice/session-4.scope\n"
+    assert config.service_unit(str(tmp_path)) is None, "started by hand in a login session"
+    assert config.service_unit(str(tmp_path / "none")) is None

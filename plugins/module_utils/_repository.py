@@ -566,8 +566,9 @@ def fail_backup(
 # -- pins
 
 
-def pin_backup(repository, backup_id: str, pinned: bool, reason: str = "", by: str = "") -> tuple:
-    """(changed, backup.json) after pinning a complete backup (retention never removes it) or unpinning it."""
+def pin_backup(repository, backup_id: str, pinned: bool, reason: str = "", by: str = "", dry_run: bool = False) -> tuple:
+    """(changed, backup.json) after pinning a complete backup (retention never removes it) or unpinning it;
+    dry_run checks and says the same, and writes nothing."""
     st = open_storage(repository)
     backup_dir(st.url, backup_id)  # validates the id
     info = st.read_backup(backup_id)
@@ -580,12 +581,14 @@ def pin_backup(repository, backup_id: str, pinned: bool, reason: str = "", by: s
         if current and current.get("reason") == reason:
             return False, info
         info["pinned"] = {"at": utcnow(), "by": by or None, "reason": reason}
-        st.write_backup(backup_id, info)
+        if not dry_run:
+            st.write_backup(backup_id, info)
         return True, info
     if not current:
         return False, info
     info.pop("pinned")
-    st.write_backup(backup_id, info)
+    if not dry_run:
+        st.write_backup(backup_id, info)
     return True, info
 
 

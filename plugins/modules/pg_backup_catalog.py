@@ -361,10 +361,7 @@ def main():
         expired(module, repo)
     if state in ("pinned", "unpinned"):
         try:
-            if module.check_mode:
-                info = open_storage(repo).read_backup(bid) or {}
-                module.exit_json(changed=bool(info.get("pinned")) != (state == "pinned"), backup_id=bid)
-            changed, info = pin_backup(repo, bid, state == "pinned", p["reason"] or "", p["by"] or "")
+            changed, info = pin_backup(repo, bid, state == "pinned", p["reason"] or "", p["by"] or "", dry_run=module.check_mode)
         except (PgopsError, OSError) as e:
             module.fail_json(msg=str(e), backup_id=bid)
         module.exit_json(

@@ -751,3 +751,19 @@ def test_a_backup_removal_that_fails_half_way_leaves_no_backup_listed(tmp_path, 
     with pytest.raises(storage.StorageError, match="was set aside as .*removing-20261101T000000Z.*Permission denied"):
         storage.open_storage(repo).delete_tree("20261101T000000Z")
     assert [e["id"] for e in r.read_catalog(repo)] == [], "a half-removed backup must not be listed"
+
+
+def test_a_pin_preview_checks_what_the_pin_would_and_writes_nothing(tmp_path, add_backup):
+    repo = str(tmp_path)
+    add_backup(repo, "20261101T000000Z", "complete", system_identifier="1")
+    add_backup(repo, "20261102T000000Z", "failed", system_identifier="1")
+    before = (tmp_path / "20261101T000000Z" / "backup.json").read_bytes()
+    changed, info = r.pin_backup(repo, "20261101T000000Z", True, "audit", dry_run=True)
+    assert changed and info["pinned"]["reason"] == "audit"
+    assert (tmp_path / "20261101T000000Z" / "backup.json").read_bytes() == before, "a preview writes nothing"
+    with pytest.raises(r.RepositoryError, match="is failed: only a complete backup can be pinned"):
+        r.pin_backup(repo, "20261102T000000Z", True, "audit", dry_run=True)
+    with pytest.raises(r.RepositoryError, match="no backup 20261103T000000Z"):
+        r.pin_backup(repo, "20261103T000000Z", True, "audit", dry_run=True)
+    r.pin_backup(repo, "20261101T000000Z", True, "audit")
+    assert r.pin_backup(repo, "20261101T000000Z", True, "legal hold", dry_run=True)[0], "a new reason is a change"

@@ -15,10 +15,14 @@ import time
 from ._backup_api import MIN_MAJOR, backup_function_signatures, format_lsn, major_of, parse_lsn, wal_file_name, wal_name_le
 from ._errors import PgopsError
 from ._postgres import (
+    PRIMARY_SPEC,
     cluster_key,
+    connect,
     connect_or_fail,
+    connection_kwargs,
     error_text,
     postgres_common_argument_spec,
+    primary_params,
     psycopg2,
     query_all,
     query_dicts,
@@ -313,31 +317,34 @@ def sizes(conn) -> dict:
     return {"tablespaces": tablespaces, "database_size_bytes": db_bytes, "expected_backup_bytes": expected}
 
 
-def skip_reason(facts: dict, prove_wanted: bool, check_mode: bool) -> str | None:
-    """Why the proof must not run, or None."""
+def skip_reason(facts: dict, prove_wanted: bool, check_mode: bool, via_primary: bool = False) -> str | None:
+    """Why the proof must not run, or None. via_primary: a standby's proof switches WAL on its
+    primary (the standby cannot) and waits for the standby's own archiver."""
     if not prove_wanted:
         return "not asked for: pg_archiving_info only reads (pg_archiving_check proves archiving by switching WAL)"
     if major_of(facts["server_version_num"]) < MIN_MAJOR:
         return f"PostgreSQL {facts['server_version']} is not supported"
-    if facts["in_recovery"]:
+    if facts["in_recovery"] and not via_primary:
         return (
             "the server is a standby: WAL cannot be switched during recovery, so the settings were checked instead "
-            "(prove archiving on the primary)"
+            "(give the primary option to have the primary switch WAL for the proof)"
         )
     if facts["wal_level"] == "minimal" or not archiving_active(facts) or command_problem(facts):
         return "WAL archiving is not set up (see problems), a proof could not succeed"
-    if not facts["privileges"]["can_switch_wal"]:
+    if not facts["in_recovery"] and not facts["privileges"]["can_switch_wal"]:
         return f"role {facts['privileges']['role']} may not execute pg_switch_wal()"
     if check_mode:
         return "check mode: the proof switches WAL"
     return None
 
 
-def prove(conn, facts: dict, timeout: float) -> tuple:
-    """Switch WAL and wait for that segment: (proof, latest pg_stat_archiver row)."""
+def prove(conn, facts: dict, timeout: float, switch_conn=None) -> tuple:
+    """Switch WAL and wait for that segment: (proof, latest pg_stat_archiver row). switch_conn: the
+    primary of a standby (conn), which switches while the standby's archiver is waited for."""
     seg_size = facts["wal_segment_size"]
+    switcher = switch_conn or conn
     sql = "SELECT pg_current_wal_insert_lsn()::text, pg_walfile_name(pg_current_wal_insert_lsn())"
-    before_text, walname = query_one(conn, sql)
+    before_text, walname = query_one(switcher, sql)
     timeline = int(walname[:8], 16)
     before = parse_lsn(before_text)
     # Read before the switch: a failure counted after it belongs to this proof.
@@ -345,14 +352,14 @@ def prove(conn, facts: dict, timeout: float) -> tuple:
     if before % seg_size <= EMPTY_SEGMENT_OFFSET:
         # Nothing written since the last switch: write a record that creates no object.
         try:
-            query_one(conn, "SELECT pg_logical_emit_message(false, 'pgops.online_backup', 'archive proof')::text")
+            query_one(switcher, "SELECT pg_logical_emit_message(false, 'pgops.online_backup', 'archive proof')::text")
         except psycopg2.Error:
             try:  # an assigned transaction id makes its commit write a record (EXECUTE revoked above)
-                query_one(conn, "SELECT txid_current()")
+                query_one(switcher, "SELECT txid_current()")
             except psycopg2.Error:
                 pass  # then the switch below may do nothing: the proof says it did not switch
     t0 = time.monotonic()
-    lsn = parse_lsn(query_one(conn, "SELECT pg_switch_wal()::text")[0])
+    lsn = parse_lsn(query_one(switcher, "SELECT pg_switch_wal()::text")[0])
     # pg_switch_wal() returns the end of the switch record, or the insert position
     # when there was nothing to switch. The finished segment holds the byte before
     # it; computed here because pg_walfile_name() changed at a boundary in 17.
@@ -403,16 +410,27 @@ def inspect(
     check_mode: bool = False,
     warn=None,
     guard: dict | None = None,
+    primary=None,
 ) -> dict:
     """Every fact an online backup depends on, the archive proof, and the
-    problems found (facts["problems"]). Changes nothing but the proof's WAL switch."""
+    problems found (facts["problems"]). Changes nothing but the proof's WAL switch.
+    primary: for a standby, a function of the standby's connection that connects to its primary."""
     stage = "could not read the server's archiving facts"
     try:
         facts = gather(conn)
-        reason = skip_reason(facts, prove_wanted, check_mode)
+        reason = skip_reason(facts, prove_wanted, check_mode, via_primary=primary is not None)
         if reason is None:
             stage = "the archive proof could not run"
-            facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout)
+            if facts["in_recovery"]:
+                stage = "the archive proof could not switch WAL on the primary"
+                switch_conn = primary(conn)
+                try:
+                    facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout, switch_conn)
+                finally:
+                    switch_conn.close()
+                facts["proof"]["switched_on"] = "primary"
+            else:
+                facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout)
             facts["ready_count"] = ready_count(conn)
         else:
             facts["proof"] = {
@@ -421,6 +439,8 @@ def inspect(
             }  # fmt: skip
     except psycopg2.Error as e:
         raise InspectError(f"{stage}: {error_text(e)}") from None
+    except PgopsError as e:  # the primary could not be found
+        raise InspectError(f"{stage}: {e}") from None
     check_destination(facts, destination, space_margin, warn or (lambda msg: None))
     guard = guard or {}
     facts["guard"]["newest_in_repository"], mtime = newest_archived(guard.get("repository"), facts["system_identifier"])
@@ -455,11 +475,24 @@ def inspect_for_module(module, application_name: str, prove_wanted: bool, fail_p
                 "backlog_max": p.get("archive_backlog_max"),
                 "age_max": p.get("archive_age_max"),
             },
+            primary=_primary_connector(p, application_name) if p.get("primary") else None,
         )
     except InspectError as e:
         module.fail_json(msg=f"{fail_prefix}{e}")
     finally:
         conn.close()
+
+
+def _primary_connector(params: dict, application_name: str):
+    def connect_primary(standby_conn):
+        where = primary_params(params, standby_conn)
+        try:
+            return connect(connection_kwargs(where, application_name=application_name))
+        except psycopg2.Error as e:
+            at = f"{where.get('login_host') or where.get('login_unix_socket')}:{where['port']}"
+            raise PgopsError(f"unable to connect to the primary ({at}): {error_text(e)}; set the primary option") from None
+
+    return connect_primary
 
 
 def archiving_argument_spec(prove: bool = False) -> dict:
@@ -476,6 +509,7 @@ def archiving_argument_spec(prove: bool = False) -> dict:
     )
     if prove:
         spec["prove_timeout"] = dict(type="float", default=60)
+        spec["primary"] = PRIMARY_SPEC
     return spec
 
 

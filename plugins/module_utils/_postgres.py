@@ -11,6 +11,8 @@ from __future__ import annotations
 import traceback
 from urllib.parse import unquote
 
+from ._errors import PgopsError
+
 PSYCOPG2_IMP_ERR = None
 try:
     import psycopg2
@@ -229,6 +231,44 @@ def _parse_pairs(text: str) -> dict:
                 i += 1
         out[key] = "".join(value)
     return out
+
+
+# The primary option of the modules that work on a standby (doc fragment pgops.online_backup.primary).
+PRIMARY_SPEC = dict(
+    type="dict",
+    options=dict(
+        login_host=dict(type="str"),
+        login_unix_socket=dict(type="str"),
+        port=dict(type="int"),
+        login_user=dict(type="str"),
+        login_password=dict(type="str", no_log=True),
+        login_db=dict(type="str"),
+    ),
+)
+
+
+def primary_params(params: dict, standby_conn) -> dict:
+    """The connection options of a standby's primary: params["primary"], else the standby's
+    primary_conninfo (host, port), the rest from the task's own connection options."""
+    primary = {k: v for k, v in (params.get("primary") or {}).items() if v not in (None, "")}
+    if not (primary.get("login_host") or primary.get("login_unix_socket")):
+        try:
+            info = query_one(standby_conn, "SELECT current_setting('primary_conninfo')")[0]
+        except psycopg2.Error as e:
+            why = error_text(e)
+            raise PgopsError(f"cannot read primary_conninfo to find the primary ({why}); set the primary option") from None
+        parsed = parse_conninfo(info)
+        primary.setdefault("login_host", parsed.get("host", ""))
+        port = parsed.get("port") or ""
+        if "," in port:
+            primary.setdefault("connect_params", {"port": port})  # a host list keeps its port list
+        elif port and not primary.get("port"):
+            primary["port"] = int(port)
+    inherited = ("login_user", "login_password", "login_db", "ssl_mode", "ca_cert", "ssl_cert", "ssl_key")
+    merged = {k: params.get(k) for k in inherited}
+    merged.update(login_host="", login_unix_socket="", port=5432, connect_params={})
+    merged.update({k: v for k, v in primary.items() if v not in (None, "")})
+    return merged
 
 
 def server_version(conn) -> tuple:

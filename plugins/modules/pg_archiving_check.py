@@ -15,14 +15,18 @@ description:
     that segment is archived. A failure the archiver reports for it ends the wait at once.
   - The WAL switch is a change to the server, so the task reports C(changed) when it switched WAL.
   - The proof needs C(EXECUTE) on C(pg_switch_wal) (superusers have it); without it V(cannot_switch_wal) is reported.
-  - On a standby, which cannot switch WAL, the proof is replaced by the settings checks (C(archive_mode=always) is
-    needed for a standby to archive). The proof is also skipped when the settings already show that archiving cannot
+  - On a standby, which cannot switch WAL, the primary switches it when O(primary) is given (the options it leaves out
+    come from the standby's C(primary_conninfo) and this task's connection), and the proof waits for the standby's
+    own archiver to archive that segment (C(archive_mode=always) is needed for a standby to archive); that also
+    proves the connection to the primary a standby backup's stop needs. Without O(primary) the proof on a standby is
+    replaced by the settings checks. The proof is also skipped when the settings already show that archiving cannot
     work, and in check mode.
   - Returns every fact M(pgops.online_backup.pg_archiving_info) returns (the most used are listed below).
   - Run it before P(pgops.online_backup.pg_backup_session#module), so that a broken archive stops the run before
     backup mode is entered, as the role P(pgops.online_backup.pg_backup#role) does.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.primary
   - pgops.online_backup.archiving
   - pgops.online_backup.attributes
 author:
@@ -90,6 +94,10 @@ proof:
     switched:
       description: Whether a WAL switch happened (this is what C(changed) reports).
       type: bool
+    switched_on:
+      description: V(primary) when the standby's primary switched WAL for the proof.
+      type: str
+      returned: on a standby, when the proof ran
     seconds:
       description: Seconds from the switch to the outcome.
       type: float

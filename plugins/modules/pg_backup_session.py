@@ -35,6 +35,7 @@ description:
     composes them.
 extends_documentation_fragment:
   - pgops.online_backup.connection
+  - pgops.online_backup.primary
   - pgops.online_backup.attributes
 author:
   - pgops.online_backup contributors (@pgops)
@@ -133,31 +134,6 @@ options:
         tablespaces, C(tablespace_map) are written byte for byte (mode 0600).
       - Never point this at the live data directory (a directory holding C(postmaster.pid) is refused).
     type: path
-  primary:
-    description:
-      - For a backup taken on a standby, how to reach the primary, which must switch WAL so that the last
-        segment the backup needs reaches the standby's archive. Options left out are taken from the
-        standby's C(primary_conninfo) (host, port) and from this task's connection options.
-    type: dict
-    suboptions:
-      login_host:
-        description: Host of the primary.
-        type: str
-      login_unix_socket:
-        description: Unix socket directory of the primary.
-        type: str
-      port:
-        description: Port of the primary.
-        type: int
-      login_user:
-        description: Role on the primary (needs EXECUTE on C(pg_switch_wal())).
-        type: str
-      login_password:
-        description: Password of that role.
-        type: str
-      login_db:
-        description: Database on the primary.
-        type: str
   runtime_dir:
     description:
       - Private directory of the keepers' sockets and state files.
@@ -390,13 +366,14 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._backup_api im
 from ansible_collections.pgops.online_backup.plugins.module_utils._errors import PgopsError
 from ansible_collections.pgops.online_backup.plugins.module_utils._files import write_private_file
 from ansible_collections.pgops.online_backup.plugins.module_utils._postgres import (
+    PRIMARY_SPEC,
     cluster_key,
     connect,
     connection_kwargs,
     ensure_driver,
     error_text,
-    parse_conninfo,
     postgres_common_argument_spec,
+    primary_params,
     psycopg2,
     query_one,
 )
@@ -668,31 +645,6 @@ def wait_archive(module, sdir: str, state: dict, result: dict) -> dict:
     return out
 
 
-def primary_params(module, conn) -> dict:
-    """Where the primary is: the primary option, else the standby's primary_conninfo."""
-    p = module.params
-    primary = {k: v for k, v in (p["primary"] or {}).items() if v not in (None, "")}
-    if not (primary.get("login_host") or primary.get("login_unix_socket")):
-        try:
-            info = query_one(conn, "SELECT current_setting('primary_conninfo')")[0]
-        except psycopg2.Error as e:
-            raise Failed(
-                f"cannot read primary_conninfo to find the primary ({error_text(e)}); set the primary option. "
-                "The label is kept in this result."
-            ) from None
-        parsed = parse_conninfo(info)
-        primary.setdefault("login_host", parsed.get("host", ""))
-        port = parsed.get("port") or ""
-        if "," in port:
-            primary.setdefault("connect_params", {"port": port})  # a host list keeps its port list
-        elif port and not primary.get("port"):
-            primary["port"] = int(port)
-    merged = {k: p[k] for k in ("login_user", "login_password", "login_db", "ssl_mode", "ca_cert", "ssl_cert", "ssl_key")}
-    merged.update(login_host="", login_unix_socket="", port=5432, connect_params={})
-    merged.update({k: v for k, v in primary.items() if v not in (None, "")})
-    return merged
-
-
 def switch_without_waiting(module, state: dict, result: dict):
     """A standby's stop that does not wait for the archive still has the primary finish the stop
     segment: on an idle primary without archive_timeout it would otherwise never be complete, and the
@@ -715,7 +667,10 @@ def switch_without_waiting(module, state: dict, result: dict):
 def switch_wal_on_primary(module, standby_conn, state: dict, result: dict) -> bool:
     """A standby cannot switch WAL: have the primary finish the stop segment
     so that it reaches the standby and its archiver."""
-    params = primary_params(module, standby_conn)
+    try:
+        params = primary_params(module.params, standby_conn)
+    except PgopsError as e:
+        raise Failed(f"{e}. The label is kept in this result.") from None
     try:
         conn = connect(connection_kwargs(params, application_name="pgops.online_backup standby stop"))
     except psycopg2.Error as e:
@@ -806,17 +761,7 @@ def main():
         runtime_dir=dict(type="path"),
         progress_interval=dict(type="float", default=0),
         spread_checkpoint_hint=dict(type="str", default="fast=true"),
-        primary=dict(
-            type="dict",
-            options=dict(
-                login_host=dict(type="str"),
-                login_unix_socket=dict(type="str"),
-                port=dict(type="int"),
-                login_user=dict(type="str"),
-                login_password=dict(type="str", no_log=True),
-                login_db=dict(type="str"),
-            ),
-        ),
+        primary=PRIMARY_SPEC,
     )
     module = AnsibleModule(
         argument_spec=argument_spec,

@@ -106,6 +106,30 @@ def test_prefer_standby_picks_the_standby_and_skips_the_primary(pair, playbook):
     pre = {r["host"]: r["result"].get("problems") for r in run.results if r["task"].startswith("Check the server")}
     assert [i["backup_from"] for i in infos] == ["standby"], pre
     assert "is backed up from standby" in run.stdout
+    # The standby's archiving was proven, the primary switching WAL for it (from primary_conninfo).
+    (proof,) = [r["result"]["proof"] for r in run.results if r["host"] == "standby" and r["task"].startswith("Check the server")
+                and r["status"] == "ok" and r["result"].get("proof", {}).get("performed")]  # fmt: skip
+    assert proof["switched_on"] == "primary" and proof["outcome"] == "archived", proof
+
+
+def test_a_standby_whose_archiving_is_broken_is_refused_before_the_start(pair, playbook):
+    """The standby cannot switch WAL, so its pre-flight used to read pg_stat_archiver only: an idle standby
+    with a broken archive_command passed and its backup failed at the stop, after the whole copy. The
+    primary now switches WAL for the proof and the standby's own archiver must archive that segment."""
+    primary, standby = pair()
+    standby.sql("ALTER SYSTEM SET archive_command = 'false'")
+    standby.sql("SELECT pg_reload_conf()")
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    v = {
+        "pg_backup_repository": repo,
+        "pg_backup_source": "standby",
+        "pg_backup_prove_timeout": 20,
+        "pg_backup_archive_timeout": 20,
+    }
+    run = playbook(BACKUP, inventory(standby=standby), extra_vars=v)
+    assert run.rc != 0, run
+    assert "archive_proof_failed" in run.stdout and "nothing was started" in run.stdout, run.stdout[-3000:]
+    assert not os.path.exists(repo) and standby.backups_in_progress() == 0
 
 
 def test_primary_source_refuses_a_standby_and_standby_needs_archive_mode_always(pair, playbook):

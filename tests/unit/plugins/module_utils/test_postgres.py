@@ -222,3 +222,17 @@ def test_every_error_is_a_pgops_error():
     errors = [e for e in errors if e.__module__.startswith("ansible_collections.")]
     assert len(errors) >= 8, errors
     assert all(issubclass(e, base) for e in errors), [e for e in errors if not issubclass(e, base)]
+
+
+def test_a_standbys_primary_comes_from_the_option_else_its_primary_conninfo(monkeypatch):
+    """One owner for the standby proof and the standby stop: the primary option first; what it leaves
+    out from primary_conninfo (a host list keeps its port list) and the task's own connection."""
+    conninfo = {"text": "host=10.0.0.5 port=5433 user=replicator application_name=s1"}
+    monkeypatch.setattr(pg, "query_one", lambda conn, sql, args=None: (conninfo["text"],))
+    task = {"login_user": "backup", "login_password": "pw", "login_db": "postgres", "ssl_mode": "require"}
+    got = pg.primary_params({**task, "primary": None}, object())
+    assert (got["login_host"], got["port"], got["login_user"], got["ssl_mode"]) == ("10.0.0.5", 5433, "backup", "require")
+    conninfo["text"] = "host=h1,h2 port=5432,5433"
+    assert pg.primary_params(task, object())["connect_params"] == {"port": "5432,5433"}
+    given = pg.primary_params({**task, "primary": {"login_host": "db-primary", "port": 6432, "login_user": ""}}, object())
+    assert (given["login_host"], given["port"], given["login_user"]) == ("db-primary", 6432, "backup")

@@ -419,28 +419,27 @@ def inspect(
     try:
         facts = gather(conn)
         reason = skip_reason(facts, prove_wanted, check_mode, via_primary=primary is not None)
-        if reason is None:
-            stage = "the archive proof could not run"
-            if facts["in_recovery"]:
-                stage = "the archive proof could not switch WAL on the primary"
+        if reason is None and facts["in_recovery"]:
+            stage = "the archive proof could not switch WAL on the primary"
+            try:
                 switch_conn = primary(conn)
+            except PgopsError as e:  # a problem of the pre-flight (the stop needs this connection too), not a crash
+                facts["proof"] = dict(_not_proven(f"the primary could not be reached: {e}", prove_timeout), outcome="no_primary")
+            else:
                 try:
                     facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout, switch_conn)
                 finally:
                     switch_conn.close()
                 facts["proof"]["switched_on"] = "primary"
-            else:
-                facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout)
+                facts["ready_count"] = ready_count(conn)
+        elif reason is None:
+            stage = "the archive proof could not run"
+            facts["proof"], facts["archiver"] = prove(conn, facts, prove_timeout)
             facts["ready_count"] = ready_count(conn)
         else:
-            facts["proof"] = {
-                "performed": False, "skipped_reason": reason, "wal": None, "lsn": None, "switched": False,
-                "seconds": None, "timeout": prove_timeout, "archived": None, "outcome": None,
-            }  # fmt: skip
+            facts["proof"] = _not_proven(reason, prove_timeout)
     except psycopg2.Error as e:
         raise InspectError(f"{stage}: {error_text(e)}") from None
-    except PgopsError as e:  # the primary could not be found
-        raise InspectError(f"{stage}: {e}") from None
     check_destination(facts, destination, space_margin, warn or (lambda msg: None))
     guard = guard or {}
     facts["guard"]["newest_in_repository"], mtime = newest_archived(guard.get("repository"), facts["system_identifier"])
@@ -449,6 +448,13 @@ def inspect(
     problems = evaluate(facts, prove=prove_wanted, require_privileges=require_privileges)
     facts.update(problems=problems, ok=not problems)
     return facts
+
+
+def _not_proven(reason: str, timeout) -> dict:
+    return {
+        "performed": False, "skipped_reason": reason, "wal": None, "lsn": None, "switched": False,
+        "seconds": None, "timeout": timeout, "archived": None, "outcome": None,
+    }  # fmt: skip
 
 
 def inspect_for_module(module, application_name: str, prove_wanted: bool, fail_prefix: str = "") -> dict:

@@ -27,6 +27,7 @@ CODES = (
     "archive_proof_failed",
     "archive_proof_timeout",
     "archive_proof_not_switched",
+    "standby_primary_unreachable",
     "missing_backup_privilege",
     "cannot_switch_wal",
     "destination_not_absolute",
@@ -117,6 +118,14 @@ def archiver_problem(facts: dict) -> dict | None:
     proof = facts.get("proof") or {}
     row = facts.get("archiver") or {}
     ready = facts.get("ready_count")
+    if proof.get("outcome") == "no_primary":
+        return make_problem(
+            "standby_primary_unreachable",
+            f"the standby's archiving could not be proven: {proof.get('skipped_reason')}",
+            "a standby cannot switch WAL, so its primary does, for the proof and at the backup's stop: set "
+            "pg_backup_primary_host/_port/_login_user (the primary option), or let the primary accept this role from "
+            "this host (the host and port come from primary_conninfo)",
+        )
     if proof.get("performed"):
         outcome = proof.get("outcome")
         if outcome == "archived" and proof.get("switched") is False:

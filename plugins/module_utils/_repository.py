@@ -615,44 +615,49 @@ def plan_retention(
     backups are never touched; failed ones go once they are older than the oldest kept backup
     (and, with a window, older than the window).
 
-    Only backups a restore would trust count toward the rules: one known to be damaged (its newest
-    verification or drill failed) or whose chain of parents is broken is never kept instead of a
-    good one; it stays while it is newer than the oldest kept backup, for inspection. restorable:
-    the ids whose WAL is all in this repository's archive (None: not known here); when no kept
-    backup is among them, the newest trusted one that is stays too."""
+    Backups a restore would trust count first: one known to be damaged (its newest verification or
+    drill failed) or whose chain of parents is broken is kept by the newest and `keep` rules, or as
+    the window's base, only where too few good ones are left (never instead of a good one, and never
+    fewer backups than before). The newest damaged one, when no rule keeps it and it is newer than
+    the oldest backup those rules keep, stays for inspection: it is marked so, and neither its WAL
+    nor its start holds back WAL expiry. restorable: the ids whose WAL is all in this repository's archive (None: not
+    known here); when no kept backup is among them, the newest trusted one that is stays too."""
     now = time.time() if now is None else now
     mine = [e for e in sort_newest_first(entries) if e.get("system_identifier") == system_identifier]
     complete = [e for e in mine if is_complete(e)]
     by_id = {e["id"]: e for e in mine}
     damaged = {e["id"]: distrust(e) or chain_problem(by_id, e) for e in complete}
     trusted = [e for e in complete if not damaged[e["id"]]]
+    ranked = trusted + [e for e in complete if damaged[e["id"]]]  # good ones first, each newest first
     reasons = {}
 
     def why(entry, reason):
         reasons.setdefault(entry["id"], []).append(reason)
 
-    if trusted:
-        why(trusted[0], "the newest complete backup")
-    for e in complete:
-        if e.get("pinned"):
-            why(e, f"pinned ({(e['pinned'] or {}).get('reason') or 'no reason given'})")
+    if ranked:
+        why(ranked[0], "the newest complete backup" if ranked[0] is complete[0] else "the newest trusted backup")
     window_start = now - keep_days * 86400 if keep_days else None
     if not keep and not keep_days:
         for e in complete:
             why(e, "no retention rule is set")
     if keep:
-        for e in trusted[:keep]:
+        for e in ranked[:keep]:
             why(e, f"among the newest {keep}")
     if window_start is not None:
-        older = None
-        for e in trusted:
+        before = []
+        for e in complete:
             stopped = _when(e.get("stopped_at")) or _when(e.get("completed_at"))
             if stopped is not None and stopped >= window_start:
                 why(e, f"stopped inside the {keep_days:g}-day window")
-            elif older is None:
-                older = e
-        if older is not None:
-            why(older, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
+            else:
+                before.append(e)
+        base = next((e for e in before if not damaged[e["id"]]), before[0] if before else None)
+        if base is not None:
+            why(base, f"the base for point-in-time recovery to the start of the {keep_days:g}-day window")
+    by_rule = [e for e in complete if e["id"] in reasons]
+    for e in complete:
+        if e.get("pinned"):
+            why(e, f"pinned ({(e['pinned'] or {}).get('reason') or 'no reason given'})")
     if restorable is not None and not any(e["id"] in restorable for e in trusted if e["id"] in reasons):
         for e in trusted:
             if e["id"] in restorable:
@@ -666,12 +671,20 @@ def plan_retention(
     for e in complete:  # newest first: a parent kept here is seen again further down
         if e["id"] in reasons and e.get("type") == "incremental" and e.get("parent") in by_id:
             why(by_id[e["parent"]], f"the parent of incremental backup {e['id']}")
+    inspect_only = set()
+    newest_damaged = next((e for e in complete if damaged[e["id"]]), None)
+    oldest_by_rule = by_rule[-1]["id"] if by_rule else None
+    if (
+        newest_damaged is not None
+        and newest_damaged["id"] not in reasons
+        and oldest_by_rule
+        and newest_damaged["id"] > oldest_by_rule
+    ):
+        why(newest_damaged, f"known to be damaged ({damaged[newest_damaged['id']]}): the newest such, kept for inspection")
+        inspect_only.add(newest_damaged["id"])
     kept = [e for e in complete if e["id"] in reasons]
-    oldest_kept = kept[-1]["id"] if kept else None
-    for e in complete:
-        if e["id"] not in reasons and damaged[e["id"]] and oldest_kept is not None and e["id"] > oldest_kept:
-            why(e, f"known to be damaged ({damaged[e['id']]}), kept for inspection while newer than what is kept")
-    kept = [e for e in complete if e["id"] in reasons]
+    restored_from = [e for e in kept if e["id"] not in inspect_only]
+    oldest_kept = restored_from[-1]["id"] if restored_from else None
     remove = []
     for e in mine:
         if e["id"] in reasons or e.get("status") == "running":
@@ -688,9 +701,9 @@ def plan_retention(
             if old_enough:
                 remove.append({"id": e["id"], "status": e.get("status"), "reason": "failed, older than what is kept"})
     return {
-        "keep": [{"id": e["id"], "reasons": reasons[e["id"]]} for e in kept],
+        "keep": [{"id": e["id"], "reasons": reasons[e["id"]], "inspection_only": e["id"] in inspect_only} for e in kept],
         "remove": remove,
-        "oldest_kept": kept[-1] if kept else None,
+        "oldest_kept": restored_from[-1] if restored_from else None,
         "window_start": window_start,
         "keep_rule": bool(keep or keep_days),
     }
@@ -729,7 +742,15 @@ def _restorable(st, entries: list, system_identifier: str):
     if not files or not complete:
         return None
     seg_size = int(complete[0].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
-    return {b["id"] for b in coverage(sort_newest_first(complete), files, seg_size)["backups"] if b["wal_complete"]}
+    report = coverage(sort_newest_first(complete), files, seg_size)
+    newest = sort_newest_first(complete)[0]
+    try:
+        current = wal_segno(report["newest_segment"], seg_size) >= wal_segno(newest["start_wal"], seg_size)
+    except (KeyError, TypeError, PgopsError):
+        current = False
+    if not current:
+        return None  # the archive here stopped before the newest backup began (it moved elsewhere): not judged here
+    return {b["id"] for b in report["backups"] if b["wal_complete"]}
 
 
 def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: bool) -> dict:
@@ -745,7 +766,7 @@ def expire_wal(repository: str, system_identifier: str, plan: dict, dry_run: boo
     if not files or plan["oldest_kept"] is None:
         return {"wal_removed": [], "wal_kept_because": None if files else "no WAL archived by pgops-wal here"}
     catalog = read_catalog(st)
-    kept = [e for e in catalog if e["id"] in {k["id"] for k in plan["keep"]}]
+    kept = [e for e in catalog if e["id"] in {k["id"] for k in plan["keep"] if not k.get("inspection_only")}]
     seg_size = int(plan["oldest_kept"].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE)
     report = coverage(sort_newest_first(kept), files, seg_size)
     broken = [b for b in report["backups"] if not b["wal_complete"]]

@@ -169,10 +169,11 @@ class FileStorage:
         """Remove a backup's directory. It is renamed aside first, so a removal that fails half way
         never leaves a backup.json that still says complete over half the files."""
         path = self.path(rel)
-        if not os.path.lexists(path):
-            return
         aside = os.path.join(os.path.dirname(path), f".removing-{os.path.basename(path)}-{os.getpid()}")
-        os.rename(path, aside)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # gone already (another host's retention of the same cluster got there first)
         errors = []
         if sys.version_info >= (3, 12):
             shutil.rmtree(aside, onexc=lambda _f, p, e: errors.append(f"{p}: {e}"))

@@ -48,9 +48,9 @@ options:
     default: 60
 notes:
   - Problem codes are those of M(pgops.online_backup.pg_archiving_info), plus the proof's V(archive_proof_failed),
-    V(archive_proof_timeout) and V(archive_proof_not_switched) (nothing was written since the last switch and the role
+    V(archive_proof_timeout), V(archive_proof_not_switched) (nothing was written since the last switch and the role
     could write no WAL record, so no new segment was archived; before switching, the module writes a logical message,
-    else assigns a transaction id).
+    else assigns a transaction id) and, on a standby with O(primary), V(standby_primary_unreachable).
 seealso:
   - module: pgops.online_backup.pg_archiving_info
 """

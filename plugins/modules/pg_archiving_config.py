@@ -100,6 +100,11 @@ service_unit:
     a restart goes through it; null when it runs outside systemd or this cannot be read.
   returned: always
   type: str
+service_unit_main:
+  description: Whether the postmaster is the main process of RV(service_unit) (false under a manager such as Patroni,
+    which must do the restart itself); null when C(systemctl) cannot say.
+  returned: always
+  type: bool
 server_version_num:
   description: Server version as a number.
   returned: always
@@ -146,21 +151,25 @@ def current_settings(conn, names: list) -> dict:
     return out
 
 
-def service_unit(data_directory: str | None) -> str | None:
-    """The systemd unit the postmaster runs in (from its cgroup), else None: a restart must go
-    through that unit, or systemd sees its service die and the new postmaster outside it."""
+def service_unit(data_directory: str | None, run_command) -> tuple:
+    """(the systemd unit the postmaster runs in, from its cgroup, or None; whether the postmaster is
+    that unit's main process: False for a manager such as Patroni, None when systemctl cannot say).
+    A restart must go through that unit, or systemd sees its service die and the new postmaster outside it.
+    run_command: AnsibleModule.run_command."""
     try:
         with open(os.path.join(data_directory or "", "postmaster.pid")) as f:
             pid = int(f.readline())
         with open(f"/proc/{pid}/cgroup") as f:
             lines = f.read().splitlines()
     except (OSError, ValueError):
-        return None
-    for line in lines:
-        for part in reversed(line.split(":", 2)[-1].split("/")):
-            if part.endswith(".service"):
-                return part
-    return None
+        return None, None
+    unit = next(
+        (part for line in lines for part in reversed(line.split(":", 2)[-1].split("/")) if part.endswith(".service")), None
+    )
+    if unit is None:
+        return None, None
+    rc, out, _err = run_command(["systemctl", "show", "-p", "MainPID", "--value", unit])
+    return unit, (int(out.strip()) == pid if rc == 0 and out.strip().isdigit() else None)
 
 
 def not_allowed(conn, num: int, names: list) -> list:
@@ -239,6 +248,7 @@ def main():
         row = query_one(conn, "SELECT setting FROM pg_settings WHERE name = 'data_directory'")
     finally:
         conn.close()
+    unit, unit_main = service_unit(row[0] if row else None, module.run_command)
     diff = {
         "before": "".join(f"{c['name']} = {c['before']!r}\n" for c in changes),
         "after": "".join(f"{c['name']} = {c['after']!r}\n" for c in changes),
@@ -249,7 +259,8 @@ def main():
         restart_needed=bool(pending),
         pending_restart=pending,
         data_directory=row[0] if row else None,
-        service_unit=service_unit(row[0] if row else None),
+        service_unit=unit,
+        service_unit_main=unit_main,
         server_version_num=num,
         diff=diff,
         msg=(f"set {', '.join(c['name'] for c in changes)}" if changes else "every setting already has its value")

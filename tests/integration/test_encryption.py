@@ -118,8 +118,9 @@ def test_encrypted_backup_and_wal_restore_only_with_the_key(make_cluster, playbo
     assert f"backup {b['id']} is encrypted with age (for {public})" in refused.stdout, refused
     assert not os.path.exists(data)
     # The key's text lives in a file for this run only: a server left paused in recovery would lose it.
-    paused = playbook(RESTORE, extra_vars={**rv, "pg_restore_age_identity": identity, "pg_restore_target_action": "pause"})
-    assert paused.rc != 0 and "pg_restore_target_action pause leaves the server in recovery" in paused.stdout, paused
+    paused = {**rv, "pg_restore_age_identity": identity, "pg_restore_target": "immediate", "pg_restore_target_action": "pause"}
+    refused = playbook(RESTORE, extra_vars=paused)
+    assert refused.rc != 0 and "pg_restore_target_action pause leaves the server in recovery" in refused.stdout, refused
     assert not os.path.exists(data)
 
     # With the key's text: the backup and its WAL decrypt, every row committed before the backup ended is there.

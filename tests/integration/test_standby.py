@@ -10,7 +10,7 @@ import time
 import pytest
 from harness.ansible import NODE_PYTHON, REPO
 from harness.layout import restore_backup
-from harness.pg import Cluster, make_pg_dir, make_standby
+from harness.pg import Cluster, free_port, make_pg_dir, make_standby
 from harness.workload import Writer
 
 BACKUP = os.path.join(REPO, "playbooks", "backup.yml")
@@ -168,3 +168,16 @@ def test_a_standby_stop_that_does_not_wait_still_has_the_primary_finish_its_segm
     while not os.path.exists(os.path.join(primary.archive, stop_wal)):
         assert time.monotonic() < deadline, f"{stop_wal} was never archived: the primary did not finish it"
         time.sleep(0.1)
+
+
+def test_a_standby_that_cannot_reach_its_primary_is_refused_before_the_start(pair, playbook):
+    """The standby's proof and its stop both need the primary to switch WAL: no way there is a pre-flight
+    problem naming the fix, before anything starts."""
+    primary, standby = pair()
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    v = {"pg_backup_repository": repo, "pg_backup_source": "standby", "pg_backup_primary_host": "127.0.0.1",
+         "pg_backup_primary_port": free_port()}  # fmt: skip
+    run = playbook(BACKUP, inventory(standby=standby), extra_vars=v)
+    assert run.rc != 0, run
+    assert "standby_primary_unreachable" in run.stdout and "nothing was started" in run.stdout, run.stdout[-3000:]
+    assert not os.path.exists(repo) and standby.backups_in_progress() == 0

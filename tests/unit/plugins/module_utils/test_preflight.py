@@ -352,8 +352,24 @@ def test_the_systemd_unit_of_a_postmaster_is_read_from_its_cgroup(tmp_path, monk
     def fake_open(path, *a, **kw):
         return io.StringIO(cgroups[path]) if path in cgroups else real_open(path, *a, **kw)
 
+    main_pid = {"postgresql@16-main.service": "4242\n", "patroni.service": "77\n"}
+
+    def systemctl(argv):  # as AnsibleModule.run_command answers
+        return 0, main_pid[argv[-1]], ""
+
     monkeypatch.setattr("builtins.open", fake_open)
-    assert config.service_unit(str(tmp_path)) == "postgresql@16-main.service"
+    assert config.service_unit(str(tmp_path), systemctl) == ("postgresql@16-main.service", True)
+    cgroups["/proc/4242/cgroup"] = "0::/system.slice/patroni.service\n"
+    assert config.service_unit(str(tmp_path), systemctl) == ("patroni.service", False), "a manager: it must restart the server"
+    assert config.service_unit(str(tmp_path), lambda argv: (1, "", "no systemctl")) == ("patroni.service", None)
     cgroups["/proc/4242/cgroup"] = "0::/user.slice/user-1000.slice/session-4.scope\n"
-    assert config.service_unit(str(tmp_path)) is None, "started by hand in a login session"
-    assert config.service_unit(str(tmp_path / "none")) is None
+    assert config.service_unit(str(tmp_path), systemctl) == (None, None), "started by hand in a login session"
+    assert config.service_unit(str(tmp_path / "none"), systemctl) == (None, None)
+
+
+def test_a_standby_whose_primary_cannot_be_reached_is_a_problem_not_a_crash():
+    proof = {"performed": False, "outcome": "no_primary", "switched": False,
+             "skipped_reason": "the primary could not be reached: unable to connect to the primary (10.0.0.5:5432)"}  # fmt: skip
+    problems = pf.evaluate(facts(in_recovery=True, archive_mode="always", proof=proof))
+    assert codes(problems) == ["standby_primary_unreachable"], problems
+    assert "10.0.0.5:5432" in problems[0]["message"] and "pg_backup_primary_host" in problems[0]["hint"]

@@ -614,11 +614,36 @@ def test_retention_never_keeps_a_damaged_backup_instead_of_a_good_one():
     plan = r.plan_retention(entries, "1", keep=2, now=NOW)
     kept = {k["id"]: k["reasons"] for k in plan["keep"]}
     assert "among the newest 2" in kept["20261129T000000Z"] and "among the newest 2" in kept["20261128T000000Z"]
-    assert any("known to be damaged" in why for why in kept["20261201T000000Z"])  # newer: kept for inspection
-    assert plan["remove"] == []
+    assert any("kept for inspection" in why for why in kept["20261201T000000Z"]), "the newest damaged one"
+    assert [k["id"] for k in plan["keep"] if k["inspection_only"]] == ["20261201T000000Z"]
+    assert [x["id"] for x in plan["remove"]] == ["20261130T000000Z"]
+    assert plan["oldest_kept"]["id"] == "20261128T000000Z"
     older_damaged = [_entry("20261201T000000Z", 1), _entry("20261130T000000Z", 2, verification=failed_check)]
     (gone,) = r.plan_retention(older_damaged, "1", keep=1, now=NOW)["remove"]
     assert gone["id"] == "20261130T000000Z" and gone["reason"].startswith("known to be damaged")
+
+
+def sort_newest(entries: list) -> list:
+    return sorted(entries, key=lambda e: e["id"], reverse=True)
+
+
+def test_retention_never_keeps_fewer_backups_because_some_are_damaged():
+    """Damaged backups fill in where too few good ones are left: a damaged full backup (and so its whole
+    chain) never leaves the cluster with nothing, and one old good backup does not make every damaged
+    backup since then stay."""
+    failed_drill = {"at": "2026-11-30T00:00:00+00:00", "result": "failed", "error": "scratch disk full"}
+    all_damaged = [_entry(f"202611{d:02d}T000000Z", 30 - d, drill=failed_drill) for d in range(20, 30)]
+    plan = r.plan_retention(all_damaged, "1", keep=7, now=NOW)
+    assert [k["id"] for k in plan["keep"]] == [e["id"] for e in sort_newest(all_damaged)[:7]], plan["keep"]
+    chain = [_entry("20261120T000000Z", 10, type="full", verification={"at": "2026-11-30T00:00:00+00:00", "verified": False})]
+    chain += [_inc(f"202611{d:02d}T000000Z", 30 - d, f"202611{d - 1:02d}T000000Z") for d in range(21, 30)]
+    kept = [k["id"] for k in r.plan_retention(chain, "1", keep=3, now=NOW)["keep"]]
+    assert kept[:3] == ["20261129T000000Z", "20261128T000000Z", "20261127T000000Z"] and len(kept) == 10, "the chain stays whole"
+    pinned_long_ago = [_entry("20251201T000000Z", 365, pinned={"reason": "audit"})]
+    monthly = [_entry(f"2026{m:02d}01T000000Z", 30 * (12 - m), drill=failed_drill) for m in range(1, 13)]
+    plan = r.plan_retention(pinned_long_ago + monthly, "1", keep=2, now=NOW)
+    assert [k["id"] for k in plan["keep"]] == ["20261201T000000Z", "20251201T000000Z"], plan["keep"]
+    assert len(plan["remove"]) == 11, "the damaged ones between go: only the newest is kept"
 
 
 def _inc(bid: str, days_ago: float, parent: str, **more) -> dict:
@@ -767,3 +792,49 @@ def test_a_pin_preview_checks_what_the_pin_would_and_writes_nothing(tmp_path, ad
         r.pin_backup(repo, "20261103T000000Z", True, "audit", dry_run=True)
     r.pin_backup(repo, "20261101T000000Z", True, "audit")
     assert r.pin_backup(repo, "20261101T000000Z", True, "legal hold", dry_run=True)[0], "a new reason is a change"
+
+
+def test_a_backup_kept_for_inspection_holds_back_no_wal_expiry(tmp_path, add_backup):
+    """Its drill failed because its WAL is missing: it stays to be looked at, but nothing restores from it,
+    so its gap does not stop expiry of the WAL the good backups do not need."""
+    repo = str(tmp_path)
+    for bid, start, stop, more in (
+        ("20261101T000000Z", "03", "04", {}),
+        (
+            "20261102T000000Z",
+            "06",
+            "07",
+            {"drill": {"at": "2026-11-02T01:00:00+00:00", "result": "failed", "error": "missing 07"}},
+        ),
+        ("20261103T000000Z", "09", "0A", {}),
+    ):
+        add_backup(repo, bid, "complete", system_identifier="1", start_wal=f"0000000100000000000000{start}",
+                   stop_wal=f"0000000100000000000000{stop}", **more)  # fmt: skip
+    wal = tmp_path / "wal" / "1"
+    wal.mkdir(parents=True)
+    for i in (1, 2, 3, 4, 5, 6, 8, 9, 10):  # 07 is missing
+        (wal / f"0000000100000000000000{i:02X}.zst").write_bytes(b"x")
+    out = r.retention(repo, "1", keep=2)
+    assert [k["id"] for k in out["kept"] if k["inspection_only"]] == ["20261102T000000Z"], out["kept"]
+    assert out["wal_kept_because"] is None and out["wal_removed"] == [
+        "000000010000000000000001.zst",
+        "000000010000000000000002.zst",
+    ]
+
+
+def test_an_archive_that_moved_elsewhere_keeps_no_old_backup_forever(tmp_path, add_backup):
+    """WAL stopped arriving here before the newer backups began (archive_command now points elsewhere):
+    which backups are restorable is not known here, so no old backup is kept for its WAL."""
+    repo = str(tmp_path)
+    for bid, start, stop in (
+        ("20261101T000000Z", "02", "03"),
+        ("20261102T000000Z", "08", "09"),
+        ("20261103T000000Z", "0C", "0D"),
+    ):
+        add_backup(repo, bid, "complete", system_identifier="1",
+                   start_wal=f"0000000100000000000000{start}", stop_wal=f"0000000100000000000000{stop}")  # fmt: skip
+    wal = tmp_path / "wal" / "1"
+    wal.mkdir(parents=True)
+    for i in (1, 2, 3, 4):
+        (wal / f"0000000100000000000000{i:02X}.zst").write_bytes(b"x")
+    assert r.retention(repo, "1", keep=2, dry_run=True)["removed"] == ["20261101T000000Z"]

@@ -125,13 +125,18 @@ def ready_count(conn):
         return None
 
 
-def wait_for_segment_or_failure(conn, name: str, timeout: float, failed_count: int, first_poll: float = 0.01) -> dict:
+def wait_for_segment_or_failure(
+    conn, name: str, timeout: float, failed_count: int, first_poll: float = 0.01, patient: bool = False
+) -> dict:
     """Wait until WAL file name is archived, the archiver fails, or timeout seconds pass.
 
     failed_count is pg_stat_archiver.failed_count read before name was
     switched: a failure counted after that, with nothing archived since, means
     the archiver is stuck at name or before it (it works in order), so waiting
     longer cannot help. outcome is "archived", "failed" or "timeout".
+    patient: a failure does not end the wait (a standby sharing its primary's archive may fail
+    while the primary's copy of the same file is still being written, then succeed on retry);
+    a failure still standing at the timeout is "failed".
     """
     begin = time.monotonic()
     delay = first_poll
@@ -139,12 +144,13 @@ def wait_for_segment_or_failure(conn, name: str, timeout: float, failed_count: i
         row = archiver_row(conn)
         status = _status_files(conn, [name])
         waited = time.monotonic() - begin
+        failing = (row.get("failed_count") or 0) > failed_count and archiver_failing(row)
         if archived(name, status, row):
             outcome = "archived"
-        elif (row.get("failed_count") or 0) > failed_count and archiver_failing(row):
+        elif failing and not patient:
             outcome = "failed"
         elif waited >= timeout:
-            outcome = "timeout"
+            outcome = "failed" if failing else "timeout"
         else:
             time.sleep(min(delay, max(0.0, timeout - waited)))
             delay = min(delay * 2, 0.25)
@@ -364,7 +370,7 @@ def prove(conn, facts: dict, timeout: float, switch_conn=None) -> tuple:
     # when there was nothing to switch. The finished segment holds the byte before
     # it; computed here because pg_walfile_name() changed at a boundary in 17.
     wal = wal_file_name(timeline, lsn, seg_size, previous=True)
-    res = wait_for_segment_or_failure(conn, wal, timeout, baseline.get("failed_count") or 0)
+    res = wait_for_segment_or_failure(conn, wal, timeout, baseline.get("failed_count") or 0, patient=switch_conn is not None)
     proof = {
         "performed": True,
         "skipped_reason": None,

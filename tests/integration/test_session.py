@@ -147,7 +147,7 @@ def test_pg_backup_copy_task_between_start_and_stop_restores_with_rows_written_d
     dest.mkdir()
     run = playbook(
         play(
-            session_task("start", "b", label="copy-module", lease=5, keepalive_interval=1, **cv),
+            session_task("start", "b", label="copy-module", lease=20, keepalive_interval=1, **cv),  # a loaded CI runs slow
             {
                 "name": "write during",
                 # Debian's psql: the relocatable server builds have no client.

@@ -335,7 +335,7 @@ def test_the_proof_writes_a_record_before_switching_even_without_pg_logical_emit
     monkeypatch.setattr(
         archiving,
         "wait_for_segment_or_failure",
-        lambda conn, wal, timeout, failed: {"archived": True, "outcome": "archived", "archiver": {}},
+        lambda conn, wal, timeout, failed, **kw: {"archived": True, "outcome": "archived", "archiver": {}},
     )
     proof, _row = archiving.prove(None, {"wal_segment_size": seg}, 5)
     assert any("txid_current" in q for q in state["asked"]), state["asked"]
@@ -373,3 +373,21 @@ def test_a_standby_whose_primary_cannot_be_reached_is_a_problem_not_a_crash():
     problems = pf.evaluate(facts(in_recovery=True, archive_mode="always", proof=proof))
     assert codes(problems) == ["standby_primary_unreachable"], problems
     assert "10.0.0.5:5432" in problems[0]["message"] and "pg_backup_primary_host" in problems[0]["hint"]
+
+
+def test_a_patient_wait_outlasts_a_failure_the_archiver_then_retries_past(monkeypatch):
+    """A standby sharing its primary's archive can fail once on a file the primary is still writing,
+    then archive it on the retry: its proof waits on (patient); a primary's proof ends at the failure."""
+    rows = iter(
+        [{"failed_count": 1, "last_failed_wal": "000000010000000000000005", "last_failed_time": "2026-12-02T10:00:01+00:00",
+          "last_archived_wal": "000000010000000000000004", "last_archived_time": "2026-12-02T10:00:00+00:00"}] * 2
+        + [{"failed_count": 1, "last_archived_wal": "000000010000000000000005", "last_archived_time": "2026-12-02T10:00:02+00:00",
+            "last_failed_wal": "000000010000000000000005", "last_failed_time": "2026-12-02T10:00:01+00:00"}] * 5
+    )  # fmt: skip
+    monkeypatch.setattr(archiving, "archiver_row", lambda conn: next(rows))
+    monkeypatch.setattr(archiving, "_status_files", lambda conn, names: {})
+    res = archiving.wait_for_segment_or_failure(None, "000000010000000000000005", 5, 0, first_poll=0, patient=True)
+    assert res["outcome"] == "archived", res
+    failing = {"failed_count": 1, "last_failed_wal": "000000010000000000000005", "last_failed_time": "2026-12-02T10:00:01+00:00"}
+    rows = iter([dict(failing, last_archived_wal="000000010000000000000004", last_archived_time="2026-12-02T10:00:00+00:00")])
+    assert archiving.wait_for_segment_or_failure(None, "000000010000000000000005", 5, 0, first_poll=0)["outcome"] == "failed"

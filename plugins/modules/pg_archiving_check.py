@@ -18,7 +18,9 @@ description:
   - On a standby, which cannot switch WAL, the primary switches it when O(primary) is given (the options it leaves out
     come from the standby's C(primary_conninfo) and this task's connection), and the proof waits for the standby's
     own archiver to archive that segment (C(archive_mode=always) is needed for a standby to archive); that also
-    proves the connection to the primary a standby backup's stop needs. Without O(primary) the proof on a standby is
+    proves the connection to the primary a standby backup's stop needs. There a failure the archiver reports does
+    not end the wait (a standby sharing its primary's archive may fail once on a file still being written, then
+    succeed on the retry); one still standing at O(prove_timeout) is V(archive_proof_failed). Without O(primary) the proof on a standby is
     replaced by the settings checks. The proof is also skipped when the settings already show that archiving cannot
     work, and in check mode.
   - Returns every fact M(pgops.online_backup.pg_archiving_info) returns (the most used are listed below).

@@ -180,7 +180,10 @@ class FileStorage:
         else:
             shutil.rmtree(aside, onerror=lambda _f, p, e: errors.append(f"{p}: {e[1]}"))
         if errors:
-            raise StorageError(f"{rel} was set aside as {aside} but could not be removed: {errors[0]} ({len(errors)} error(s))")
+            raise StorageError(
+                f"{rel} was set aside as {aside} but could not be removed: {errors[0]} ({len(errors)} error(s)); "
+                "it is no longer listed as a backup: remove that directory by hand"
+            )
 
     def delete_payload(self, backup_id: str) -> list:
         """Everything of a backup but its backup.json."""

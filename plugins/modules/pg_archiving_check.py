@@ -20,9 +20,9 @@ description:
     own archiver to archive that segment (C(archive_mode=always) is needed for a standby to archive); that also
     proves the connection to the primary a standby backup's stop needs. There a failure the archiver reports does
     not end the wait (a standby sharing its primary's archive may fail once on a file still being written, then
-    succeed on the retry); one still standing at O(prove_timeout) is V(archive_proof_failed). Without O(primary) the proof on a standby is
-    replaced by the settings checks. The proof is also skipped when the settings already show that archiving cannot
-    work, and in check mode.
+    succeed on the retry); one still standing at O(prove_timeout) is V(archive_proof_failed). Without O(primary)
+    the proof on a standby is replaced by the settings checks. The proof is also skipped when the settings already
+    show that archiving cannot work, and in check mode.
   - Returns every fact M(pgops.online_backup.pg_archiving_info) returns (the most used are listed below).
   - Run it before P(pgops.online_backup.pg_backup_session#module), so that a broken archive stops the run before
     backup mode is entered, as the role P(pgops.online_backup.pg_backup#role) does.

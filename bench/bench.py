@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=100, help="pgbench scale (100 is about 1.5 GB)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each contender; the best is reported")
     ap.add_argument("--quick", action="store_true", help="only the three baselines and the playbook with tar+zstd")
+    ap.add_argument("--tasks", action="store_true", help="also print each of our playbook's tasks' seconds")
     args = ap.parse_args()
 
     c = Cluster(15, name="bench")
@@ -111,6 +112,7 @@ def main() -> int:
         def ours(method: str, compression: str, python: str = NODE_PYTHON, **more):
             def run():
                 repo = fresh(f"ours-{method}-{compression}")
+                started = time.time()
                 r = run_playbook(
                     os.path.join(REPO, "playbooks", "backup.yml"),
                     f"[postgresql]\nlocalhost ansible_connection=local ansible_python_interpreter={python}\n",
@@ -124,10 +126,12 @@ def main() -> int:
                         **more,
                     },
                     workdir=fresh(f"playbook-{method}-{compression}"),  # removed with the rest of the bench
-                    record=False,  # plain ansible-playbook, as a user runs it
+                    record=args.tasks,  # without --tasks: plain ansible-playbook, as a user runs it
                 )
                 if r.rc != 0:
                     raise SystemExit(f"backup playbook failed:\n{r.stdout[-3000:]}")
+                if args.tasks:
+                    print(r.timeline(started), flush=True)
                 (bid,) = [n for n in os.listdir(repo) if n[0].isdigit()]
                 info = json.load(open(os.path.join(repo, bid, "backup.json")))
                 run.copy_seconds = float(info["copy_seconds"])

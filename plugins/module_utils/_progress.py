@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from ._status import human_bytes, human_seconds
+from ._units import human_bytes, human_seconds
 
 PROGRESS_FILE = "progress.json"
 # The rate is measured over this many seconds: it follows a copy that slows down (a compressor

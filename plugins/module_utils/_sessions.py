@@ -24,7 +24,7 @@ import time
 from ._errors import PgopsError
 from ._files import read_json, write_json
 from ._progress import copy_line, read_progress
-from ._status import human_seconds
+from ._units import human_seconds
 
 STATE_FILE = "state.json"
 SOCKET_FILE = "keeper.sock"

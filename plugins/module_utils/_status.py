@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import datetime
 
+from ._repository import latest
+from ._units import human_bytes, human_seconds
+
 POLICY = ("max_backup_age", "min_window", "max_drill_age")
 
 
@@ -31,8 +34,6 @@ def newest_drills(entries: list) -> list:
 
 
 def judge(host: str, cluster: str, entries: list, coverage: dict, archiving: dict, policy: dict, now) -> tuple:
-    from ._repository import latest  # here: _repository needs _sessions, which needs this module
-
     mine = [e for e in entries if str(e.get("system_identifier")) == cluster]
     complete = sorted((e for e in mine if e.get("status") == "complete"), key=lambda e: str(e.get("id")), reverse=True)
     # The newest backup a restore would use: not one known to be damaged, nor one whose chain is broken.
@@ -160,46 +161,6 @@ def columns(head: tuple, body: list) -> list:
 
 LIST_HEAD = ("id", "type", "status", "started (UTC)", "duration", "stored / source", "WAL range", "verified", "last drill")
 NOTE_MAX = 200  # characters of a failed backup's error in its note; the whole error is in backup.json
-
-
-def _amount(value) -> float | None:
-    """A recorded number of bytes or seconds, or None when it is missing, not a number or negative."""
-    try:
-        n = float(value)
-    except (TypeError, ValueError):
-        return None
-    return n if n >= 0 else None
-
-
-def human_bytes(value) -> str:
-    """1.2 GiB (binary units, one decimal); - when unknown."""
-    n = _amount(value)
-    if n is None:
-        return "-"
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        n /= 1024
-        if n < 1024 or unit == "PiB":
-            break
-    return f"{n:.1f} {unit}"
-
-
-def human_seconds(value) -> str:
-    """2m05s, 1h02m, 3d04h; 4.2s under ten seconds; - when unknown."""
-    s = _amount(value)
-    if s is None:
-        return "-"
-    if s < 10:
-        return f"{s:.1f}s"
-    s = int(round(s))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _minute(value) -> str:

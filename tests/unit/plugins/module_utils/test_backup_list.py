@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from harness.ansible import REPO, collections_workspace
 
 sys.path.insert(0, collections_workspace())
@@ -35,29 +34,6 @@ def complete(**extra) -> dict:
 
 def row(entry: dict) -> dict:
     return dict(zip(status.LIST_HEAD, status.list_row(entry, NOW)))
-
-
-@pytest.mark.parametrize(
-    "value, text",
-    [
-        (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (int(1.2 * GiB), "1.2 GiB"),
-        (5 * 1024 * GiB, "5.0 TiB"), ("2048", "2.0 KiB"), (None, "-"), ("lots", "-"), (-1, "-"),
-    ],
-)  # fmt: skip
-def test_sizes_are_binary_units_with_one_decimal(value, text):
-    assert status.human_bytes(value) == text
-
-
-@pytest.mark.parametrize(
-    "value, text",
-    [
-        (0, "0.0s"), (4.24, "4.2s"), (9.96, "10.0s"), (10, "10s"), (59.4, "59s"), (59.6, "1m00s"), (125.2, "2m05s"),
-        (3599, "59m59s"), (3600, "1h00m"), (3725, "1h02m"), (86400 + 4 * 3600, "1d04h"), ("7.5", "7.5s"), (None, "-"),
-        ("soon", "-"), (-3, "-"),
-    ],
-)  # fmt: skip
-def test_durations_read_like_2m05s(value, text):
-    assert status.human_seconds(value) == text
 
 
 def test_a_complete_backup_has_every_column():

@@ -11,6 +11,11 @@ directory's size, and the ratios of the whole time to pg_basebackup -Ft
 to raw tar | zstd -T2 and to pgBackRest. For the contenders that are one
 program, the copy is the whole run.
 
+"Ansible's floor" is the backup play's connection, become and pipelining running
+six module tasks of four distinct modules that do nothing (import AnsibleModule,
+exit): what any playbook of our role's shape costs before it does any work. Its
+whole time is fixed cost, the bound below which the playbook's cannot go.
+
 pgBackRest (a full backup, zst, process-max 2) is measured when it is installed
 (`apt-get install -y pgbackrest`; Debian 12's 2.45 supports PostgreSQL up to 15)
 and skipped with a note otherwise. When it runs, its configuration, repository,
@@ -42,6 +47,14 @@ PGBR_ROW = "pgbackrest full zst (process-max 2)"
 CLIENT_ROW = "pg_basebackup -Ft client-zstd -c fast"
 SERVER_ROW = "pg_basebackup server-zstd:workers=2"
 RAW_ROW = "raw tar | zstd -T2"
+FLOOR_ROW = "Ansible's floor: 6 no-op module tasks"
+FLOOR_MODULES = ("noop_check", "noop_catalog", "noop_session", "noop_copy")
+FLOOR_TASKS = ("noop_check", "noop_catalog", "noop_session", "noop_copy", "noop_session", "noop_catalog")
+NOOP_MODULE = """#!/usr/bin/python
+from ansible.module_utils.basic import AnsibleModule
+
+AnsibleModule(argument_spec={"x": {"type": "str"}}, supports_check_mode=True).exit_json(changed=False)
+"""
 # Managed-node Pythons: Debian's (python3-crc32c, a software CRC-32C) and the one setup.sh
 # makes with the hardware-accelerated crc32c from PyPI.
 NODE_PYTHON = "/usr/bin/python3"
@@ -62,7 +75,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, default=100, help="pgbench scale (100 is about 1.5 GB)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each contender; the best is reported")
-    ap.add_argument("--quick", action="store_true", help="only the three baselines and the playbook with tar+zstd")
+    ap.add_argument(
+        "--quick", action="store_true", help="only the three baselines, the playbook with tar+zstd and Ansible's floor"
+    )
     ap.add_argument("--tasks", action="store_true", help="also print each of our playbook's tasks' seconds")
     args = ap.parse_args()
 
@@ -142,6 +157,33 @@ def main() -> int:
 
             return run
 
+        def ansible_floor():
+            """What Ansible alone costs for our role's shape: the backup play's connection, become and
+            pipelining running six module tasks of four distinct modules (pre-flight, record, start, copy,
+            stop, complete) that do nothing: each imports AnsibleModule and exits."""
+            d = fresh("floor")
+            os.makedirs(os.path.join(d, "library"))
+            for name in FLOOR_MODULES:
+                with open(os.path.join(d, "library", name + ".py"), "w") as f:
+                    f.write(NOOP_MODULE)
+            play = {
+                "name": "Ansible's floor",
+                "hosts": "postgresql",
+                "gather_facts": False,
+                "become": True,
+                "become_user": "postgres",
+                "vars": {"ansible_pipelining": True},
+                "tasks": [{name: {"x": "a"}} for name in FLOOR_TASKS],
+            }
+            r = run_playbook(
+                [play], f"[postgresql]\nlocalhost ansible_connection=local ansible_python_interpreter={NODE_PYTHON}\n",
+                workdir=d, record=False,
+            )  # fmt: skip
+            if r.rc != 0:
+                raise SystemExit(f"floor playbook failed:\n{r.stdout[-3000:]}")
+
+        ansible_floor.copy_seconds = 0.0  # all of it is fixed cost
+
         contenders = [
             (CLIENT_ROW, basebackup),
             (SERVER_ROW, basebackup_server),
@@ -151,9 +193,11 @@ def main() -> int:
             ("playbook tar+zstd, manifest NONE", ours("tar", "zstd", pg_backup_manifest_checksum="NONE")),
             ("playbook tar (none)", ours("tar", "none")),
             ("playbook rsync", ours("rsync", "none")),
+            (FLOOR_ROW, ansible_floor),
         ]
         if args.quick:
-            contenders = [row for row in contenders if row[0] in (CLIENT_ROW, SERVER_ROW, RAW_ROW, "playbook tar+zstd")]
+            quick = (CLIENT_ROW, SERVER_ROW, RAW_ROW, "playbook tar+zstd", FLOOR_ROW)
+            contenders = [row for row in contenders if row[0] in quick]
 
         if shutil.which("pgbackrest") is None:
             print(f"skipped {PGBR_ROW}: pgbackrest is not installed (apt-get install -y pgbackrest)", flush=True)
@@ -210,7 +254,9 @@ def main() -> int:
                 extra = ""
                 if hasattr(fn, "copy_seconds"):
                     fn.best_copy = min(getattr(fn, "best_copy", fn.copy_seconds), fn.copy_seconds)
-                    extra = f"copy step {fn.copy_seconds:.2f} s, manifest ({fn.checksum}) {fn.manifest_seconds:.2f} s"
+                    extra = f"copy step {fn.copy_seconds:.2f} s"
+                    if hasattr(fn, "checksum"):
+                        extra += f", manifest ({fn.checksum}) {fn.manifest_seconds:.2f} s"
                 print(f"  round {rnd + 1}: {name}: {secs:.2f} s {extra}", flush=True)
         for name, fn in contenders:
             rows.append((name, min(times[name]), getattr(fn, "best_copy", None)))

@@ -7,6 +7,7 @@ import signal
 import sys
 
 import pytest
+from harness import scratch
 from harness.ansible import collections_workspace, local_inventory, run_playbook
 from harness.pg import Cluster, tagged_processes
 
@@ -23,6 +24,22 @@ def _keeper_pids() -> set:
     resets the environment, and those are caught by the server-side check.
     """
     return set(tagged_processes(OWNER.decode(), keepers=True))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_the_sessions_scratch_dirs():
+    """What module and session fixtures made (after their own teardown)."""
+    yield
+    scratch.remove_since(0)
+
+
+@pytest.fixture(autouse=True)
+def _remove_the_tests_scratch_dirs():
+    """Scratch directories the test and its function fixtures made: set up before them (autouse
+    comes first in its scope), so torn down after them, once their servers have stopped."""
+    position = scratch.mark()
+    yield
+    scratch.remove_since(position)
 
 
 @pytest.fixture(autouse=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 
 import yaml
+
+from .scratch import scratch_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -21,6 +25,7 @@ def collections_workspace() -> str:
     if ws:
         return ws
     ws = tempfile.mkdtemp(prefix="pgops-ws-")
+    atexit.register(shutil.rmtree, ws, True)  # by the process that made it (xdist workers inherit it)
     os.makedirs(os.path.join(ws, "ansible_collections", "pgops"))
     os.symlink(REPO, os.path.join(ws, "ansible_collections", "pgops", "online_backup"))
     os.environ["PGOPS_COLLECTIONS_WS"] = ws
@@ -80,7 +85,7 @@ def run_playbook(
     """playbook: a path, a collection playbook name, or a list of plays (written to a file).
     bin_dir: the bin directory of another ansible-core's virtualenv (default: this venv's)."""
     bin_dir = bin_dir or VENV_BIN
-    workdir = workdir or tempfile.mkdtemp(prefix="pgops-pb-")
+    workdir = workdir or scratch_dir("pgops-pb-")
     if isinstance(playbook, list):
         path = os.path.join(workdir, "playbook.yml")
         with open(path, "w") as f:

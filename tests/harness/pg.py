@@ -8,10 +8,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 
 import psycopg2
+
+from .scratch import scratch_dir
 
 CACHE = os.environ.get("PGOPS_CACHE", "/var/cache/pgops-online-backup")
 MAJORS = [12, 13, 14, 15, 16, 17, 18]
@@ -84,7 +85,7 @@ def chown_pg(path: str) -> None:
 
 
 def make_pg_dir(prefix: str, base: str | None = None) -> str:
-    path = tempfile.mkdtemp(prefix=prefix, dir=base or "/tmp")
+    path = scratch_dir(prefix, base)
     os.chmod(path, 0o755)
     chown_pg(path)
     return path

@@ -26,6 +26,7 @@ from harness.backup import (
 )
 from harness.layout import restore_backup
 from harness.pg import MAJORS, TOOLS17, make_pg_dir
+from harness.scratch import scratch_dir
 from harness.workload import Writer, balances, pgbench_init, pgbench_start, pgbench_stop
 
 AMCHECK = {15: "/usr/lib/postgresql/15/bin/pg_amcheck", 17: os.path.join(TOOLS17, "pg_amcheck")}
@@ -249,9 +250,7 @@ def test_unwritable_repository(make_cluster, playbook, tmp_path):
 
 
 def tempfile_root_dir() -> str:
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="pgops-rootonly-")
+    d = scratch_dir("pgops-rootonly-")
     os.chmod(d, 0o755)  # owned by root: the postgres user cannot write here
     return d
 

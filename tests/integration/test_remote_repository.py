@@ -10,13 +10,13 @@ import pwd
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 
 import pytest
 from harness.ansible import REPO, local_inventory
 from harness.layout import restore_backup
 from harness.pg import chown_pg, make_pg_dir
+from harness.scratch import scratch_dir
 from harness.ssh import ADMIN_USER
 from harness.workload import Writer
 
@@ -32,7 +32,7 @@ def test_backup_streams_to_a_repository_host(method, compression, encrypted, mak
     identity = public = None
     if encrypted:
         # Encrypted on the database host: only ciphertext crosses ssh and lands on the repository host.
-        identity = os.path.join(tempfile.mkdtemp(prefix="pgops-keys-"), "identity.txt")
+        identity = os.path.join(scratch_dir("pgops-keys-"), "identity.txt")
         subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
         public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
         marker = f"PGOPS-CLEARTEXT-MARKER-{os.urandom(6).hex()}"
@@ -45,7 +45,7 @@ def test_backup_streams_to_a_repository_host(method, compression, encrypted, mak
     shutil.copyfile(host.private_key, key)
     os.chmod(key, 0o600)
     chown_pg(key)
-    root = tempfile.mkdtemp(prefix="pgops-remote-repo-")
+    root = scratch_dir("pgops-remote-repo-")
     shutil.chown(root, ADMIN_USER, ADMIN_USER)
     repo = os.path.join(root, "repo")
     inventory = local_inventory() + host.inventory(group="repository", hostname="repo1")

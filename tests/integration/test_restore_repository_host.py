@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import psycopg2
@@ -19,6 +18,7 @@ import pytest
 from harness.ansible import REPO, local_inventory
 from harness.backup import BACKUP, backup_vars
 from harness.pg import as_postgres, chown_pg, free_port, make_pg_dir, stop_data_directory
+from harness.scratch import scratch_dir
 from harness.ssh import ADMIN_USER
 from harness.wal import install_pgops_wal
 from harness.workload import Writer
@@ -61,7 +61,7 @@ def test_restore_on_a_third_host_from_a_repository_host_with_pitr(make_cluster, 
     chown_pg(key)
     ssh_options = ["-i", key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
     # The repository belongs to the repository host's own user.
-    root = tempfile.mkdtemp(prefix="pgops-repohost-")
+    root = scratch_dir("pgops-repohost-")
     repo = os.path.join(root, "repo")
     os.mkdir(repo, 0o700)
     for d in (root, repo):

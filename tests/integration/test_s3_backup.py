@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from harness.backup import BACKUP, backup_vars, finish, start_backup_in_backgrou
 from harness.layout import restore_backup
 from harness.pg import make_pg_dir, stop_data_directory
 from harness.s3 import SeaweedS3
+from harness.scratch import scratch_dir
 from harness.wal import install_pgops_wal
 from harness.workload import Writer, pgbench_init, pgbench_start, pgbench_stop, written_ids
 
@@ -49,7 +49,7 @@ def bucket_json(server, bucket: str, key: str) -> dict:
 
 def download_backup(server, bucket: str, prefix: str, backup_id: str) -> str:
     """The backup's objects into a local directory, with boto3 alone (as any S3 client would)."""
-    target = tempfile.mkdtemp(prefix="pgops-s3-download-")
+    target = scratch_dir("pgops-s3-download-")
     client = server.client()
     for key in objects(server, bucket, f"{prefix}/{backup_id}/"):
         client.download_file(bucket, key, os.path.join(target, key.rsplit("/", 1)[1]))
@@ -65,7 +65,7 @@ def test_backup_streams_into_s3_under_load_and_restores_by_hand(major, encrypted
     identity = public = None
     extra = {"pg_backup_compression": "zstd"}
     if encrypted:
-        identity = os.path.join(tempfile.mkdtemp(prefix="pgops-keys-"), "identity.txt")
+        identity = os.path.join(scratch_dir("pgops-keys-"), "identity.txt")
         subprocess.run(["age-keygen", "-o", identity], check=True, capture_output=True)
         public = subprocess.run(["age-keygen", "-y", identity], check=True, capture_output=True, text=True).stdout.strip()
         extra.update(pg_backup_encryption="age", pg_backup_age_recipients=[public], pg_backup_compression="none")

@@ -9,11 +9,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 
 import pytest
 from harness.pg import MAJORS, restore_tar_backup, tagged_processes
+from harness.scratch import scratch_dir
 
 MODULE = "pgops.online_backup.pg_backup_session"
 INFO = "pgops.online_backup.pg_backup_session_info"
@@ -418,7 +418,7 @@ def test_keeper_files_are_private_and_password_not_exposed(make_cluster, playboo
     secret = "s3cr3t-Pa55-zz"
     c.sql(f"CREATE ROLE backup_admin LOGIN SUPERUSER PASSWORD '{secret}'")
     # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
-    short = tempfile.mkdtemp(prefix="pgops-rt-")
+    short = scratch_dir("pgops-rt-")
     request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
     runtime = pathlib.Path(short) / "rt" / "sessions"
     conn = {"login_host": "127.0.0.1", "port": c.port, "login_user": "backup_admin", "login_password": secret}

@@ -331,6 +331,7 @@ class Session:
     def __init__(self, conn_kwargs: dict):
         self.kw = conn_kwargs
         self.conn = None
+        self.backend_pid = None  # the server process the backup was started in
 
     def open(self) -> tuple:
         self.conn = connect(self.kw)
@@ -349,7 +350,7 @@ class Session:
                 cur.execute("SELECT set_config(%s, '0', false)", (name,))
 
     def start(self, major: int, label: str, fast: bool) -> tuple:
-        backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
+        backend_pid = self.backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
         self.called_at = time.time()  # before the start's checkpoint begins: an incremental's file age limit
         t0 = time.monotonic()
         lsn_text = query_one(self.conn, start_sql(major), (label, fast))[0]
@@ -377,12 +378,19 @@ class Session:
         return {"timeline": row[0], "system_identifier": row[1], "in_recovery": row[2], "wal_segment_size": row[3]}
 
     def ping(self):
-        """None when the session is healthy, else the driver's error."""
+        """None when the session is healthy, else the driver's error or why it is not the backup's session."""
         try:
-            query_one(self.conn, "SELECT 1")
-            return None
+            pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
         except psycopg2.Error as e:
             return error_text(e)
+        if self.backend_pid is not None and pid != self.backend_pid:
+            # A pooler in transaction or statement mode hands each statement to any server process: the stop
+            # could end another session's backup, and this one's would never be stopped.
+            return (
+                f"the session moved from server process {self.backend_pid}, where the backup started, to {pid}: "
+                "a connection pooler in transaction or statement mode? connect to the server directly"
+            )
+        return None
 
     def stop(self, major: int) -> tuple:
         return query_one(self.conn, stop_sql(major))
@@ -816,6 +824,11 @@ class Keeper:
         major = major_of(self.state["server_version_num"])
         requested = utcnow()  # every commit that returned before this is in the backup
         t0 = time.monotonic()
+        moved = self.db.ping()  # the stop must run in the backup's own server process
+        if moved:
+            self.core.end("failed", f"the stop was not run: {moved}")
+            self._save()
+            return {"ok": False, "error": moved, "state": self.state}
         try:
             lsn_text, labelfile, spcmapfile = self.db.stop(major)
             incr = self.state.get("incremental")

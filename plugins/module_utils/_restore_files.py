@@ -92,6 +92,15 @@ def check_targets(data_dir: str, spaces: list, force: bool, backup_dir: str, liv
             if why:
                 raise RestoreError(f"{what} {path} cannot be emptied: {why}")
         states.append((path, state))
+    for what, path in targets:
+        # force empties the whole tree: never one that holds a running server (a target one level too high).
+        if directory_state(path)[0] == "not_empty" and force:
+            inside = running_server_inside(path)
+            if inside:
+                raise RestoreError(
+                    f"{what} {path} holds the data directory {inside[0]} of a running PostgreSQL server (pid {inside[1]}); "
+                    "never emptied, even with force: restore into a directory of its own"
+                )
     for ts in spaces:
         if resolves_inside(ts["path"], data_dir):
             raise RestoreError(f"tablespace {ts['oid']} directory {ts['path']} is inside the data directory {data_dir}")
@@ -107,7 +116,27 @@ def check_targets(data_dir: str, spaces: list, force: bool, backup_dir: str, liv
                     )
             if resolves_inside(data_dir, live["data_directory"]):
                 raise RestoreError(f"the data directory {data_dir} is the running original server's ({pid})")
+            # Nor a target inside one of its tablespaces, or one that holds it (force would empty it).
+            for what, path in targets:
+                for ts in spaces:
+                    location = ts.get("location") or ""
+                    if location and (resolves_inside(path, location) or resolves_inside(location, path)):
+                        raise RestoreError(
+                            f"{what} {path} overlaps {location}, tablespace {ts['oid']} of the running original server "
+                            f"(pid {pid}, {live['data_directory']}); map it elsewhere (pg_restore_tablespace_map)"
+                        )
     return states
+
+
+def running_server_inside(path: str) -> tuple | None:
+    """(data directory, pid) of a running PostgreSQL server at or below path, or None."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        if "postmaster.pid" in filenames:
+            pid = running_postmaster(dirpath)
+            if pid:
+                return dirpath, pid
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+    return None
 
 
 def unremovable(path: str) -> str | None:
@@ -333,7 +362,13 @@ def combine_chain(members: list, data_dir: str, spaces: list, combine: str) -> l
                     os.unlink(link) if os.path.islink(link) else shutil.rmtree(link)
                 os.symlink(tdir, link)
                 if i == len(members) - 1:
-                    mapping += ["-T", f"{tdir}={next(ts['path'] for ts in spaces if ts['oid'] == oid)}"]
+                    paths = [ts["path"] for ts in spaces if ts["oid"] == oid]
+                    if not paths:
+                        raise RestoreError(
+                            f"backup {m['info'].get('id')} holds an archive of tablespace {oid}, which its record does not "
+                            "list: the backup is inconsistent; restore another one"
+                        )
+                    mapping += ["-T", f"{tdir}={paths[0]}"]
             dirs.append(d)
         cmd = [combine, "--no-sync", "-o", data_dir, *mapping, *dirs]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -95,7 +95,12 @@ def validate_target(target: str, value, action: str, timeline, inclusive: bool =
     elif target == "time":
         _moment, zone = parse_target_time(value)
         if not zone:
-            warnings.append(f"recovery target time {value!r} has no time zone: the restored server's timezone setting applies")
+            # The restored server would read it in its own timezone setting (GMT when its configuration
+            # has none): recovery could replay past the change it was meant to stop before.
+            raise RestoreError(
+                f"recovery target time {value!r} has no time zone: add one (like +00, +05:30 or Z) so that it "
+                "names one moment whatever the restored server's timezone setting"
+            )
     elif target == "lsn":
         parse_lsn(value)
     elif target == "xid":

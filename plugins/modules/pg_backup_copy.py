@@ -518,17 +518,12 @@ def copy_in_turns(module, spec: dict, plan: dict, sdir: str, metrics, interval: 
     os.close(done_w)
     ready, _w, _x = select.select([done_r], [], [], interval)
     if ready:
-        os.waitpid(pid, 0)
-        path = os.path.join(sdir, result_file(copy_id))
-        out = read_json(path) or {"ok": False, "msg": "copy failed: its process ended without a result"}
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        if not out.get("ok"):
-            module.fail_json(msg=out.get("msg"))
-        module.exit_json(changed=True, **out["result"])
-    os.write(ctl_w, b"h")
+        _report_ended(module, pid, sdir, copy_id)
+    try:
+        os.write(ctl_w, b"h")
+    except BrokenPipeError:  # the copy ended between the wait and the handover: its result is there
+        os.close(ctl_w)
+        _report_ended(module, pid, sdir, copy_id)
     os.close(ctl_w)
     rec = read_progress(sdir)
     module.exit_json(
@@ -540,6 +535,20 @@ def copy_in_turns(module, spec: dict, plan: dict, sdir: str, metrics, interval: 
         line=copy_line(rec) if rec else "copy: starting",
         msg=f"the copy runs on (process {pid}); pg_backup_progress with copy_id={copy_id} waits for it",
     )
+
+
+def _report_ended(module, pid: int, sdir: str, copy_id: str) -> None:
+    """The task's result from the result file of a copy that has ended (exits the module)."""
+    os.waitpid(pid, 0)
+    path = os.path.join(sdir, result_file(copy_id))
+    out = read_json(path) or {"ok": False, "msg": "copy failed: its process ended without a result"}
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    if not out.get("ok"):
+        module.fail_json(msg=out.get("msg"))
+    module.exit_json(changed=True, **out["result"])
 
 
 def _detach(keep: tuple) -> None:

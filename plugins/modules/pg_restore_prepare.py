@@ -780,7 +780,7 @@ def main():
         module.exit_json(changed=True, msg=f"would restore {what}, port {pl['port']}{note}", seconds=0.0, **result)
     try:
         done = restore(module, pl)
-    except (PgopsError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever failed (a defect too), the targets are put back first
         left = [problem for path, state in pl["states"] for problem in undo_directory(path, state)]
         if left:
             after = f"; what it wrote could not all be removed ({'; '.join(left[:3])}): remove it before the next run"

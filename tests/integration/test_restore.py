@@ -437,6 +437,44 @@ def test_drill_on_17_runs_pg_amcheck_and_always_cleans_up(make_cluster, playbook
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
 
 
+def test_a_drill_of_a_logical_subscriber_never_connects_to_its_publisher(make_cluster, playbook):
+    """Once promoted, a drill's copy of a subscriber would start its subscription's apply worker, which
+    connects to the live publisher with the original's slot and confirms changes that the live subscriber
+    then never gets. The drill runs with no apply workers: its publisher gets no replication connection
+    while the subscriber is down, and the slot still holds every change for the subscriber."""
+    pub = make_cluster(16, wal_level="logical", log_replication_commands="on")
+    sub = make_cluster(16)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    pub.sql("CREATE TABLE t (id int primary key)")
+    pub.sql("CREATE PUBLICATION p FOR TABLE t")
+    pub.sql("INSERT INTO t SELECT generate_series(1, 10)")
+    sub.sql("CREATE TABLE t (id int primary key)")
+    sub.sql(f"CREATE SUBSCRIPTION s CONNECTION 'host={pub.sock} port={pub.port} dbname=postgres user=postgres' PUBLICATION p")
+    deadline = time.monotonic() + 60
+    while sub.sql("SELECT count(*) FROM t")[0][0] < 10:
+        assert time.monotonic() < deadline, "the subscription did not copy the table"
+        time.sleep(0.2)
+    take_backup(sub, repo, pg_backup_method="tar")
+    sub.stop()  # the live subscriber is down: its slot is free for whoever connects
+    pub.sql("INSERT INTO t SELECT generate_series(11, 20)")
+    confirmed = pub.sql("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's'")[0][0]
+    log_size = os.path.getsize(pub.log)
+
+    run = playbook(DRILL, extra_vars=dict(pg_restore_repository=repo, pg_restore_wal_archive=sub.archive))
+    assert run.rc == 0, run
+    assert newest_backup(repo)["drill"]["result"] == "passed"
+    with open(pub.log, errors="replace") as f:
+        f.seek(log_size)
+        during = f.read()
+    assert "START_REPLICATION" not in during, f"the drill's server connected to the publisher:\n{during[-2000:]}"
+    assert pub.sql("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's'")[0][0] == confirmed
+    sub.start()  # the live subscriber gets what was written while it was down
+    deadline = time.monotonic() + 60
+    while sub.sql("SELECT count(*) FROM t")[0][0] < 20:
+        assert time.monotonic() < deadline, "the live subscriber did not get the rows written while it was down"
+        time.sleep(0.2)
+
+
 def test_a_standbys_cleanup_command_never_runs_on_the_restored_server(make_cluster, playbook, restore_root):
     """A backup of a server whose configuration has archive_cleanup_command (as a standby's has) and
     hot_standby off: archive recovery runs archive_cleanup_command at every restartpoint, so left as it

@@ -624,3 +624,61 @@ def test_a_dropped_attachment_goes_without_a_word(attached):
     attachment.drop()
     assert wait_for(lambda: len(fake.requests) == 1)
     assert fake.requests == [{"op": "attach"}] and gone == [] and attachment.gone is None
+
+
+# -- Session: the backup's own server process
+
+
+class _PooledConn:
+    """A connection whose statements land on the server processes given, in turn (as through a pooler in
+    transaction mode); the backup functions answer as a server would."""
+
+    def __init__(self, backend_pids: list):
+        self.pids = list(backend_pids)
+        self.statements = []
+
+    def cursor(self):
+        conn = self
+
+        class Cursor:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def execute(self, sql, args=None):
+                conn.statements.append(sql)
+                self.row = (conn.pids.pop(0),) if "pg_backend_pid()" in sql else ("0/3000028",)
+
+            def fetchone(self):
+                return self.row
+
+        return Cursor()
+
+
+def test_the_keepalive_notices_a_session_moved_to_another_server_process():
+    session = k.Session({})
+    session.conn = _PooledConn([4242, 4242, 5151])
+    assert session.start(15, "label", True)[0] == 4242
+    assert session.ping() is None, "the same server process: healthy"
+    moved = session.ping()
+    assert moved and "moved from server process 4242, where the backup started, to 5151" in moved
+    assert "pooler" in moved
+
+
+def test_a_stop_in_another_server_process_is_not_run(tmp_path):
+    """Through a pooler the stop could end another session's backup: it is refused, the session failed."""
+    session = k.Session({})
+    session.conn = _PooledConn([4242, 5151])
+    session.start(15, "label", True)
+    spec = dict(QUIET, session_id="20261202T101500Z-0a1b2c3d", label="label", cluster="7312", fast=True)
+    keeper = k.Keeper(None, session, spec, str(tmp_path))
+    keeper.core.started(time.monotonic())
+    keeper.state["server_version_num"] = 150000
+    reply = keeper._stop()
+    assert not reply["ok"] and "moved from server process 4242" in reply["error"]
+    assert keeper.core.status == "failed"
+    assert not [sql for sql in session.conn.statements if "pg_backup_stop" in sql]
+    os.close(keeper.start_r)
+    os.close(keeper.start_w)

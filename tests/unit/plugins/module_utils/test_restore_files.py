@@ -76,6 +76,29 @@ def test_tablespaces_of_the_running_original_are_refused(tmp_path, fake_postmast
     assert len(files.check_targets(str(tmp_path / "new"), moved, False, str(tmp_path / "backup"), live=live)) == 2
 
 
+def test_force_never_empties_a_directory_that_holds_a_running_server_or_the_originals_tablespace(tmp_path, fake_postmaster):
+    """A target one level too high (the parent of a live data directory, or of the original's tablespace)
+    is refused before anything is removed: force empties the whole tree."""
+    backup = "/nonexistent/pgops-repository/20261129T101500Z"
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RestoreError, match=r"holds the data directory .*live of a running PostgreSQL server.*even with force"):
+        files.check_targets(str(tmp_path), [], True, backup)
+    assert (fake_postmaster / "PG_VERSION").exists()
+    spaces_root = tmp_path / "spaces"
+    (spaces_root / "ts").mkdir(parents=True)
+    (spaces_root / "ts" / "PG_15_202209061").mkdir()
+    ts = [{"oid": "16390", "path": str(tmp_path / "elsewhere"), "location": str(spaces_root / "ts")}]
+    live = {"data_directory": str(fake_postmaster)}
+    with pytest.raises(RestoreError, match=r"overlaps .*tablespace 16390 of the running original server"):
+        files.check_targets(str(spaces_root), ts, True, backup, live=live)
+    with pytest.raises(RestoreError, match=r"overlaps .*tablespace 16390 of the running original server"):
+        files.check_targets(str(spaces_root / "ts" / "restored"), ts, True, backup, live=live)
+    assert (spaces_root / "ts" / "PG_15_202209061").is_dir()
+    # Once the server has stopped, the same directory may be emptied with force.
+    os.remove(fake_postmaster / "postmaster.pid")
+    assert files.check_targets(str(tmp_path), [], True, backup) == [(str(tmp_path), "not_empty")]
+
+
 def test_undo_puts_targets_back(tmp_path):
     created = tmp_path / "new"
     files.prepare_directory(str(created), "absent")

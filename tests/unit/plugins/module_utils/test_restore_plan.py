@@ -82,8 +82,11 @@ def test_good_targets_pass(target, value):
     assert plan.validate_target(target, value, "promote", "latest") == []
 
 
-def test_time_without_zone_and_useless_options_warn():
-    assert "no time zone" in plan.validate_target("time", "2026-11-29 10:15:00", "promote", "latest")[0]
+def test_time_without_zone_is_refused_and_useless_options_warn():
+    """A zoneless time is refused whatever the backup (pg_backup_info refuses it for latest): the restored
+    server would read it in its own timezone setting, GMT when it has none."""
+    with pytest.raises(RestoreError, match=r"'2026-11-29 10:15:00' has no time zone: add one \(like \+00"):
+        plan.validate_target("time", "2026-11-29 10:15:00", "promote", "latest")
     assert "no effect" in plan.validate_target("latest", "", "pause", "latest")[0]
     assert "inclusive" in plan.validate_target("name", "x", "promote", "latest", inclusive=False)[0]
 

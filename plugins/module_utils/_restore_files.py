@@ -17,6 +17,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 
 from ._backup_api import WAL_NAME_RE, wal_segment_count, wal_segment_names
 from ._errors import PgopsError
@@ -33,8 +34,9 @@ from ._layout import (
     parse_archive_name,
     read_commands,
 )
-from ._restore_plan import RestoreError, conf_key, conf_value
+from ._restore_plan import HostRefusal, RestoreError, conf_key, conf_value
 from ._restore_server import running_postmaster
+from ._stream import CpioScanner
 
 # subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): extraction streams the
 # stored archive through its decompressor (Popen pipelines).
@@ -251,25 +253,40 @@ def needed_tools(sources: dict) -> list:
         except LayoutError as e:
             missing.append(str(e))
     if missing:
-        raise RestoreError(f"cannot restore this {method} backup here: missing {'; '.join(missing)}")
+        raise HostRefusal(f"cannot restore this {method} backup here: missing {'; '.join(missing)}")
     return paths
 
 
-def _run_pipeline(stages: list, what: str, cwd: str, stdin=None) -> None:
+def _run_pipeline(stages: list, what: str, cwd: str, stdin=None, guard=None) -> None:
     """Run commands piped into each other (the first from stdin, a file object, when given);
-    RestoreError naming the failing stage and its message."""
+    RestoreError naming the failing stage and its message. guard: a stream scanner the last stage's
+    input passes through first (it raises ValueError on what must not reach that stage)."""
     procs = []
     upstream = stdin
+    relay, refused = None, []
     try:
         for i, (cmd, stdin_path) in enumerate(stages):
             err = tempfile.TemporaryFile()
             last = i == len(stages) - 1
             stdin = open(stdin_path, "rb") if stdin_path else upstream  # noqa: SIM115 - closed below
-            p = subprocess.Popen(cmd, cwd=cwd, stdin=stdin, stdout=subprocess.DEVNULL if last else subprocess.PIPE, stderr=err)
-            if stdin is not None:
-                stdin.close()  # only the child holds it now
+            if last and guard is not None:
+                p = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+                relay = threading.Thread(target=_relay, args=(stdin, p.stdin, guard, refused), daemon=True)
+                relay.start()
+            else:
+                out = subprocess.DEVNULL if last else subprocess.PIPE
+                p = subprocess.Popen(cmd, cwd=cwd, stdin=stdin, stdout=out, stderr=err)
+                if stdin is not None:
+                    stdin.close()  # only the child holds it now
             procs.append((cmd, p, err))
             upstream = p.stdout
+        if relay is not None:
+            relay.join()
+        if refused:
+            raise RestoreError(
+                f"{what} cannot be restored: {refused[0]} (the copy stores files and directories only, in newc format: "
+                "the backup was changed after it was taken); cpio never got that member; restore another backup"
+            )
         failures = []
         for cmd, p, err in procs:
             p.wait()
@@ -287,6 +304,47 @@ def _run_pipeline(stages: list, what: str, cwd: str, stdin=None) -> None:
         raise RestoreError(f"extracting {what} failed: {'; '.join(failures)}")
 
 
+def _relay(src, dst, guard, refused: list) -> None:
+    """Copy src into dst, each chunk through guard before it goes on; what guard refuses ends the copy."""
+    try:
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            guard.feed(chunk)
+            dst.write(chunk)
+    except ValueError as e:
+        refused.append(str(e))
+    except OSError:
+        pass  # the last stage ended early: its own error is reported
+    finally:
+        for f in (dst, src):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def refuse_links(dest: str, what: str) -> None:
+    """The copy stores no symbolic links (it follows them), but for an rsync backup's pg_tblspc/<oid> ->
+    ../../tablespaces/<oid>. Any other came from a backup changed after it was taken and could point
+    anywhere (a running cluster's files, which recovery would then write)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                rel, target = os.path.relpath(full, dest), os.readlink(full)
+                oid = rel[len("pg_tblspc/") :] if rel.startswith("pg_tblspc/") else ""
+                if not (oid.isdigit() and target == os.path.join("..", "..", RSYNC_TABLESPACES, oid)):
+                    found.append(f"{rel} -> {target}")
+    if found:
+        raise RestoreError(
+            f"{what} holds symbolic links ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): the copy stores "
+            "none, so the backup was changed after it was taken; restore another backup"
+        )
+
+
 def extract(source: str, dest: str, method: str, names: list | None = None) -> None:
     """Extract one archive (or copy one directory for rsync backups) into dest, which exists and is empty.
     names: only these members (tar), each of which must be there."""
@@ -298,8 +356,9 @@ def extract(source: str, dest: str, method: str, names: list | None = None) -> N
             listing.write(b"".join(n.encode("utf-8", "surrogateescape") + b"\0" for n in names))
             listing.flush()
             _extract(source, dest, method, what, ["--null", "--verbatim-files-from", "-T", listing.name])
-        return
-    _extract(source, dest, method, what, [])
+    else:
+        _extract(source, dest, method, what, [])
+    refuse_links(dest, what)
 
 
 def _extract(source, dest: str, method: str, what: str, tar_names: list) -> None:
@@ -318,13 +377,15 @@ def _extract(source, dest: str, method: str, what: str, tar_names: list) -> None
         reads = read_commands(remote.name if remote else source, stdin=remote is not None)
     except LayoutError as e:
         raise RestoreError(str(e)) from None
+    # cpio writes through a symbolic link it extracted earlier: no member but files and directories reaches it.
+    guard = CpioScanner("", None, files_and_dirs_only=True) if method == "cpio" else None
     if remote is None:
         stages = [(cmd, None) for cmd in reads] + [(unpack, None)] if reads else [(unpack, source)]
-        _run_pipeline(stages, what, dest)
+        _run_pipeline(stages, what, dest, guard=guard)
         return
     stream = remote.open()
     try:
-        _run_pipeline([(cmd, None) for cmd in reads] + [(unpack, None)], what, dest, stdin=stream)
+        _run_pipeline([(cmd, None) for cmd in reads] + [(unpack, None)], what, dest, stdin=stream, guard=guard)
     except RestoreError:
         remote.finish(stopped_early=True)
         raise

@@ -48,6 +48,11 @@ class RestoreError(PgopsError):
     pass
 
 
+class HostRefusal(RestoreError):
+    """A refusal about this host (free space, programs, a busy port), not about the backup: a drill
+    that meets one is inconclusive, never a reason to distrust the backup."""
+
+
 # -- input
 
 

@@ -19,7 +19,7 @@ import subprocess
 import time
 
 from . import _postgres
-from ._restore_plan import RestoreError
+from ._restore_plan import HostRefusal, RestoreError
 
 # subprocess, not run_command (ansible-core 2.21's pylint check ansible-bad-function): pg_ctl and --version run
 # under a timeout, which run_command lacks.
@@ -72,8 +72,8 @@ def find_bin_dir(major: int, given: str | None = None, candidates: tuple = BIN_D
             continue
         return d
     if given:
-        raise RestoreError(f"bin_dir {given} cannot run this PostgreSQL {major} backup: {'; '.join(tried)}")
-    raise RestoreError(f"no PostgreSQL {major} server binaries found (tried {'; '.join(tried)}); install them or set bin_dir")
+        raise HostRefusal(f"bin_dir {given} cannot run this PostgreSQL {major} backup: {'; '.join(tried)}")
+    raise HostRefusal(f"no PostgreSQL {major} server binaries found (tried {'; '.join(tried)}); install them or set bin_dir")
 
 
 def find_tool(name: str, major: int, bin_dir: str | None = None) -> str | None:

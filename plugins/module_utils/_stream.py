@@ -134,12 +134,18 @@ class TarScanner(_Scanner):
             self._skip = size + pad
 
 
-class CpioScanner(_Scanner):
-    """cpio newc: 110-byte ASCII headers, name and data padded to 4 bytes."""
+_KINDS = {0o140000: "socket", 0o120000: "symbolic link", 0o060000: "block device", 0o020000: "character device", 0o010000: "FIFO"}
 
-    def __init__(self, prefix: str, algorithm: str):
+
+class CpioScanner(_Scanner):
+    """cpio newc: 110-byte ASCII headers, name and data padded to 4 bytes.
+    files_and_dirs_only: a member of any other kind raises ValueError as soon as its header is read
+    (before the restore hands that header to cpio, which would write through a symbolic link)."""
+
+    def __init__(self, prefix: str, algorithm: str, files_and_dirs_only: bool = False):
         super().__init__(prefix, algorithm)
         self._stage = None  # (namesize, filesize, mode, mtime) while the name is read
+        self.files_and_dirs_only = files_and_dirs_only
 
     def header_size(self) -> int:
         if self._stage is None:
@@ -161,6 +167,9 @@ class CpioScanner(_Scanner):
         if name == "TRAILER!!!":
             self.done = True
             return
+        kind = mode & 0o170000
+        if self.files_and_dirs_only and kind not in (0o100000, 0o040000):
+            raise ValueError(f"{name} is a {_KINDS.get(kind, f'file of type {kind:o}')}")
         pad = (-filesize) % 4
         if mode & 0o170000 == 0o100000:
             self._begin(name, filesize, mtime)

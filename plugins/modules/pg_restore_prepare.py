@@ -307,6 +307,12 @@ seconds:
   description: Time spent restoring.
   returned: always
   type: float
+host_problem:
+  description:
+    - On a refusal, true when it is about this host (free space, programs, a busy port) rather than the backup. The
+      drill records such a run as inconclusive, never as a reason to distrust the backup.
+  returned: failure
+  type: bool
 """
 
 import os
@@ -349,6 +355,7 @@ from ansible_collections.pgops.online_backup.plugins.module_utils._restore_files
 from ansible_collections.pgops.online_backup.plugins.module_utils._restore_plan import (
     AUTO_CONF_HEADER,
     TARGETS,
+    HostRefusal,
     RestoreError,
     check_target_against_backup,
     disable_conf_lines,
@@ -557,7 +564,7 @@ def plan(module) -> dict:
         chain = parent_chain(p, info, major)
         combine = find_tool("pg_combinebackup", major, p["bin_dir"])
         if combine is None:
-            raise RestoreError(
+            raise HostRefusal(
                 f"backup {info.get('id')} is an incremental one: restoring it needs pg_combinebackup of PostgreSQL {major} "
                 f"(postgresql-client-{major}), in bin_dir or on PATH"
             )
@@ -576,14 +583,14 @@ def plan(module) -> dict:
     for path, _state in states:
         why = writable_parent(path)
         if why:
-            raise RestoreError(why)
+            raise HostRefusal(why)
     # A chain is extracted beside the data directory before it is combined into it.
     needed = info.get("source_bytes")
     if needed and (info.get("incremental") or {}).get("mode", "block") == "block" and info.get("type") == "incremental":
         needed = 2 * int(needed) + int(info.get("bytes") or 0)
     why = free_space_problem(data_dir, spaces, states, needed)
     if why:
-        raise RestoreError(f"not enough space to restore: {why}")
+        raise HostRefusal(f"not enough space to restore: {why}")
     needed_tools(sources)
     bin_dir = find_bin_dir(major, p["bin_dir"])
 
@@ -626,7 +633,7 @@ def plan(module) -> dict:
         check_original_port(port, orig_port, p["allow_original_port"])
         busy = port_in_use(port, socket_dir, addresses)
         if busy:
-            raise RestoreError(f"port {port} cannot be used by the restored server: {busy}")
+            raise HostRefusal(f"port {port} cannot be used by the restored server: {busy}")
 
     settings = recovery_settings(
         restore_command, p["target"], p["target_value"], p["target_action"], p["target_timeline"], p["target_inclusive"]
@@ -756,7 +763,8 @@ def main():
         use_age_identity(module.params)
         pl = plan(module)
     except (PgopsError, OSError) as e:
-        module.fail_json(msg=f"restore refused, nothing was changed: {e}")
+        # host_problem: about this host, not the backup (a drill records it as inconclusive).
+        module.fail_json(msg=f"restore refused, nothing was changed: {e}", host_problem=isinstance(e, HostRefusal))
     result = {
         "backup_id": pl["info"].get("id"),
         "data_directory": pl["data_dir"],

@@ -106,6 +106,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+host_problem:
+  description:
+    - On a failure, true when it is about this host (a busy port, recovery outlasting O(timeout)) rather than the
+      backup or its WAL. The drill records such a run as inconclusive.
+  returned: failure
+  type: bool
 state:
   description:
     - V(promoted) (recovery ended, read-write), V(paused) (paused at the target), V(shutdown) (stopped at the
@@ -203,7 +209,7 @@ def started(module, data_dir: str, result: dict) -> None:
     if pid is None:
         busy = port_in_use(port, socket_dir, listen_hosts(conf.get("listen_addresses", "localhost")))
         if busy:
-            module.fail_json(msg=f"the restored server cannot start: {busy}", **result)
+            module.fail_json(msg=f"the restored server cannot start: {busy}", host_problem=True, **result)
         if module.check_mode:
             module.exit_json(changed=True, msg=f"would start the server of {data_dir} on port {port}", **result)
         bin_dir = find_bin_dir(major, p["bin_dir"])
@@ -268,7 +274,7 @@ def started(module, data_dir: str, result: dict) -> None:
             module.fail_json(
                 msg=f"recovery did not end within {p['timeout']} s: the server is {where}; it is left running "
                 f"(pid {pid}) and keeps recovering. Stop it with: pg_ctl -D {data_dir} -m fast stop",
-                state="recovering", pid=pid, log=tail(log.text()), **result,
+                state="recovering", pid=pid, log=tail(log.text()), host_problem=True, **result,
             )  # fmt: skip
         time.sleep(POLL)
 

@@ -397,6 +397,53 @@ def test_rsync_backup_restored_then_drilled_good_and_corrupted(make_cluster, pla
         shutil.rmtree(os.path.dirname(repo), ignore_errors=True)
 
 
+def test_cpio_backup_with_a_tablespace_restored_with_rows_written_during_the_backup(make_cluster, playbook, restore_root):
+    """A cpio backup's members reach cpio through the guard that refuses anything but files and directories
+    (cpio would write through a symbolic link): a real backup, its tablespace included, passes it whole."""
+    c = make_cluster(15)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    loc = make_pg_dir("pgops-ts-")
+    c.sql(f"CREATE TABLESPACE tsc LOCATION '{loc}'")
+    c.sql("CREATE TABLE t (id int primary key, tag text) TABLESPACE tsc")
+    c.sql("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 5000) g")
+    writer = Writer(c)
+    writer.start()
+    take_backup(c, repo, pg_backup_method="cpio", pg_backup_compression="zstd")
+    writer.stop()
+    archive_current_wal(c)
+    root = restore_root()
+    moved = os.path.join(root, "tsc")
+    run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root, pg_restore_tablespace_map={"tsc": moved}))
+    assert run.rc == 0, run
+    port = result_of(run, "Restore backup")["port"]
+    assert query(root, port, "SELECT count(*) FROM t")[0][0] == 5000
+    assert {r[0] for r in query(root, port, "SELECT id FROM writer_log")} == {n for n, _ in writer.committed}
+    assert query(root, port, "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'tsc'")[0][0] == moved
+
+
+def test_a_drill_that_fails_for_a_problem_of_its_host_is_inconclusive_not_a_damaged_backup(make_cluster, playbook):
+    """Missing server binaries (like no free space or a busy port) say nothing about the backup: the run fails
+    and says so, the drill is recorded inconclusive, and latest still restores from that backup."""
+    c = make_cluster(15)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g")
+    info = take_backup(c, repo, pg_backup_method="tar")
+    ev = dict(pg_restore_repository=repo, pg_restore_wal_archive=c.archive, pg_restore_bin_dir="/nonexistent/pgops/bin")
+    run = playbook(DRILL, extra_vars=ev)
+    assert run.rc != 0
+    msg = failure_message(run)
+    assert "bin_dir /nonexistent/pgops/bin cannot run this PostgreSQL 15 backup" in msg, msg
+    assert "as inconclusive: a problem of this host, not of the backup, which is not marked damaged" in msg, msg
+    recorded = newest_backup(repo)
+    assert "drill" not in recorded, "an inconclusive drill is kept apart from the drill verdicts"
+    drill = recorded["inconclusive_drill"]
+    assert drill["result"] == "inconclusive" and "bin_dir /nonexistent/pgops/bin" in drill["error"]
+    run = playbook(DRILL, extra_vars=dict(pg_restore_repository=repo, pg_restore_wal_archive=c.archive))
+    assert run.rc == 0, run
+    assert result_of(run, "Find backup")["backup"]["id"] == info["id"]
+    assert newest_backup(repo)["drill"]["result"] == "passed"
+
+
 # -- PostgreSQL 17: pg_amcheck in the drill; a check failing after the scratch server started
 
 

@@ -220,6 +220,62 @@ def test_rsync_backups_are_copied_with_their_links(tmp_path):
     assert os.readlink(dest / "pg_tblspc" / "16390") == "/new/ts"
 
 
+def _traversal_tree(root):
+    """link -> outside, then link/evil: a member written through a link an earlier member made."""
+    (root / "PG_VERSION").parent.mkdir(parents=True)
+    (root / "PG_VERSION").write_text("15\n")
+    os.symlink(str(root.parent / "outside"), root / "link")
+
+
+@pytest.mark.parametrize("suffix", ["", ".zst"])
+def test_a_cpio_archive_with_a_symbolic_link_is_refused_before_cpio_writes_through_it(tmp_path, suffix):
+    """cpio writes link/evil through link -> outside, which it extracted first (GNU cpio 2.13): the members
+    reach cpio through a guard that refuses any but files and directories, so nothing lands outside."""
+    (tmp_path / "outside").mkdir()
+    first, second = tmp_path / "first", tmp_path / "second"
+    _traversal_tree(first)
+    (second / "link").mkdir(parents=True)
+    (second / "link" / "evil").write_text("evil")
+    parts = []
+    for src, names in ((first, "PG_VERSION\nlink\n"), (second, "link/evil\n")):
+        cpio = ["cpio", "-o", "-H", "newc", "--quiet"]
+        parts.append(subprocess.run(cpio, cwd=src, input=names.encode(), capture_output=True, check=True).stdout)
+    trailer = parts[0].rfind(b"070701", 0, parts[0].index(b"TRAILER!!!"))
+    plain = tmp_path / "base.cpio"
+    plain.write_bytes(parts[0][:trailer] + parts[1])
+    archive = tmp_path / f"base.cpio{suffix}"
+    if suffix:
+        subprocess.run(["zstd", "-q", "--rm", str(plain), "-o", str(archive)], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(RestoreError, match=r"base.cpio.* cannot be restored: link is a symbolic link .*restore another backup"):
+        files.extract(str(archive), str(dest), "cpio")
+    assert os.listdir(tmp_path / "outside") == []
+    assert not os.path.lexists(dest / "link")
+
+
+def test_a_tar_archive_or_rsync_tree_with_a_symbolic_link_is_refused(tmp_path):
+    """tar makes its symbolic links last (never writes through them) and rsync copies them as they are:
+    a link is refused once they are done, before recovery could write through it."""
+    (tmp_path / "outside").mkdir()
+    src = tmp_path / "src"
+    _traversal_tree(src)
+    archive = tmp_path / "base.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(archive), "."], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(RestoreError, match=r"base.tar holds symbolic links \(link -> .*outside\)"):
+        files.extract(str(archive), str(dest), "tar")
+    rsync_dest = tmp_path / "rsync-dest"
+    rsync_dest.mkdir()
+    (src / "pg_tblspc").mkdir()
+    os.symlink("../../tablespaces/16390", src / "pg_tblspc" / "16390")  # an rsync backup's own: allowed
+    os.symlink("/var/lib/postgresql/15/main/base", src / "pg_tblspc" / "16391")
+    with pytest.raises(RestoreError, match=r"holds symbolic links \(link -> .*outside, pg_tblspc/16391 -> /var/lib"):
+        files.extract(str(src), str(rsync_dest), "rsync")
+    assert os.listdir(tmp_path / "outside") == []
+
+
 def test_backup_sources_of_archives(tmp_path):
     for name in ("base.tar.zst", "16390.tar.zst", "backup_label", "backup.json"):
         (tmp_path / name).write_bytes(b"")

@@ -345,11 +345,11 @@ def main():
     problem = check_copy(p)
     if problem:
         module.fail_json(msg=problem)
-    try:
-        plan = plan_copy(p)
-    except PgopsError as e:
-        module.fail_json(msg=f"nothing copied: {e}")
     if module.check_mode:
+        try:
+            plan = plan_copy(p)
+        except PgopsError as e:
+            module.fail_json(msg=f"nothing copied: {e}")
         module.exit_json(
             changed=True,
             msg=f"would copy {plan['count']} entries ({plan['source_bytes']} bytes) with {p['method']}",
@@ -399,16 +399,18 @@ def main():
         repository = p["dest"].rstrip("/").rsplit("/", 1)[0] or "/"
         metrics = (p["metrics_file"], str(state.get("system_identifier") or "unknown"), repository)
     if sdir and p["progress_interval"] > 0:
-        copy_in_turns(module, spec, plan, sdir, metrics, p["progress_interval"])
-    out = copy(spec, plan, sdir, metrics)
+        copy_in_turns(module, spec, sdir, metrics, p["progress_interval"])
+    out = copy(spec, sdir, metrics)
     if not out["ok"]:
         module.fail_json(msg=out["msg"])
     module.exit_json(changed=True, **out["result"])
 
 
-def copy(spec: dict, plan: dict, sdir: str | None, metrics, parent_fd: int | None = None) -> dict:
-    """Attach to the session's keeper (sdir), copy, detach: {"ok": True, "result": ...} or {"ok": False, "msg": ...}.
-    parent_fd: the handing-over task's pipe (copy_in_turns); when it closes before a handover, the task was killed."""
+def copy(spec: dict, sdir: str | None, metrics, parent_fd: int | None = None) -> dict:
+    """Attach to the session's keeper (sdir), plan, copy, detach: {"ok": True, "result": ...} or {"ok": False, "msg": ...}.
+    Planned once attached: walking millions of files on slow storage may outlast the lease, which the attachment
+    holds. parent_fd: the handing-over task's pipe (copy_in_turns); when it closes before a handover, the task was
+    killed."""
     cancel = Cancel()
     attached = None
     if sdir:
@@ -422,6 +424,12 @@ def copy(spec: dict, plan: dict, sdir: str | None, metrics, parent_fd: int | Non
             return {"ok": False, "msg": f"nothing copied: {attached.gone}"}
     if parent_fd is not None:
         threading.Thread(target=_watch_task, args=(parent_fd, attached, cancel), daemon=True).start()
+    try:
+        plan = plan_copy(spec)
+    except PgopsError as e:
+        if attached is not None:
+            attached.stop()
+        return {"ok": False, "msg": f"nothing copied: {e}"}
     progress = CopyProgress(plan["source_bytes"]) if sdir else None
     reporter = Reporter(progress, sdir, metrics) if sdir else None
     try:
@@ -492,7 +500,7 @@ def _watch_task(fd: int, attached, cancel) -> None:
     cancel.fire()
 
 
-def copy_in_turns(module, spec: dict, plan: dict, sdir: str, metrics, interval: float) -> None:
+def copy_in_turns(module, spec: dict, sdir: str, metrics, interval: float) -> None:
     """Copy in a process of its own; return its result if it ends within interval, else hand it over
     (the run waits for it in turns with pg_backup_progress). Never returns."""
     ctl_r, ctl_w = os.pipe()  # task -> copy: b"h" when the task hands the copy over; closed first if it was killed
@@ -506,7 +514,7 @@ def copy_in_turns(module, spec: dict, plan: dict, sdir: str, metrics, interval: 
             os.close(done_r)
             _detach(keep=(ctl_r, done_w))
             try:
-                out = copy(spec, plan, sdir, metrics, parent_fd=ctl_r)
+                out = copy(spec, sdir, metrics, parent_fd=ctl_r)
             except BaseException as e:  # noqa: BLE001 - reported through the result, never raised into the module
                 out = {"ok": False, "msg": f"copy failed: {e!r}"}
             write_progress(sdir, out, result_file(copy_id))  # 0600, atomic; no fsync: it is read at once

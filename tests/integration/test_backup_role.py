@@ -238,6 +238,24 @@ def test_destination_fills_up(make_cluster, playbook, tmp_path):
         os.rmdir(mnt)
 
 
+def test_a_copy_that_cannot_be_planned_fails_the_backup_cleanly_and_the_next_run_proceeds(make_cluster, playbook):
+    """The copy plans once attached to the keeper (a long walk cannot outlast the lease): a plan refused
+    (cpio and a file with several hard links) fails the backup naming the cause, ends the session and frees
+    the lock; a tar backup of the same cluster then succeeds."""
+    c = make_cluster(15)
+    os.link(os.path.join(c.data, "PG_VERSION"), os.path.join(c.data, "pgops_test_hard_link"))
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method="cpio"))
+    assert run.rc != 0
+    assert "nothing copied: 2 file(s) of the data directory have several hard links" in run.stdout, run.stdout[-3000:]
+    (info,) = backups(repo)
+    assert info["status"] == "failed"
+    assert_nothing_left(c, repo)
+    run = playbook(BACKUP, extra_vars=backup_vars(c, repo, pg_backup_method="tar"))
+    assert run.rc == 0, run
+    assert sorted(b["status"] for b in backups(repo)) == ["complete", "failed"]
+
+
 def test_unwritable_repository(make_cluster, playbook, tmp_path):
     c = make_cluster(15)
     repo = tempfile_root_dir()

@@ -97,7 +97,7 @@ def walk_error(err: OSError) -> None:
         raise CopyError(f"cannot read {err.filename}: {err.strerror}")
 
 
-def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = (), linked: list | None = None) -> tuple:
+def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = (), linked: list | None = None, prune: tuple = ()) -> tuple:
     """Relative paths to copy under root (directories included, each before its
     contents), and the total bytes of regular files. pg_control comes last.
 
@@ -106,7 +106,7 @@ def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = (), linked: l
     as pg_basebackup does, never a link back to the live cluster's WAL.
     Sockets, pipes and devices are left out, as pg_basebackup does (a socket of a server whose
     unix_socket_directories is the data directory). linked: gets the regular files with more than
-    one hard link.
+    one hard link. prune: directories (relative) left out with everything below them.
     """
     if not os.access(root, os.R_OK | os.X_OK) or not os.path.isdir(root):
         raise CopyError(f"cannot read {root}: not a readable directory")
@@ -124,7 +124,7 @@ def walk(root: str, is_data_dir: bool = True, extra_empty: tuple = (), linked: l
         elif rel_dir in keep_dirs:
             dirnames[:] = []
             filenames = []
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("pgsql_tmp"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("pgsql_tmp") and os.path.join(rel_dir, d) not in prune)
         if rel_dir == "pg_tblspc" and is_data_dir:
             # Tablespaces are copied on their own; tablespace_map recreates the links.
             dirnames[:] = []
@@ -803,7 +803,14 @@ def plan_copy(spec: dict) -> dict:
     major = spec["server_version_num"] // 10000
     extra = tuple(d.strip("/") for d in spec["exclude_directories"])
     linked = [] if spec["method"] == "cpio" else None
-    files, source_bytes = walk(spec["data_directory"], True, extra, linked)
+    # A tablespace inside the data directory goes into its own archive only, never twice.
+    data_real = os.path.realpath(spec["data_directory"])
+    inside = tuple(
+        os.path.relpath(os.path.realpath(ts["location"]), data_real)
+        for ts in spec["tablespaces"]
+        if resolves_inside(ts["location"], data_real) and os.path.realpath(ts["location"]) != data_real
+    )
+    files, source_bytes = walk(spec["data_directory"], True, extra, linked, prune=inside)
     if linked:
         # GNU cpio's newc format defers every file with several links to the end of the archive: after
         # global/pg_control, whose minimum recovery point a standby backup's restore relies on.

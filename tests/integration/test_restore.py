@@ -444,6 +444,34 @@ def test_a_drill_that_fails_for_a_problem_of_its_host_is_inconclusive_not_a_dama
     assert newest_backup(repo)["drill"]["result"] == "passed"
 
 
+def test_a_tablespace_inside_the_data_directory_is_copied_once_and_restores(make_cluster, playbook, restore_root):
+    """PostgreSQL allows (with a warning) a tablespace inside the data directory: the copy leaves it out of
+    base.tar, so it is stored once, in its own archive, and never as a stale copy inside the restored data
+    directory that WAL replay would not touch."""
+    c = make_cluster(15)
+    repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
+    inside = os.path.join(c.data, "ts_inside")
+    os.mkdir(inside, 0o700)
+    chown_pg(inside)
+    c.sql(f"CREATE TABLESPACE tsi LOCATION '{inside}'")
+    oid = str(c.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'tsi'")[0][0])
+    c.sql("CREATE TABLE t TABLESPACE tsi AS SELECT g FROM generate_series(1, 3000) g")
+    info = take_backup(c, repo, pg_backup_method="tar", pg_backup_compression="none")
+    backup_dir = os.path.join(repo, info["id"])
+    base = subprocess.run(["tar", "-tf", os.path.join(backup_dir, "base.tar")], capture_output=True, text=True, check=True)
+    assert not [n for n in base.stdout.split() if "ts_inside" in n], "the tablespace is not in base.tar"
+    own = subprocess.run(["tar", "-tf", os.path.join(backup_dir, f"{oid}.tar")], capture_output=True, text=True, check=True)
+    assert any(n.startswith("PG_15_") and n.count("/") >= 2 for n in own.stdout.split()), own.stdout[:500]
+    archive_current_wal(c)
+    root = restore_root()
+    moved = os.path.join(root, "tsi")
+    run = playbook(RESTORE, extra_vars=restore_vars(repo, c, root, pg_restore_tablespace_map={"tsi": moved}))
+    assert run.rc == 0, run
+    port = result_of(run, "Restore backup")["port"]
+    assert query(root, port, "SELECT count(*) FROM t")[0][0] == 3000
+    assert not os.path.exists(os.path.join(root, "data", "ts_inside"))
+
+
 # -- PostgreSQL 17: pg_amcheck in the drill; a check failing after the scratch server started
 
 

@@ -7,6 +7,7 @@ the modules that only read or write a repository do not carry the copy engine.
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from ._errors import PgopsError
@@ -39,9 +40,11 @@ class Remote:
         return proc
 
     def write(self, path: str, data: bytes) -> None:
-        proc = subprocess.run(
-            self.prefix + [f"umask 077 && cat > {sh_quote(path)}"], input=data, capture_output=True, check=False
-        )
+        """Durably, as write_private_file does here: a whole file under a temporary name, synced, then
+        renamed over path, and the directory synced (a backup marked complete after it keeps it)."""
+        tmp, final, parent = sh_quote(f"{path}.tmp"), sh_quote(path), sh_quote(os.path.dirname(path))
+        command = f"umask 077 && cat > {tmp} && sync {tmp} && mv -f {tmp} {final} && sync {parent}"
+        proc = subprocess.run(self.prefix + [command], input=data, capture_output=True, check=False)
         if proc.returncode != 0:
             raise RemoteError(f"cannot write {path} on {self.target}: {proc.stderr.decode(errors='replace').strip()}")
 

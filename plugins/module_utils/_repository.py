@@ -26,6 +26,7 @@ from ._layout import (
     DIGEST_SUFFIX,
     LOCK_DIR,
     MANIFEST,
+    RSYNC_DATA,
     SCHEMA,
     backup_dir,
     is_encrypted,
@@ -484,7 +485,8 @@ def complete_backup(
 ) -> dict:
     """Record fields, write the manifest (when manifest_checksum), mark the backup
     complete, then release the lock and apply retention (and WAL expiry).
-    label_files: {name: text} written into the backup first (a bucket's; backup_label, tablespace_map)."""
+    label_files: {name: text} written into the backup first (a bucket's or a repository host's; backup_label,
+    tablespace_map)."""
     st = open_storage(repository)
     backup_dir(st.url, backup_id)  # validates the id
     path = st.path(backup_id)
@@ -495,9 +497,11 @@ def complete_backup(
         raise RepositoryError(f"backup {backup_id} is {info.get('status')}, not running: it cannot be marked complete")
     info.update(caller_fields(fields))
     st.write_backup(backup_id, info)
+    # Where a restore looks for them: beside the archives, or in an rsync backup's data directory.
+    label_dir = f"{backup_id}/{RSYNC_DATA}" if info.get("method") == "rsync" else backup_id
     for name, text in (label_files or {}).items():
         if text:
-            st.write_file(f"{backup_id}/{name}", text.encode())
+            st.write_file(f"{label_dir}/{name}", text.encode())
     manifest = None
     if manifest_checksum:
         manifest = st.write_manifest(backup_id, info, manifest_checksum)

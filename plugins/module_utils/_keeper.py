@@ -332,11 +332,21 @@ class Session:
         self.kw = conn_kwargs
         self.conn = None
         self.backend_pid = None  # the server process the backup was started in
+        self.closed = False  # set by close(): a start thread still connecting must not start the backup
 
     def open(self) -> tuple:
         self.conn = connect(self.kw)
+        self._unless_closed()
         num, text = server_version(self.conn)
         return num, text
+
+    def _unless_closed(self) -> None:
+        # An abort while the start thread connected found no connection to cancel or close.
+        if self.closed:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.close()
+            raise KeeperError("the session was ended before the backup started")
 
     def settings(self, major: int) -> None:
         # The session must outlive any idle or statement limit set by the DBA.
@@ -350,6 +360,7 @@ class Session:
                 cur.execute("SELECT set_config(%s, '0', false)", (name,))
 
     def start(self, major: int, label: str, fast: bool) -> tuple:
+        self._unless_closed()
         backend_pid = self.backend_pid = query_one(self.conn, "SELECT pg_backend_pid()")[0]
         self.called_at = time.time()  # before the start's checkpoint begins: an incremental's file age limit
         t0 = time.monotonic()
@@ -410,6 +421,7 @@ class Session:
 
     def close(self) -> None:
         """Ending the session makes the server abort a backup that was not stopped."""
+        self.closed = True
         if self.conn is not None:
             try:
                 self.conn.close()

@@ -636,6 +636,10 @@ class _PooledConn:
     def __init__(self, backend_pids: list):
         self.pids = list(backend_pids)
         self.statements = []
+        self.closed = False
+
+    def close(self):
+        self.closed = True
 
     def cursor(self):
         conn = self
@@ -682,3 +686,14 @@ def test_a_stop_in_another_server_process_is_not_run(tmp_path):
     assert not [sql for sql in session.conn.statements if "pg_backup_stop" in sql]
     os.close(keeper.start_r)
     os.close(keeper.start_w)
+
+
+def test_a_session_ended_while_its_start_connected_never_starts_the_backup():
+    """An abort while the start thread connects finds no connection to cancel: the thread, once connected,
+    closes it instead of starting the backup (which would run on the server until the keeper exits)."""
+    session = k.Session({})
+    session.close()  # the abort, before the connection exists
+    conn = session.conn = _PooledConn([4242])  # then the connection arrives
+    with pytest.raises(k.KeeperError, match="ended before the backup started"):
+        session.start(15, "label", True)
+    assert conn.closed and conn.statements == []

@@ -35,7 +35,8 @@ description:
     its own O(port), O(listen_addresses) and O(socket_directory), no C(external_pid_file), and empty
     C(archive_cleanup_command) and C(recovery_end_command) (a standby's C(archive_cleanup_command) would delete WAL
     from the original's archive at every restartpoint of the recovery); C(hot_standby=on), so that the run can watch
-    the recovery (O(settings) may say otherwise for C(hot_standby) and C(recovery_end_command)). C(postmaster.pid),
+    the recovery, and C(lc_messages=C), since the run reads the server's messages (O(settings) may say otherwise for
+    C(hot_standby), C(recovery_end_command) and C(lc_messages)). C(postmaster.pid),
     C(postmaster.opts), C(recovery.conf), C(standby.signal), replication slots and WAL segments that came with
     the copy are removed. A C(data_directory) setting in the copied C(postgresql.conf) is commented out.
   - Everything is checked before anything changes (input, backup, free space, target directories, binaries,
@@ -644,6 +645,9 @@ def plan(module) -> dict:
     # Hot standby lets the run watch recovery (the original may have had it off, which also turns
     # recovery_target_action pause into shutdown).
     settings.update(archive_cleanup_command="", recovery_end_command="", hot_standby="on")
+    # The run reads the server's messages (a refused connection while it starts, how recovery ended): in English,
+    # whatever the original's lc_messages (settings may set another; the run's reading then may fail).
+    settings["lc_messages"] = "C"
     if not p["keep_archiving"]:
         settings["archive_mode"] = "off"
     if p["access"] == "socket_trust":

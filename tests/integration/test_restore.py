@@ -558,7 +558,10 @@ def test_a_standbys_cleanup_command_never_runs_on_the_restored_server(make_clust
     14+ refuses every connection until recovery ends, and turns a pause into a shutdown)."""
     marker_dir = make_pg_dir("pgops-cleanup-")
     command = f"touch {marker_dir}/cleanup-ran-%r"
-    c = make_cluster(16, hot_standby="off", archive_cleanup_command=f"'{command}'", recovery_end_command=f"'{command}-end'")
+    # lc_messages: the run reads the restored server's messages, so they are in English (C) whatever the original's
+    # (only C and POSIX exist on this machine: the change of setting is what can be checked here).
+    c = make_cluster(16, hot_standby="off", archive_cleanup_command=f"'{command}'", recovery_end_command=f"'{command}-end'",
+                     lc_messages="'POSIX'")  # fmt: skip
     repo = os.path.join(make_pg_dir("pgops-repo-"), "repo")
     try:
         c.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
@@ -571,8 +574,9 @@ def test_a_standbys_cleanup_command_never_runs_on_the_restored_server(make_clust
         port = result_of(run, "Restore backup")["port"]
         assert query(root, port, "SELECT count(*) FROM t") == [(1001,)]
         settings = dict(query(root, port, "SELECT name, setting FROM pg_settings WHERE name IN "
-                                          "('archive_cleanup_command', 'recovery_end_command', 'hot_standby')"))  # fmt: skip
-        assert settings == {"archive_cleanup_command": "", "recovery_end_command": "", "hot_standby": "on"}, settings
+                              "('archive_cleanup_command', 'recovery_end_command', 'hot_standby', 'lc_messages')"))  # fmt: skip
+        expected = {"archive_cleanup_command": "", "recovery_end_command": "", "hot_standby": "on", "lc_messages": "C"}
+        assert settings == expected, settings
         assert os.listdir(marker_dir) == []
         # The original keeps its own settings: only the restored copy is changed.
         assert c.sql("SHOW archive_cleanup_command")[0][0] == command

@@ -139,8 +139,8 @@ _KINDS = {0o140000: "socket", 0o120000: "symbolic link", 0o060000: "block device
 
 class CpioScanner(_Scanner):
     """cpio newc: 110-byte ASCII headers, name and data padded to 4 bytes.
-    files_and_dirs_only: a member of any other kind raises ValueError as soon as its header is read
-    (before the restore hands that header to cpio, which would write through a symbolic link)."""
+    files_and_dirs_only: a guard, recording nothing: a member of any other kind raises ValueError as soon as
+    its header is read (before the restore hands that header to cpio, which would write through a symbolic link)."""
 
     def __init__(self, prefix: str, algorithm: str, files_and_dirs_only: bool = False):
         super().__init__(prefix, algorithm)
@@ -171,7 +171,7 @@ class CpioScanner(_Scanner):
         if self.files_and_dirs_only and kind not in (0o100000, 0o040000):
             raise ValueError(f"{name} is a {_KINDS.get(kind, f'file of type {kind:o}')}")
         pad = (-filesize) % 4
-        if mode & 0o170000 == 0o100000:
+        if kind == 0o100000 and not self.files_and_dirs_only:  # a guard keeps no entries (millions of files)
             self._begin(name, filesize, mtime)
             self._skip = pad
         else:

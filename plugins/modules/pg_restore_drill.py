@@ -83,7 +83,8 @@ options:
     description:
       - With O(state=recorded), the outcome. V(inconclusive) says the drill could not be carried out for a reason
         that is not the backup's (recovery to a random time after the last archived commit, or a problem of the drill's
-        host such as free space, programs, a busy port or recovery outlasting its timeout); it does not mark the backup
+        host such as free space, programs or a busy port found before anything changed, or recovery outlasting its
+        timeout); it does not mark the backup
         damaged; it is kept as C(inconclusive_drill), apart from C(drill).
     type: str
     choices: [passed, failed, inconclusive]

@@ -19,6 +19,14 @@ def scratch_dir(prefix: str, base: str | None = None) -> str:
     return path
 
 
+def keep(path: str) -> str:
+    """Leave path out of the automatic removal: its owner removes it (a module fixture's factory that makes
+    directories inside the first test that calls it, after that test's mark)."""
+    if path in _made:
+        _made.remove(path)
+    return path
+
+
 def mark() -> int:
     return len(_made)
 

@@ -16,6 +16,7 @@ import sys
 import tarfile
 
 import pytest
+from harness import scratch
 from harness.ansible import collections_workspace, local_inventory, run_playbook
 from harness.pg import TOOLS17, Cluster, make_pg_dir
 
@@ -62,8 +63,10 @@ class BackupSet:
 
     def __init__(self, major: int, base):
         self.major = major
+        # Made inside the first test that asks for them, kept for the module: destroy() removes them.
         self.cluster = Cluster(major)
-        self.ts_dir = make_pg_dir(f"pgops-ts{major}-")
+        scratch.keep(self.cluster.root)
+        self.ts_dir = scratch.keep(make_pg_dir(f"pgops-ts{major}-"))
         try:
             self._make(base)
         except BaseException:

@@ -79,6 +79,20 @@ def test_cpio_scanner_matches_the_files(tree, step):
     assert set(got) == set(files)
     for rel, data in files.items():
         assert got[rel]["checksum"] == hashlib.sha224(data).hexdigest()
+    # The restore's guard refuses the link (cpio would write through it), lets the rest pass as the copy
+    # writes it (-L: links followed), and keeps nothing per file (a backup may hold millions).
+    with pytest.raises(ValueError, match="link is a symbolic link"):
+        _scan(CpioScanner("", None, files_and_dirs_only=True), stream, step)
+    followed = subprocess.run(
+        ["cpio", "-o", "-0", "-L", "-H", "newc", "--quiet"],
+        cwd=root,
+        input=b"\0".join(n.encode() for n in names) + b"\0",
+        capture_output=True,
+        check=True,
+    ).stdout
+    guard = CpioScanner("", None, files_and_dirs_only=True)
+    _scan(guard, followed, step)
+    assert guard.done and guard.entries == []
 
 
 def test_truncated_stream_is_not_done(tree):

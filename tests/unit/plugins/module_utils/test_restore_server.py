@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def test_data_major_and_stopping_a_postmaster(tmp_path):
     assert server.data_major(str(tmp_path)) is None
     (tmp_path / "PG_VERSION").write_text("16\n")
     assert server.data_major(str(tmp_path)) == 16
-    proc = subprocess.Popen(["sleep", "60"])
+    # SIGINT's default action: a run started in the background by a non-interactive shell inherits it ignored.
+    proc = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     reaper = threading.Thread(target=proc.wait)  # a postmaster is not our child: it leaves no zombie behind
     reaper.start()
     try:
